@@ -1,0 +1,163 @@
+"""The Python API: `load` a Hugging Face model onto hetero's tiers, `generate` through it."""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from . import attention
+from .cache import HeteroCache
+from .config import MachineMemory, OffloadConfig, resolve_budgets
+from .errors import ModelPathError, PromptTooLongError, UnsupportedModelError
+from .stats import GenerationStats
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model_config(model_path: str | Path):
+    """The model's transformers config, with clear errors for a bad path or architecture."""
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise ModelPathError(
+            "model",
+            f"model: got {str(model_path)!r}, expected a directory holding a Hugging Face model (config.json)",
+        )
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelPathError("model", f"model: {model_path} has no readable config.json ({exc})") from exc
+    check_supported(model_config)
+    return model_config
+
+
+def check_supported(model_config) -> None:
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            "model",
+            f"model: architecture {model_type!r} is not supported; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}",
+        )
+
+
+def load(
+    model_path: str | Path,
+    config: OffloadConfig | dict | str | Path | None = None,
+    *,
+    dtype: torch.dtype | str = "auto",
+    device: torch.device | str | None = None,
+) -> PreTrainedModel:
+    """Load a causal LM and make its `generate()` run over hetero's tiered KV cache.
+
+    Args:
+        model_path: a directory saved by `save_pretrained` (Llama, Mistral, Qwen2, Qwen3).
+        config: an OffloadConfig, a dict of its keys, or a path to a TOML/YAML file; None for defaults.
+        dtype: weight dtype ("auto" keeps the checkpoint's).
+        device: where the model computes; the GPU when there is one.
+    """
+    offload = OffloadConfig.coerce(config)
+    load_model_config(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    model.to(device or default_device()).eval()
+    return prepare(model, offload)
+
+
+def prepare(model: PreTrainedModel, config: OffloadConfig | dict | str | Path | None = None) -> PreTrainedModel:
+    """Install hetero on an already loaded model (in place) and return it."""
+    check_supported(model.config)
+    offload = OffloadConfig.coerce(config)
+    attention.install(model)
+    if not hasattr(model, "hetero"):
+        model.hetero = Runtime(model, offload)
+        model.generate = _generate_over_hetero(model, model.generate)
+    else:
+        model.hetero.config = offload
+    return model
+
+
+class Runtime:
+    """hetero's state attached to a model as `model.hetero`: its config and the last run's stats."""
+
+    def __init__(self, model: PreTrainedModel, config: OffloadConfig):
+        self.model = model
+        self.config = config
+        self.last_stats: GenerationStats | None = None
+        self.progress = None  # called with the tokens stored so far, e.g. by the CLI's progress bar
+
+    def new_cache(self, max_tokens: int) -> HeteroCache:
+        device = self.model.device
+        budgets = resolve_budgets(self.config, MachineMemory.probe(device))
+        cache = HeteroCache(self.config, budgets, self.model.config.num_hidden_layers, max_tokens, device)
+        cache.progress = self.progress
+        return cache
+
+
+def _generate_over_hetero(model: PreTrainedModel, original):
+    @functools.wraps(original)
+    def generate(inputs=None, *args, **kwargs):
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        if inputs is None or kwargs.get("past_key_values") is not None or kwargs.get("use_cache") is False:
+            return original(inputs, *args, **kwargs)
+        prompt_tokens = inputs.shape[1]
+        max_new = _max_new_tokens(model, prompt_tokens, kwargs)
+        runtime: Runtime = model.hetero
+        cache = runtime.new_cache(prompt_tokens + max_new)
+        cache.prompt_tokens = prompt_tokens
+        kwargs["past_key_values"] = cache
+        kwargs.setdefault("max_new_tokens", max_new)
+        if prompt_tokens > runtime.config.prefill_chunk_tokens:
+            kwargs.setdefault("prefill_chunk_size", runtime.config.prefill_chunk_tokens)
+        started = time.perf_counter()
+        try:
+            output = original(inputs, *args, **kwargs)
+        finally:
+            cache.close()
+        finished = time.perf_counter()
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        runtime.last_stats = GenerationStats.from_run(
+            cache, inputs.shape[0], prompt_tokens, sequences.shape[1] - prompt_tokens, started, finished
+        )
+        return output
+
+    return generate
+
+
+def _max_new_tokens(model: PreTrainedModel, prompt_tokens: int, kwargs: dict) -> int:
+    gen_config = kwargs.get("generation_config") or model.generation_config
+    max_new = kwargs.get("max_new_tokens") or gen_config.max_new_tokens
+    if max_new is None:
+        max_length = kwargs.get("max_length") or gen_config.max_length or prompt_tokens + 20
+        max_new = max(1, max_length - prompt_tokens)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and prompt_tokens + max_new > context:
+        raise PromptTooLongError(
+            "prompt",
+            f"prompt: {prompt_tokens} tokens + max_new_tokens {max_new} exceed the model's context of {context} "
+            "tokens; shorten the prompt or lower max_new_tokens",
+        )
+    return max_new
+
+
+def generate(
+    model: PreTrainedModel | str | Path,
+    input_ids: torch.Tensor,
+    config: OffloadConfig | dict | str | Path | None = None,
+    **generate_kwargs,
+) -> torch.Tensor:
+    """One call: load (if given a path) and generate; returns the token ids, prompt included."""
+    if not isinstance(model, PreTrainedModel):
+        model = load(model, config)
+    elif config is not None or not hasattr(model, "hetero"):
+        prepare(model, config)
+    input_ids = input_ids.to(model.device)
+    if "attention_mask" in generate_kwargs and generate_kwargs["attention_mask"] is not None:
+        generate_kwargs["attention_mask"] = generate_kwargs["attention_mask"].to(model.device)
+    return model.generate(input_ids, **generate_kwargs)

@@ -1,0 +1,166 @@
+"""When bytes move: the only code that creates CUDA streams and events.
+
+Two side streams: `copy` brings host blocks to the GPU ahead of the layer that needs them, through a
+ring of fetch buffers; `offload` writes completed blocks from the GPU to their host home. The
+compute stream is whatever stream the model runs on. On a CPU device every operation runs at once,
+in order, so the same callers work unchanged and are testable without a GPU.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TransferCounters:
+    """Bytes moved by the pipeline, by direction."""
+
+    to_gpu: int = 0
+    to_host: int = 0
+
+
+class Fence:
+    """Marks the end of an asynchronous transfer; `Pipeline.wait` orders compute after it."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event):
+        self.event = event
+
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
+
+
+@dataclass
+class FetchTicket:
+    """A requested host-to-GPU copy of `blocks` consecutive blocks, in FIFO order."""
+
+    source: torch.Tensor
+    blocks: int
+    buffer: int | None = None
+    ready: object = None
+    consumed: bool = False
+
+
+@dataclass
+class _Buffer:
+    data: torch.Tensor
+    released: object = None  # event recorded on the compute stream when the last reader finished
+
+
+class Pipeline:
+    """Orders transfers against compute for one cache on one device."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.counters = TransferCounters()
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.offload_stream = torch.cuda.Stream(self.device)
+
+    def offload(self, src: torch.Tensor, dst: torch.Tensor) -> Fence:
+        """Copy GPU `src` to host `dst` after the compute issued so far; returns its fence."""
+        self.counters.to_host += src.numel() * src.element_size()
+        if not self.cuda:
+            dst.copy_(src)
+            return Fence(None)
+        self.offload_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.offload_stream):
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.offload_stream)
+        return Fence(event)
+
+    def wait(self, fence: Fence | None) -> None:
+        """Make the compute stream wait for `fence`."""
+        if fence is not None and fence.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(fence.event)
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def fetch_ring(self, buffers: int, blocks_per_buffer: int, block_shape, dtype) -> "FetchRing":
+        return FetchRing(self, buffers, blocks_per_buffer, block_shape, dtype)
+
+
+class FetchRing:
+    """A ring of GPU buffers filled from host memory in request order, as far ahead as it has room.
+
+    `submit` queues a copy; copies start as soon as a buffer is free, so requests for the next layer
+    (or the next step) are already in flight while the current layer computes. `acquire` makes the
+    compute stream wait for a ticket's data; `release` hands its buffer back once the compute issued
+    on it is done.
+    """
+
+    def __init__(self, pipeline: Pipeline, buffers: int, blocks_per_buffer: int, block_shape, dtype):
+        if buffers < 1 or blocks_per_buffer < 1:
+            raise ValueError("a fetch ring needs at least one buffer of at least one block")
+        self.pipeline = pipeline
+        self.blocks_per_buffer = blocks_per_buffer
+        shape = (blocks_per_buffer, *block_shape)
+        self._buffers = [_Buffer(torch.empty(shape, dtype=dtype, device=pipeline.device)) for _ in range(buffers)]
+        self._free = deque(range(buffers))
+        self._queue: deque[FetchTicket] = deque()
+
+    @property
+    def bytes(self) -> int:
+        return sum(b.data.numel() * b.data.element_size() for b in self._buffers)
+
+    def submit(self, source: torch.Tensor) -> FetchTicket:
+        """Queue the copy of `source` ([n, *block_shape] host blocks, n <= blocks_per_buffer)."""
+        if source.shape[0] > self.blocks_per_buffer:
+            raise ValueError(f"{source.shape[0]} blocks exceed the fetch buffer of {self.blocks_per_buffer}")
+        ticket = FetchTicket(source=source, blocks=source.shape[0])
+        self._queue.append(ticket)
+        self._pump()
+        return ticket
+
+    def acquire(self, ticket: FetchTicket) -> torch.Tensor:
+        """The ticket's blocks on the GPU, ordered after their copy on the compute stream."""
+        if ticket.buffer is None:
+            raise RuntimeError("fetch tickets must be acquired in the order they were submitted")
+        if ticket.ready is not None:
+            torch.cuda.current_stream(self.pipeline.device).wait_event(ticket.ready)
+        return self._buffers[ticket.buffer].data[: ticket.blocks]
+
+    def release(self, ticket: FetchTicket) -> None:
+        """Return the ticket's buffer once the compute issued so far has read it."""
+        if ticket.consumed or ticket.buffer is None:
+            return
+        ticket.consumed = True
+        buf = self._buffers[ticket.buffer]
+        if self.pipeline.cuda:
+            buf.released = torch.cuda.Event()
+            buf.released.record(torch.cuda.current_stream(self.pipeline.device))
+        self._free.append(ticket.buffer)
+        self._pump()
+
+    def cancel_pending(self) -> None:
+        """Drop queued requests that have no buffer yet (e.g. when generation ends)."""
+        self._queue.clear()
+
+    def _pump(self) -> None:
+        pipeline = self.pipeline
+        while self._queue and self._free:
+            ticket = self._queue.popleft()
+            ticket.buffer = self._free.popleft()
+            buf = self._buffers[ticket.buffer]
+            dst = buf.data[: ticket.blocks]
+            pipeline.counters.to_gpu += ticket.source.numel() * ticket.source.element_size()
+            if not pipeline.cuda:
+                dst.copy_(ticket.source)
+                continue
+            stream = pipeline.copy_stream
+            if buf.released is not None:
+                stream.wait_event(buf.released)
+            # Host blocks still being written back by the offload stream must land first.
+            stream.wait_stream(pipeline.offload_stream)
+            with torch.cuda.stream(stream):
+                dst.copy_(ticket.source, non_blocking=True)
+                ticket.ready = torch.cuda.Event()
+                ticket.ready.record(stream)

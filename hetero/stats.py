@@ -1,0 +1,61 @@
+"""GenerationStats: what one generate call did, filled by the runtime and printed by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    gpu_kv_bytes: int
+    host_kv_bytes: int
+    bytes_to_gpu: int
+    bytes_to_host: int
+
+    @classmethod
+    def from_run(cls, cache, batch, prompt_tokens, new_tokens, started, finished) -> "GenerationStats":
+        decode_start = cache.decode_started_at or finished
+        s = cache.stats
+        return cls(
+            batch=batch,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            prefill_seconds=decode_start - started,
+            decode_seconds=finished - decode_start,
+            gpu_kv_bytes=s.gpu_kv_bytes,
+            host_kv_bytes=s.host_kv_bytes,
+            bytes_to_gpu=s.bytes_to_gpu,
+            bytes_to_host=s.bytes_to_host,
+        )
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.batch * self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first new token comes out of the prefill forward; the decode steps make the rest.
+        steps = max(0, self.new_tokens - 1)
+        return self.batch * steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prefill_tokens_per_s"] = self.prefill_tokens_per_s
+        d["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return d
+
+    def summary(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tok x{self.batch} | prefill {self.prefill_tokens_per_s:,.0f} tok/s "
+            f"({self.prefill_seconds:.2f} s) | decode {self.decode_tokens_per_s:,.2f} tok/s "
+            f"({self.new_tokens} new) | KV: GPU {_gib(self.gpu_kv_bytes)}, host {_gib(self.host_kv_bytes)}"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"

@@ -1,0 +1,101 @@
+"""The `stream` mode generates exactly what transformers generates with its default cache."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hetero
+from hetero.demo import save_random_model
+
+SMALL = {
+    "mode": "stream",
+    "block_size": 16,
+    "sink_tokens": 16,
+    "window_tokens": 32,
+    "gpu_kv_bytes": "256KiB",
+    "cpu_kv_bytes": "64MiB",
+    "prefill_chunk_tokens": 96,
+}
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def model_dir(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return save_random_model(path, request.param, seed=1, layers=3, hidden=64, heads=4, kv_heads=2, vocab=256)
+
+
+def _reference(model_dir, ids, mask, new_tokens):
+    ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return ref.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                            min_new_tokens=new_tokens, pad_token_id=0)
+
+
+def _hetero(model_dir, ids, mask, new_tokens, config=SMALL):
+    model = hetero.load(model_dir, config, device="cpu")
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             min_new_tokens=new_tokens, pad_token_id=0)
+    return out, model
+
+
+def test_batch_of_one_matches_transformers(model_dir):
+    ids = torch.randint(1, 256, (1, 301), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    expected = _reference(model_dir, ids, mask, 12)
+    got, model = _hetero(model_dir, ids, mask, 12)
+    assert torch.equal(got, expected)
+    stats = model.hetero.last_stats
+    assert stats.bytes_to_gpu > 0, "the middle of the KV must have been streamed from host memory"
+    assert stats.new_tokens == 12
+
+
+def test_left_padded_batch_matches_transformers(model_dir):
+    g = torch.Generator().manual_seed(3)
+    lengths = [211, 97, 150]
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(1, 256, (n,), generator=g)
+        mask[row, width - n :] = 1
+    expected = _reference(model_dir, ids, mask, 10)
+    got, _ = _hetero(model_dir, ids, mask, 10, {**SMALL, "gpu_kv_bytes": "1MiB"})
+    assert torch.equal(got, expected)
+
+
+def test_deeper_prefetch_and_unchunked_prefill_match(model_dir):
+    ids = torch.randint(1, 256, (2, 180), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    expected = _reference(model_dir, ids, mask, 8)
+    config = {**SMALL, "prefetch_layers": 2, "prefill_chunk_tokens": 4096, "gpu_kv_bytes": "1MiB"}
+    got, _ = _hetero(model_dir, ids, mask, 8, config)
+    assert torch.equal(got, expected)
+
+
+def test_gpu_tier_stays_within_its_budget_as_context_grows(tmp_path):
+    path = save_random_model(tmp_path, "llama", seed=5, layers=2, hidden=64, heads=4, kv_heads=2, vocab=256)
+    budget = 128 * 1024
+    config = {**SMALL, "gpu_kv_bytes": budget}
+    model = hetero.load(path, config, device="cpu")
+    for prompt in (100, 400, 900):
+        ids = torch.randint(1, 256, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+        stats = model.hetero.last_stats
+        context_kv = 2 * 2 * 2 * 16 * (prompt + 4) * 4  # layers * K,V * kv_heads * head_dim * tokens * fp32
+        assert stats.gpu_kv_bytes <= budget
+        assert stats.host_kv_bytes >= context_kv
+    assert context_kv > budget, "the last context must outgrow the GPU budget"
+
+
+def test_sampling_runs_and_stops_at_eos(model_dir):
+    model = hetero.load(model_dir, SMALL, device="cpu")
+    ids = torch.randint(1, 256, (1, 64), generator=torch.Generator().manual_seed(6))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=20, do_sample=True, temperature=1.0, eos_token_id=[0, 1, 2, 3])
+    new = out[0, 64:]
+    assert 1 <= new.numel() <= 20
+    if new.numel() < 20:
+        assert int(new[-1]) in (0, 1, 2, 3)
