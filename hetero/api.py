@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from . import attention
 from .cache import HeteroCache
 from .config import MachineMemory, OffloadConfig, resolve_budgets
+from .plan import Ceilings
 from .errors import ModelPathError, PromptTooLongError, UnsupportedModelError
 from .stats import GenerationStats
 
@@ -94,9 +95,22 @@ class Runtime:
     def new_cache(self, max_tokens: int) -> HeteroCache:
         device = self.model.device
         budgets = resolve_budgets(self.config, MachineMemory.probe(device))
-        cache = HeteroCache(self.config, budgets, self.model.config.num_hidden_layers, max_tokens, device)
+        cache = HeteroCache(
+            self.config, budgets, self.model.config.num_hidden_layers, max_tokens, device, self.gpu_share()
+        )
         cache.progress = self.progress
         return cache
+
+
+    def gpu_share(self) -> float:
+        """Share of each layer's offloaded blocks fetched to the GPU in decode; the CPU takes the rest."""
+        if self.config.mode != "split" or getattr(self.model.config, "sliding_window", None) is not None:
+            return 1.0  # the host kernels know no sliding window: such models stream
+        ratio = self.config.split_ratio
+        if ratio == "auto":
+            ceilings = Ceilings()
+            return ceilings.pcie_h2d / (ceilings.pcie_h2d + ceilings.cpu_stream)
+        return float(ratio)
 
 
 def _generate_over_hetero(model: PreTrainedModel, original):

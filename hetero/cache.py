@@ -1,20 +1,19 @@
 """HeteroCache: a transformers Cache whose KV lives in host memory, with a GPU-resident sink and window.
 
 Every layer's KV is a sequence of blocks of `block_size` tokens (`KVLayout.block_shape`). A block's
-home is the host pool; the GPU keeps the first blocks (the attention sink), the last complete
-blocks (the recent window) and the block being filled. The rest, the middle, is fetched through
-the pipeline's ring for each layer, one layer or more ahead, while the layer before computes.
+home is the host pool; the GPU keeps the blocks `residency` says it keeps. The rest of a layer is
+fetched through the pipeline's ring, one layer or more ahead, while the layer before computes; in
+`split` mode the CPU attends over part of it where it lies, at the same time.
 
 `update` stores new tokens and returns them unchanged; the registered attention function calls
-`attend`, which combines the past (resident and fetched blocks) with the new tokens exactly, by
-log-sum-exp.
+`attend`, which combines the past with the new tokens exactly, by log-sum-exp.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -22,8 +21,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ._tmp_pools import GpuPool, HostPool
 from .config import Budgets, OffloadConfig
 from .errors import ConfigError
+from .host_attention import attend_host_blocks
 from .partial_attention import PartialMerger, attend
-from .pipeline import FetchTicket, Pipeline
+from .pipeline import Pipeline
+from .residency import LayerPlan, LayerResidency, ResidencyPolicy
 
 
 class CacheCapacityError(RuntimeError):
@@ -58,23 +59,8 @@ class CacheStats:
     host_kv_bytes: int = 0
     bytes_to_gpu: int = 0
     bytes_to_host: int = 0
-    fetch_buffer_blocks: int = 0
-
-
-@dataclass
-class _Plan:
-    """What a layer's attention reads of the past tokens [0, length)."""
-
-    length: int
-    resident: list[tuple[int, int]]  # (logical block, GPU slot)
-    fetched: list[tuple[int, FetchTicket]]  # (first logical block, ticket)
-
-
-@dataclass
-class _LayerState:
-    length: int = 0
-    gpu_slots: dict[int, int] = field(default_factory=dict)  # logical block -> GPU slot
-    plan: _Plan | None = None
+    bytes_read_by_cpu: int = 0  # KV the CPU attended over where it lies (split mode)
+    blocks_per_fetch: int = 0
 
 
 class HeteroLayer(CacheLayerMixin):
@@ -83,9 +69,9 @@ class HeteroLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, state: _LayerState):
+    def __init__(self, residency: LayerResidency):
         super().__init__()
-        self.state = state
+        self.residency = residency
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.is_initialized = True
@@ -94,10 +80,10 @@ class HeteroLayer(CacheLayerMixin):
         raise RuntimeError("HeteroCache.update stores tokens; layers are not updated directly")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.state.length + query_length, 0
+        return self.residency.length + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.state.length
+        return self.residency.length
 
     def get_max_length(self) -> int:
         return -1
@@ -112,6 +98,8 @@ class HeteroCache(Cache):
         num_layers: decoder layers of the model.
         max_tokens: prompt plus new tokens: the host pool is sized for it.
         device: where the model computes ("GPU tier"); a CPU device runs everything synchronously.
+        gpu_share: in decode, the share of each layer's middle blocks fetched to the GPU; the CPU
+            attends over the rest (1.0: all fetched, the `stream` mode).
     """
 
     def __init__(
@@ -121,31 +109,33 @@ class HeteroCache(Cache):
         num_layers: int,
         max_tokens: int,
         device: torch.device | str,
+        gpu_share: float = 1.0,
     ):
-        self._states = [_LayerState() for _ in range(num_layers)]
-        super().__init__(layers=[HeteroLayer(s) for s in self._states])
+        self._layers = [LayerResidency() for _ in range(num_layers)]
+        super().__init__(layers=[HeteroLayer(r) for r in self._layers])
         self.config = config
         self.budgets = budgets
         self.max_tokens = max_tokens
         self.device = torch.device(device)
+        self.gpu_share = gpu_share
+        self.policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
+        self.blocks_per_layer = -(-max_tokens // config.block_size)
         self.pipeline = Pipeline(self.device)
         self.layout: KVLayout | None = None
-        self._fences: dict[int, object] = {}  # GPU slot -> offload fence of its last block
-        bs = config.block_size
-        self.sink_blocks = -(-config.sink_tokens // bs)
-        self.window_blocks = -(-config.window_tokens // bs)
-        self.blocks_per_layer = -(-max_tokens // bs)
+        self._plans: dict[int, tuple[LayerPlan, list]] = {}  # layer -> its next plan and fetch tickets
+        self._fences: dict[int, object] = {}  # GPU slot -> offload fence of the last block it held
+        self._bytes_read_by_cpu = 0
         self.prompt_tokens: int | None = None
         self.decode_started_at: float | None = None
-        self.progress = None
+        self.progress = None  # called with layer 0's token count after each update
 
     # transformers' Cache interface -------------------------------------------------------------
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.layout is None:
             self._allocate(key_states)
-        state = self._states[layer_idx]
-        start, count = state.length, key_states.shape[2]
+        layer = self._layers[layer_idx]
+        start, count = layer.length, key_states.shape[2]
         if layer_idx == 0 and start == self.prompt_tokens and self.decode_started_at is None:
             self.pipeline.synchronize()
             self.decode_started_at = time.perf_counter()
@@ -153,12 +143,12 @@ class HeteroCache(Cache):
             raise CacheCapacityError(
                 f"the cache holds at most {self.max_tokens} tokens (prompt + max_new_tokens); got {start + count}"
             )
-        if state.plan is None:
-            self._plan(layer_idx)  # the plan covers the past only: make it before storing new tokens
-        self._store(layer_idx, state, key_states, value_states)
-        state.length = start + count
+        if layer_idx not in self._plans:
+            self._plan(layer_idx, decode=count == 1)  # the plan covers the past: make it before storing
+        self._store(layer_idx, key_states, value_states)
+        layer.length = start + count
         if layer_idx == 0 and self.progress is not None:
-            self.progress(state.length)
+            self.progress(layer.length)
         return key_states, value_states
 
     def reorder_cache(self, beam_idx):
@@ -194,34 +184,50 @@ class HeteroCache(Cache):
         `key_valid` is the [B, past + Lq] padding mask (True = attend), or None.
         Returns [B, Hq, Lq, D] in the query's dtype.
         """
-        state = self._states[layer_idx]
-        plan, state.plan = state.plan, None
-        if plan is None:
+        if layer_idx not in self._plans:
             raise RuntimeError(f"layer {layer_idx}: attend() without update(); the past is unknown")
+        plan, tickets = self._plans.pop(layer_idx)
         lq = query.shape[2]
         past = plan.length
         q_pos = torch.arange(past, past + lq, device=query.device)
         window_q_pos = q_pos if sliding_window is not None else None
+        host_job = None
+        if plan.host is not None:
+            host_job = self._start_host_part(layer_idx, plan.host, query, key_valid, past, scale)
         merger = PartialMerger()
         bs = self.config.block_size
         if plan.resident:
             # Python-side indexing: building index tensors on the GPU would sync with the host.
             kv = torch.stack([self._gpu.slab[s] for _, s in plan.resident])
             key_pos = torch.cat([self._positions(b * bs, bs, query.device) for b, _ in plan.resident])
-            valid = key_pos < past
-            valid = valid[None, :] if key_valid is None else valid[None, :] & key_valid[:, key_pos.clamp_max(past - 1)]
+            valid = (key_pos < past)[None, :]
+            if key_valid is not None:
+                valid = valid & key_valid[:, key_pos.clamp_max(past - 1)]
             merger.add(*attend(query, *_as_kv(kv), scale, key_pos, window_q_pos, valid, sliding_window))
-        for first_block, ticket in plan.fetched:
+        for (first, _), ticket in zip(plan.fetch, tickets):
             kv = self._ring.acquire(ticket)
-            key_pos = self._positions(first_block * bs, kv.shape[0] * bs, query.device)
+            key_pos = self._positions(first * bs, kv.shape[0] * bs, query.device)
             valid = None if key_valid is None else key_valid[:, key_pos]
             merger.add(*attend(query, *_as_kv(kv), scale, key_pos, window_q_pos, valid, sliding_window))
             self._ring.release(ticket)
         new_valid = None if key_valid is None else key_valid[:, past : past + lq]
         merger.add(*attend(query, key_new, value_new, scale, q_pos, q_pos, new_valid, sliding_window))
-        self._prefetch_after(layer_idx)
+        self._prefetch_after(layer_idx, decode=lq == 1)
+        if host_job is not None:
+            merger.add(*self.pipeline.host_result(host_job))
         out, _ = merger.result()
         return out.to(query.dtype)
+
+    def _start_host_part(self, layer_idx, blocks, query, key_valid, past, scale):
+        """Queue the CPU's attention over `blocks` of the layer; returns the pending job."""
+        first, end = blocks
+        self._bytes_read_by_cpu += (end - first) * self.layout.block_bytes
+        valid_from = None if key_valid is None else (~key_valid[:, :past]).sum(-1)
+        (q_host, valid_host), ready = self.pipeline.to_host(query, valid_from)
+        slot = layer_idx * self.blocks_per_layer + first
+        return self.pipeline.run_on_host(
+            ready, attend_host_blocks, q_host, self._host.slab, slot, first, end - first, scale, valid_host
+        )
 
     @staticmethod
     def _positions(start: int, count: int, device) -> torch.Tensor:
@@ -233,7 +239,7 @@ class HeteroCache(Cache):
         cfg = self.config
         batch, kv_heads, _, head_dim = key_states.shape
         dtype = key_states.dtype if cfg.kv_dtype == "auto" else getattr(torch, cfg.kv_dtype)
-        layout = KVLayout(len(self._states), batch, kv_heads, head_dim, cfg.block_size, dtype)
+        layout = KVLayout(len(self._layers), batch, kv_heads, head_dim, cfg.block_size, dtype)
         nl = layout.num_layers
         host_bytes = nl * self.blocks_per_layer * layout.block_bytes
         if host_bytes > self.budgets.cpu_kv_bytes:
@@ -242,8 +248,7 @@ class HeteroCache(Cache):
                 f"cpu_kv_bytes: the KV of {self.max_tokens} tokens needs {host_bytes} bytes of host memory, "
                 f"the budget is {self.budgets.cpu_kv_bytes}; raise cpu_kv_bytes or shorten the generation",
             )
-        # Sink, window, the block being filled, and window blocks awaiting their trim at the next plan.
-        resident_slots = nl * (self.sink_blocks + 2 * self.window_blocks + 2)
+        resident_slots = nl * self.policy.slots_per_layer()
         resident_bytes = resident_slots * layout.block_bytes
         ring_buffers = max(2, 2 * cfg.prefetch_layers)
         spare = self.budgets.gpu_kv_bytes - resident_bytes
@@ -262,32 +267,33 @@ class HeteroCache(Cache):
         self._ring = self.pipeline.fetch_ring(ring_buffers, per_buffer, layout.block_shape, dtype)
         self.layout = layout
 
-    def _store(self, layer_idx: int, state: _LayerState, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _store(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write new tokens into GPU blocks; each completed block is copied to its host home."""
+        layer = self._layers[layer_idx]
         bs = self.config.block_size
-        start, count = state.length, keys.shape[2]
+        start, count = layer.length, keys.shape[2]
         end = start + count
-        last_window_block = end // bs - self.window_blocks  # first block of the final window
+        window_start = end // bs - self.policy.window_blocks  # first block of the window once stored
         pos = start
         while pos < end:
             block, offset = divmod(pos, bs)
             take = min(bs - offset, end - pos)
-            slot = state.gpu_slots.get(block)
+            slot = layer.gpu_slots.get(block)
             if slot is None:
-                slot = self._take_gpu_slot()
-                state.gpu_slots[block] = slot
+                slot = layer.gpu_slots[block] = self._take_gpu_slot()
             dst = self._gpu.slab[slot]
             src = slice(pos - start, pos - start + take)
-            dst[0, :, :, offset : offset + take] = keys[:, :, src].to(dst.dtype)
-            dst[1, :, :, offset : offset + take] = values[:, :, src].to(dst.dtype)
+            dst[0, :, :, offset : offset + take] = keys[:, :, src]
+            dst[1, :, :, offset : offset + take] = values[:, :, src]
             pos += take
-            if offset + take == bs:
-                host = self._host.slab[layer_idx * self.blocks_per_layer + block]
-                self._fences[slot] = self.pipeline.offload(dst, host)
-                newly_written = block * bs >= start
-                if newly_written and block >= self.sink_blocks and block < last_window_block:
-                    # Completed here and already outside the window: nothing planned reads its slot.
-                    del state.gpu_slots[block]
-                    self._gpu.free([slot])
+            if offset + take < bs:
+                continue
+            host = self._host.slab[layer_idx * self.blocks_per_layer + block]
+            self._fences[slot] = self.pipeline.offload(dst, host)
+            if block * bs >= start and self.policy.sink_blocks <= block < window_start:
+                # Completed by this update and already outside the window: no plan reads its slot.
+                del layer.gpu_slots[block]
+                self._gpu.free([slot])
 
     def _take_gpu_slot(self) -> int:
         slot = self._gpu.allocate(1)[0]
@@ -296,34 +302,23 @@ class HeteroCache(Cache):
 
     # Planning ----------------------------------------------------------------------------------
 
-    def _plan(self, layer_idx: int) -> _Plan:
-        """Trim the layer's GPU residents to sink + window + tail, and queue fetches of the rest."""
-        state = self._states[layer_idx]
-        bs = self.config.block_size
-        length = state.length
-        complete = length // bs
-        keep_from = max(self.sink_blocks, complete - self.window_blocks)
-        for block in [b for b in state.gpu_slots if self.sink_blocks <= b < keep_from]:
-            self._gpu.free([state.gpu_slots.pop(block)])
-        resident = sorted((b, s) for b, s in state.gpu_slots.items() if b * bs < length)
-        fetched = []
-        if self.layout is not None:
-            base = layer_idx * self.blocks_per_layer
-            per_buffer = self._ring.blocks_per_buffer
-            for first in range(self.sink_blocks, keep_from, per_buffer):
-                last = min(first + per_buffer, keep_from)
-                ticket = self._ring.submit(self._host.slab[base + first : base + last])
-                fetched.append((first, ticket))
-        plan = _Plan(length, resident, fetched)
-        state.plan = plan
-        return plan
+    def _plan(self, layer_idx: int, decode: bool) -> None:
+        """Plan layer `layer_idx`'s next attention and queue its fetches."""
+        layer = self._layers[layer_idx]
+        self._gpu.free(layer.trim(self.policy))
+        share = self.gpu_share if decode else 1.0
+        plan = layer.plan(self.policy, self._ring.blocks_per_buffer, share)
+        base = layer_idx * self.blocks_per_layer
+        tickets = [self._ring.submit(self._host.slab[base + first : base + last]) for first, last in plan.fetch]
+        self._plans[layer_idx] = (plan, tickets)
 
-    def _prefetch_after(self, layer_idx: int) -> None:
-        n = len(self._states)
+    def _prefetch_after(self, layer_idx: int, decode: bool) -> None:
+        """Plan the next `prefetch_layers` layers (wrapping to the next forward) so their fetches start."""
+        n = len(self._layers)
         for ahead in range(1, self.config.prefetch_layers + 1):
             nxt = (layer_idx + ahead) % n
-            if self._states[nxt].plan is None:
-                self._plan(nxt)
+            if nxt not in self._plans:
+                self._plan(nxt, decode)
 
     # Reporting ---------------------------------------------------------------------------------
 
@@ -334,13 +329,14 @@ class HeteroCache(Cache):
         gpu = self._gpu.slab.numel() * self._gpu.slab.element_size() + self._ring.bytes
         host = self._host.slab.numel() * self._host.slab.element_size()
         c = self.pipeline.counters
-        return CacheStats(gpu, host, c.to_gpu, c.to_host, self._ring.blocks_per_buffer)
+        return CacheStats(gpu, host, c.to_gpu, c.to_host, self._bytes_read_by_cpu, self._ring.blocks_per_buffer)
 
     def close(self) -> None:
         """Drop queued fetches and wait for transfers in flight."""
         if self.layout is not None:
             self._ring.cancel_pending()
         self.pipeline.synchronize()
+        self.pipeline.close()
 
 
 def _as_kv(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,8 @@ in order, so the same callers work unchanged and are testable without a GPU.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -74,6 +75,50 @@ class Pipeline:
             event = torch.cuda.Event()
             event.record(self.offload_stream)
         return Fence(event)
+
+    def to_host(self, *tensors: torch.Tensor | None) -> tuple[tuple, Fence]:
+        """Copy small GPU tensors (a query, a mask) to pinned host memory after the compute so far."""
+        if not self.cuda:
+            return tensors, Fence(None)
+        hosts = []
+        for t in tensors:
+            if t is None:
+                hosts.append(None)
+                continue
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            self.counters.to_host += t.numel() * t.element_size()
+            hosts.append(host)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return tuple(hosts), Fence(event)
+
+    def run_on_host(self, ready: Fence, fn, *args) -> Future:
+        """Run `fn(*args)` on the host worker once `ready` has landed; returns its future."""
+        if not hasattr(self, "_worker"):
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetero-host")
+
+        def job():
+            if ready.event is not None:
+                ready.event.synchronize()
+            return fn(*args)
+
+        return self._worker.submit(job)
+
+    def host_result(self, job: Future) -> tuple[torch.Tensor, ...]:
+        """Wait for a host job and bring its tensors to the device."""
+        results = job.result()
+        if not self.cuda:
+            return results
+        moved = []
+        for t in results:
+            self.counters.to_gpu += t.numel() * t.element_size()
+            moved.append(t.pin_memory().to(self.device, non_blocking=True))
+        return tuple(moved)
+
+    def close(self) -> None:
+        if hasattr(self, "_worker"):
+            self._worker.shutdown(wait=True)
 
     def wait(self, fence: Fence | None) -> None:
         """Make the compute stream wait for `fence`."""

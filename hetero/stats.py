@@ -16,6 +16,7 @@ class GenerationStats:
     host_kv_bytes: int
     bytes_to_gpu: int
     bytes_to_host: int
+    bytes_read_by_cpu: int
 
     @classmethod
     def from_run(cls, cache, batch, prompt_tokens, new_tokens, started, finished) -> "GenerationStats":
@@ -31,6 +32,7 @@ class GenerationStats:
             host_kv_bytes=s.host_kv_bytes,
             bytes_to_gpu=s.bytes_to_gpu,
             bytes_to_host=s.bytes_to_host,
+            bytes_read_by_cpu=s.bytes_read_by_cpu,
         )
 
     @property
