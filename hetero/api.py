@@ -74,6 +74,7 @@ def prepare(model: PreTrainedModel, config: OffloadConfig | dict | str | Path | 
     """Install hetero on an already loaded model (in place) and return it."""
     check_supported(model.config)
     offload = OffloadConfig.coerce(config)
+    resolve_budgets(offload, MachineMemory.probe(model.device))  # a budget the machine lacks fails here
     attention.install(model)
     if not hasattr(model, "hetero"):
         model.hetero = Runtime(model, offload)
