@@ -1,4 +1,4 @@
-"""On the GPU, in bf16: `stream` agrees with transformers' own generation (gpu marker)."""
+"""On the GPU, in bf16: the exact modes agree with transformers' own generation (gpu marker)."""
 
 import pytest
 import torch
@@ -30,7 +30,8 @@ def _run(generate, ids, mask):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("lengths", [[1800], [1500, 777, 1203]])
-def test_bf16_stream_matches_transformers(arch, lengths, tmp_path):
+@pytest.mark.parametrize("mode", ["stream", "split"])
+def test_bf16_matches_transformers(arch, lengths, mode, tmp_path):
     path = save_random_model(tmp_path, arch, seed=7, layers=4, hidden=256, heads=8, kv_heads=2, vocab=1024)
     g = torch.Generator().manual_seed(8)
     width = max(lengths)
@@ -42,7 +43,8 @@ def test_bf16_stream_matches_transformers(arch, lengths, tmp_path):
     ids, mask = ids.cuda(), mask.cuda()
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     ref_tokens, ref_logits = _run(reference.generate, ids, mask)
-    model = hetero.load(path, {**CONFIG, "gpu_kv_bytes": f"{8 * len(lengths)}MiB"}, dtype=torch.bfloat16, device="cuda")
+    config = {**CONFIG, "mode": mode, "gpu_kv_bytes": f"{8 * len(lengths)}MiB"}
+    model = hetero.load(path, config, dtype=torch.bfloat16, device="cuda")
     tokens, logits = _run(model.generate, ids, mask)
     assert model.hetero.last_stats.bytes_to_gpu > 0
     same = (tokens == ref_tokens).all(dim=0)
