@@ -68,7 +68,7 @@ def measure(name, generate, ids, new_tokens, **kwargs):
     first_token = clock.times[1] - start
     decode = new_tokens * ids.shape[0] / (clock.times[-1] - clock.times[1])
     row = {"system": name, "prefill_s": first_token, "decode_tok_s": decode, "peak_gpu_gib": peak / 2**30}
-    print(f"{name:28s} prefill {t_first:7.2f} s   decode {decode:7.2f} tok/s   peak GPU {peak / 2**30:6.2f} GiB",
+    print(f"{name:28s} prefill {first_token:7.2f} s   decode {decode:7.2f} tok/s   peak GPU {peak / 2**30:6.2f} GiB",
           flush=True)
     return row, out
 
