@@ -17,7 +17,6 @@ install: $(STAMP)
 # constraints.txt pins the rest to the versions the GPU machine runs.
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
