@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from . import attention
+from ._tmp_pools import HostPoolReuse
 from .cache import HeteroCache
 from .config import MachineMemory, OffloadConfig, resolve_budgets
 from .plan import Ceilings
@@ -92,12 +93,13 @@ class Runtime:
         self.config = config
         self.last_stats: GenerationStats | None = None
         self.progress = None  # called with the tokens stored so far, e.g. by the CLI's progress bar
+        self.host_pools = HostPoolReuse()
 
     def new_cache(self, max_tokens: int) -> HeteroCache:
         device = self.model.device
         budgets = resolve_budgets(self.config, MachineMemory.probe(device))
         cache = HeteroCache(
-            self.config, budgets, self.model.config.num_hidden_layers, max_tokens, device, self.gpu_share()
+            self.config, budgets, self.model.config.num_hidden_layers, max_tokens, device, self.gpu_share(), self.host_pools
         )
         cache.progress = self.progress
         return cache

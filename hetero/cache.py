@@ -100,6 +100,8 @@ class HeteroCache(Cache):
         device: where the model computes ("GPU tier"); a CPU device runs everything synchronously.
         gpu_share: in decode, the share of each layer's middle blocks fetched to the GPU; the CPU
             attends over the rest (1.0: all fetched, the `stream` mode).
+        host_pools: makes the host pool, `(n_slots, block_shape, dtype, pin) -> pool`; a caller that
+            generates repeatedly passes one that reuses the last pool rather than pin memory again.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class HeteroCache(Cache):
         max_tokens: int,
         device: torch.device | str,
         gpu_share: float = 1.0,
+        host_pools=HostPool,
     ):
         self._layers = [LayerResidency() for _ in range(num_layers)]
         super().__init__(layers=[HeteroLayer(r) for r in self._layers])
@@ -118,6 +121,7 @@ class HeteroCache(Cache):
         self.max_tokens = max_tokens
         self.device = torch.device(device)
         self.gpu_share = gpu_share
+        self._host_pools = host_pools
         self.policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
         self.blocks_per_layer = -(-max_tokens // config.block_size)
         self.pipeline = Pipeline(self.device)
@@ -262,7 +266,7 @@ class HeteroCache(Cache):
                 f"of one {cfg.block_size}-token block for {nl} layers; raise it or lower window_tokens/block_size",
             )
         pin = self.device.type == "cuda"
-        self._host = HostPool(nl * self.blocks_per_layer, layout.block_shape, dtype, pin=pin)
+        self._host = self._host_pools(nl * self.blocks_per_layer, layout.block_shape, dtype, pin)
         self._gpu = GpuPool(resident_slots, layout.block_shape, dtype, self.device)
         self._ring = self.pipeline.fetch_ring(ring_buffers, per_buffer, layout.block_shape, dtype)
         self.layout = layout
@@ -327,7 +331,7 @@ class HeteroCache(Cache):
         if self.layout is None:
             return CacheStats()
         gpu = self._gpu.slab.numel() * self._gpu.slab.element_size() + self._ring.bytes
-        host = self._host.slab.numel() * self._host.slab.element_size()
+        host = len(self._layers) * self.blocks_per_layer * self.layout.block_bytes
         c = self.pipeline.counters
         return CacheStats(gpu, host, c.to_gpu, c.to_host, self._bytes_read_by_cpu, self._ring.blocks_per_buffer)
 
