@@ -1,13 +1,15 @@
 """Bytes per token, where each tier's share goes, and the decode step time the ceilings predict.
 
-Reads only a model's config: `hetero plan` runs without loading weights.
+Reads only a model's config: `hetero plan` runs without loading weights. The tiers are laid out as
+`HeteroCache` lays them out: every token's home is host memory (the SSD takes what the host budget
+cannot), and the GPU holds copies of each layer's sink and window plus a ring of fetch buffers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import Budgets, OffloadConfig
+from .config import IMPLEMENTED_MODES, Budgets, OffloadConfig, format_bytes
 from .errors import ConfigError
 from .residency import ResidencyPolicy
 
@@ -16,19 +18,21 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 @dataclass(frozen=True)
 class Ceilings:
-    """Bandwidths that bound each path, bytes/s: ../shared/LIMITS.md, the H100 machine, 2026-11-23."""
+    """Bandwidths that bound each path, bytes/s. Defaults: /work/shared/LIMITS.md, measured on the
+    project's H100 machine (PCIe gen5, 16 Xeon cores, virtio disk) on 2026-11-23; measure your own
+    machine with probe/limits.py (beside LIMITS.md) and pass its numbers."""
 
-    pcie_h2d: float = 54e9
-    uva_gather: float = 48e9
-    cpu_stream: float = 76e9
-    hbm: float = 3.0e12
-    disk_read: float = 1.45e9
-    disk_write: float = 2.3e9
+    pcie_h2d: float = 54e9  # pinned host -> GPU copy
+    uva_gather: float = 48e9  # GPU kernel gathering scattered rows from pinned host memory
+    cpu_stream: float = 76e9  # all cores streaming through host memory
+    hbm: float = 3.0e12  # GPU memory
+    disk_read: float = 1.45e9  # O_DIRECT, 16 threads
+    disk_write: float = 2.3e9  # O_DIRECT, 16 MiB chunks
 
 
 @dataclass(frozen=True)
 class KVGeometry:
-    """The KV cache's shape for one model: what one token costs per layer and in all."""
+    """The KV cache's shape for one model: what one token costs per layer and in all layers."""
 
     num_layers: int
     kv_heads: int
@@ -37,48 +41,126 @@ class KVGeometry:
 
     @classmethod
     def from_model_config(cls, model_config, kv_dtype: str = "auto") -> "KVGeometry":
-        heads = model_config.num_attention_heads
-        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        """From a transformers config (the text part of a multimodal one); `kv_dtype` as in
+        OffloadConfig, "auto" taking the config's dtype (bfloat16 when it names none)."""
+        text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         if kv_dtype == "auto":
-            dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or "bfloat16"
-            kv_dtype = str(dtype).removeprefix("torch.")
-        return cls(model_config.num_hidden_layers, kv_heads, head_dim, _DTYPE_BYTES.get(kv_dtype, 2))
+            kv_dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or "bfloat16"
+        return cls(text.num_hidden_layers, kv_heads, head_dim, _itemsize(kv_dtype))
 
     @property
     def bytes_per_token_layer(self) -> int:
+        """K and V of one token in one layer, one sequence."""
         return 2 * self.kv_heads * self.head_dim * self.dtype_bytes
 
     @property
     def bytes_per_token(self) -> int:
+        """K and V of one token in all layers, one sequence."""
         return self.num_layers * self.bytes_per_token_layer
 
 
 @dataclass(frozen=True)
+class GpuTier:
+    """What the GPU holds of the KV, over all layers: resident blocks (sink, window, the block being
+    filled, and window blocks a chunk pushed out that a pending plan still reads) and a ring of
+    fetch buffers, each up to one layer of blocks, sized from what the budget leaves."""
+
+    resident_blocks: int
+    ring_buffers: int
+    blocks_per_buffer: int
+    block_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return (self.resident_blocks + self.ring_buffers * self.blocks_per_buffer) * self.block_bytes
+
+
+def size_gpu_tier(config: OffloadConfig, num_layers: int, blocks_per_layer: int, block_bytes: int,
+                  gpu_budget: int) -> GpuTier:
+    """Lay the GPU tier out within `gpu_budget` bytes; ConfigError("gpu_kv_bytes") when even one
+    block per fetch buffer does not fit beside the resident blocks."""
+    policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
+    resident = num_layers * policy.slots_per_layer()
+    ring_buffers = max(2, 2 * config.prefetch_layers)
+    spare = gpu_budget - resident * block_bytes
+    per_buffer = min(blocks_per_layer, spare // (ring_buffers * block_bytes))
+    if per_buffer < 1:
+        need = (resident + ring_buffers) * block_bytes
+        raise ConfigError(
+            "gpu_kv_bytes",
+            f"gpu_kv_bytes: got {gpu_budget} bytes ({format_bytes(gpu_budget)}), expected at least {need} "
+            f"({format_bytes(need)}) for the sink ({config.sink_tokens} tokens), window ({config.window_tokens} "
+            f"tokens) and {ring_buffers} fetch buffers of one {config.block_size}-token block, for {num_layers} "
+            "layers; raise gpu_kv_bytes or lower window_tokens or block_size",
+        )
+    return GpuTier(resident, ring_buffers, per_buffer, block_bytes)
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Where a generation's KV lives and what each mode's decode step should cost."""
+    """Where a generation's KV lives and what each mode's decode step should cost.
+
+    Bytes are for the whole batch and all layers. `step_seconds` maps each mode to its predicted
+    decode step, KV traffic only (not weights, not compute): each pipe (PCIe, the CPU's memory
+    bandwidth, the disk, HBM) runs beside the others, so the slowest bounds the step. A lower
+    bound, the speed of light of each mode on the given ceilings.
+    """
 
     context: int
     batch: int
+    mode: str
+    geometry: KVGeometry
     bytes_per_token: int
     total_bytes: int
-    gpu_bytes: int
+    gpu: GpuTier
     host_bytes: int
     ssd_bytes: int
+    offloaded_bytes: int
+    gpu_share: float
+    speculative_share: float
     step_seconds: dict[str, float]
+    ssd_write_seconds: float = 0.0  # spilling the SSD's share once, during prefill
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.gpu.bytes
 
     def format(self) -> str:
-        rows = [
-            f"KV per token: {self.bytes_per_token / 2**10:.1f} KiB (all layers, batch {self.batch})",
-            f"KV in total:  {_size(self.total_bytes)} for {self.context} tokens",
-            f"GPU (sink, window, fetch buffers): {_size(self.gpu_bytes)}",
-            f"host memory (every token's home): {_size(self.host_bytes)}",
-            f"SSD: {_size(self.ssd_bytes)}",
-            "predicted decode step (from the ceilings):",
+        """A short table for `hetero plan`."""
+        g = self.geometry
+        lines = [
+            f"KV per token: {format_bytes(g.bytes_per_token)} per sequence ({g.num_layers} layers x K,V x "
+            f"{g.kv_heads} KV heads x {g.head_dim} dims x {g.dtype_bytes} bytes), "
+            f"{format_bytes(self.bytes_per_token)} for the batch of {self.batch}",
+            f"KV in total:  {format_bytes(self.total_bytes)} for {self.context} tokens per sequence",
+            "",
+            f"{'tier':6} {'bytes':>11}  holds",
+            f"{'GPU':6} {format_bytes(self.gpu_bytes):>11}  sink, window and the block being filled; "
+            f"{self.gpu.ring_buffers} fetch buffers of {self.gpu.blocks_per_buffer} blocks",
+            f"{'host':6} {format_bytes(self.host_bytes):>11}  every token's home"
+            + (" but the SSD's" if self.ssd_bytes else ""),
+            f"{'SSD':6} {format_bytes(self.ssd_bytes):>11}  "
+            + (f"the coldest blocks, written once in {self.ssd_write_seconds:.1f} s" if self.ssd_bytes else "-"),
+            "",
+            f"predicted decode step, KV traffic only ({format_bytes(self.offloaded_bytes)} off the GPU per step):",
+            f"  {'mode':12} {'ms/step':>9} {'tokens/s':>9}",
         ]
+        notes = {
+            "split": f"GPU fetches {self.gpu_share:.0%}, the CPU attends over the rest",
+            "speculative": f"approximate; fetches {self.speculative_share:.0%} of the tokens",
+            "all-on-GPU": "if the whole KV sat in HBM",
+        }
         for mode, seconds in self.step_seconds.items():
-            rows.append(f"  {mode:12s} {seconds * 1e3:9.1f} ms/step  {self.batch / seconds:9.2f} tok/s")
-        return "\n".join(rows)
+            note = notes.get(mode, "")
+            if mode != "all-on-GPU" and mode not in IMPLEMENTED_MODES:
+                note = f"{note}; not available yet" if note else "not available yet"
+            mark = "*" if mode == self.mode else " "
+            lines.append(f"{mark} {mode:12} {seconds * 1e3:9.2f} {self.batch / seconds:9.1f}  {note}".rstrip())
+        lines.append("(* the configured mode; bounds from the bandwidth ceilings, see LIMITS.md)")
+        return "\n".join(lines)
 
 
 def make_plan(
@@ -90,33 +172,84 @@ def make_plan(
     ceilings: Ceilings = Ceilings(),
     speculative_share: float = 0.1,
 ) -> Plan:
-    """Place a `batch` x `context_tokens` KV cache on the tiers and predict each mode's step time."""
-    per_token = geometry.bytes_per_token * batch
-    total = per_token * context_tokens
-    policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
-    resident_tokens = min(context_tokens, (policy.sink_blocks + policy.window_blocks + 1) * config.block_size)
-    offloaded = per_token * (context_tokens - resident_tokens)
-    gpu = min(budgets.gpu_kv_bytes, total)
-    host = min(total, budgets.cpu_kv_bytes)
+    """Place a `batch` x `context_tokens` KV cache on the tiers and predict each mode's step time.
+
+    Host memory holds whole blocks up to `budgets.cpu_kv_bytes`, the SSD the rest; a cache the two
+    cannot hold, or a GPU tier over `budgets.gpu_kv_bytes`, raises ConfigError naming the key to
+    raise. `speculative_share` is the share of the offloaded tokens speculation is assumed to fetch.
+    """
+    if context_tokens < 1 or batch < 1:
+        raise ConfigError("context", f"context: got {context_tokens} tokens x batch {batch}, expected both >= 1")
+    if not 0 < speculative_share <= 1:
+        raise ConfigError("speculative_share", f"speculative_share: got {speculative_share}, expected (0, 1]")
+    bs = config.block_size
+    block_bytes = geometry.bytes_per_token_layer * batch * bs
+    blocks_per_layer = -(-context_tokens // bs)
+    total = geometry.num_layers * blocks_per_layer * block_bytes
+    gpu = size_gpu_tier(config, geometry.num_layers, blocks_per_layer, block_bytes, budgets.gpu_kv_bytes)
+
+    host = min(total, budgets.cpu_kv_bytes // block_bytes * block_bytes)
     ssd = total - host
     if ssd > budgets.ssd_kv_bytes:
+        short = ssd - budgets.ssd_kv_bytes
+        where = (f"raise cpu_kv_bytes by {format_bytes(short)}, or set ssd_dir and ssd_kv_bytes"
+                 if budgets.ssd_kv_bytes == 0 else f"raise ssd_kv_bytes or cpu_kv_bytes by {format_bytes(short)}")
         key = "cpu_kv_bytes" if budgets.ssd_kv_bytes == 0 else "ssd_kv_bytes"
         raise ConfigError(
             key,
-            f"{key}: the KV of {batch} x {context_tokens} tokens needs {_size(total)}; host "
-            f"{_size(budgets.cpu_kv_bytes)} + SSD {_size(budgets.ssd_kv_bytes)} do not hold it; raise {key}"
-            + (" or set ssd_dir and ssd_kv_bytes" if budgets.ssd_kv_bytes == 0 else ""),
+            f"{key}: the KV of {batch} x {context_tokens} tokens needs {format_bytes(total)}; host "
+            f"{format_bytes(budgets.cpu_kv_bytes)} + SSD {format_bytes(budgets.ssd_kv_bytes)} do not hold it; {where}"
+            ", or shorten the context or the batch",
         )
-    from_ssd = ssd / ceilings.disk_read
+
+    policy = ResidencyPolicy.from_tokens(bs, config.sink_tokens, config.window_tokens)
+    middle_end = max(policy.sink_blocks, context_tokens // bs - policy.window_blocks)
+    offloaded = geometry.num_layers * (middle_end - policy.sink_blocks) * block_bytes
+    from_disk = min(ssd, offloaded) / ceilings.disk_read  # the SSD holds the coldest, never resident, blocks
+    share = (ceilings.pcie_h2d / (ceilings.pcie_h2d + ceilings.cpu_stream)
+             if config.split_ratio == "auto" else float(config.split_ratio))
+    exact_total = geometry.bytes_per_token * batch * context_tokens
+    resident = max(0, exact_total - offloaded)  # attention reads it from HBM in every mode
     steps = {
-        "stream": offloaded / ceilings.pcie_h2d + from_ssd,
-        "split": offloaded / (ceilings.pcie_h2d + ceilings.cpu_stream) + from_ssd,
-        "speculative": speculative_share * offloaded / ceilings.uva_gather,
+        "stream": max(offloaded / ceilings.pcie_h2d, from_disk, exact_total / ceilings.hbm),
+        "split": max(share * offloaded / ceilings.pcie_h2d, (1 - share) * offloaded / ceilings.cpu_stream, from_disk,
+                     (resident + share * offloaded) / ceilings.hbm),
+        "speculative": max(speculative_share * offloaded / ceilings.uva_gather, speculative_share * from_disk,
+                           (resident + speculative_share * offloaded) / ceilings.hbm),
     }
-    if total <= budgets.gpu_kv_bytes:
-        steps["all-on-GPU"] = total / ceilings.hbm
-    return Plan(context_tokens, batch, per_token, total, gpu, host, ssd, steps)
+    if exact_total <= budgets.gpu_kv_bytes:
+        steps["all-on-GPU"] = exact_total / ceilings.hbm
+    return Plan(
+        context=context_tokens, batch=batch, mode=config.mode, geometry=geometry,
+        bytes_per_token=geometry.bytes_per_token * batch, total_bytes=total, gpu=gpu, host_bytes=host,
+        ssd_bytes=ssd, offloaded_bytes=offloaded, gpu_share=share, speculative_share=speculative_share,
+        step_seconds=steps, ssd_write_seconds=ssd / ceilings.disk_write,
+    )
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+def estimate_weight_bytes(model_config, dtype: str = "auto") -> int:
+    """The weights' bytes from a decoder config alone (embeddings, attention, gated MLP), so that
+    `hetero plan` can resolve "auto" budgets as if the model were loaded
+    (`MachineMemory.after_loading`). An estimate: norms and biases are left out."""
+    c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    if dtype == "auto":
+        dtype = getattr(c, "dtype", None) or getattr(c, "torch_dtype", None) or "bfloat16"
+    heads = c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    attention = c.hidden_size * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    embeddings = c.vocab_size * c.hidden_size * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    return (c.num_hidden_layers * (attention + mlp) + embeddings) * _itemsize(dtype)
+
+
+def _itemsize(dtype) -> int:
+    name = str(dtype).removeprefix("torch.")
+    if name in _DTYPE_BYTES:
+        return _DTYPE_BYTES[name]
+    import torch
+
+    found = getattr(torch, name, None)
+    if isinstance(found, torch.dtype):
+        return found.itemsize
+    raise ConfigError("kv_dtype", f"kv_dtype: the model's dtype {name!r} is not a torch dtype; set kv_dtype")
