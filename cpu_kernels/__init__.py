@@ -1,1 +1,18 @@
+"""Numba kernels of hetero: decode attention over KV blocks in host memory, and the lse merge.
 
+`host_decode_attention` (token ranges) and `host_decode_attention_indexed` (token lists) return
+the (out, lse) partial of the tokens they cover; `merge_partials` joins partials; `warmup`
+compiles every signature up front; `set_threads` picks the cores. `reference` holds the float64
+PyTorch versions.
+"""
+
+from .attention import host_decode_attention, host_decode_attention_indexed, set_threads, warmup
+from .merge import merge_partials
+
+__all__ = [
+    "host_decode_attention",
+    "host_decode_attention_indexed",
+    "merge_partials",
+    "set_threads",
+    "warmup",
+]

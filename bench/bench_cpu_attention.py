@@ -1,0 +1,249 @@
+"""CPU decode attention over host KV blocks: the Numba kernel beside its ceiling and its peer.
+
+In one run: (a) the Numba streaming-read ceiling (a prange sum over a large uint16 and float32
+array), (b) `host_decode_attention`'s GB/s of KV scanned, (c) torch's CPU
+scaled_dot_product_attention on the same tokens (fp32 and bf16, K/V already contiguous).
+Prints a table and writes JSON (--out).
+
+    python bench/bench_cpu_attention.py --tokens 131072 --out cpu_attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from hetero.cpu_kernels import attention as knobs
+from hetero.cpu_kernels import host_decode_attention, host_decode_attention_indexed, warmup
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _stream_sum(a, n_chunks):
+    """Sum of a 1-D uint16 or float32 array read once by n_chunks prange tasks (integers wrap).
+
+    Each task loops over a slice from 0 so that the loop vectorizes: the cheapest full read.
+    """
+    per = (a.size + n_chunks - 1) // n_chunks
+    partial = np.zeros(n_chunks, a.dtype)
+    for c in prange(n_chunks):
+        part = a[c * per : min(a.size, (c + 1) * per)]
+        s = a.dtype.type(0)
+        for i in range(part.size):
+            s += part[i]
+        partial[c] = s
+    return partial.sum()
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _probe_sum(x):
+    """The reduction of LIMITS.md's probe (float64 prange sum), for comparison with its table."""
+    s = 0.0
+    for i in prange(x.size):
+        s += x[i]
+    return s
+
+
+@njit(parallel=True, cache=True)
+def _pattern_sum(rows, block_table, n_heads, bs, tokens, chunk):
+    """Read K and V rows of every (head, token) as the kernel does (block table, per-head chunks)
+    and only sum them: the access pattern's own ceiling, to tell memory stalls from compute."""
+    per_head = (tokens + chunk - 1) // chunk
+    v_rows = n_heads * bs
+    partial = np.zeros(n_heads * per_head, np.uint16)
+    for t in prange(n_heads * per_head):
+        bh, first = t // per_head, (t % per_head) * chunk
+        s = np.uint16(0)
+        for pos in range(first, min(tokens, first + chunk)):
+            blk = pos // bs
+            r = block_table[blk] * 2 * v_rows + bh * bs + pos - blk * bs
+            k, v = rows[r], rows[r + v_rows]
+            for d in range(k.size):
+                s += k[d] + v[d]
+        partial[t] = s
+    return partial.sum()
+
+
+def _time(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def streaming_ceiling(gib, reps, threads):
+    """GB/s of the Numba prange streaming read, for uint16 and float32 arrays of `gib` GiB."""
+    result = {}
+    for dtype in (np.uint16, np.float32):
+        a = np.ones(int(gib * 2**30) // np.dtype(dtype).itemsize, dtype)
+        sec = _time(lambda: _stream_sum(a, threads * 8), reps)
+        result[np.dtype(dtype).name] = a.nbytes / sec / 1e9
+        del a
+    a = np.ones(int(gib * 2**30) // 8)
+    result["float64_probe"] = a.nbytes / _time(lambda: _probe_sum(a), reps) / 1e9
+    return result
+
+
+def sweep_knobs(q, pool, table, tokens, reps, threads):
+    """The kernel's GB/s under each tuning knob setting (tile, tasks per thread, schedule)."""
+    saved = (knobs.TILE_TOKENS, knobs.TASKS_PER_THREAD, knobs.DYNAMIC_SCHEDULE)
+    settings = [(tile, saved[1], saved[2]) for tile in (16, 32, 64)]
+    settings += [(saved[0], tasks, dyn) for tasks in (1, 2, 4, 8, 16) for dyn in (True, False)]
+    results = []
+    for tile, tasks, dyn in settings:
+        knobs.TILE_TOKENS, knobs.TASKS_PER_THREAD, knobs.DYNAMIC_SCHEDULE = tile, tasks, dyn
+        r = bench_kernel(q, pool, table, tokens, reps, threads)
+        results.append(dict(tile=tile, tasks_per_thread=tasks, dynamic=dyn, gbps=r["gbps"]))
+    knobs.TILE_TOKENS, knobs.TASKS_PER_THREAD, knobs.DYNAMIC_SCHEDULE = saved
+    return results
+
+
+def make_case(B, tokens, dtype, Hq, Hkv, D, bs, seed=0):
+    """A pool holding `tokens` tokens under a shuffled block table, and q; random values."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = -(-tokens // bs)
+    pool = torch.empty(n_blocks, 2, B, Hkv, bs, D, dtype=dtype)
+    for s in range(n_blocks):  # slot by slot: no float32 copy of the whole pool
+        pool[s] = torch.randn(2, B, Hkv, bs, D, generator=g).to(dtype)
+    table = torch.randperm(n_blocks, generator=g).int()
+    q = torch.randn(B, Hq, D, generator=g)
+    return q, pool, table
+
+
+def logical_kv(pool, table, tokens):
+    """K and V [B, Hkv, tokens, D] in logical order (what SDPA reads), built once, not timed."""
+    kv = pool[table.long()]  # [n_blocks, 2, B, Hkv, bs, D]
+    n, _, B, Hkv, bs, D = kv.shape
+    kv = kv.permute(1, 2, 3, 0, 4, 5).reshape(2, B, Hkv, n * bs, D)[:, :, :, :tokens]
+    return kv[0].contiguous(), kv[1].contiguous()
+
+
+def bench_kernel(q, pool, table, tokens, reps, threads):
+    B, Hkv = pool.shape[2], pool.shape[3]
+    ranges = torch.tensor([0, tokens], dtype=torch.int32).expand(B, Hkv, 1, 2).contiguous()
+    scale = q.shape[-1] ** -0.5
+    sec = _time(lambda: host_decode_attention(q, pool, table, ranges, scale, threads), reps)
+    kv_bytes = 2 * B * Hkv * tokens * q.shape[-1] * pool.element_size()
+    return {"ms": sec * 1e3, "gbps": kv_bytes / sec / 1e9, "kv_bytes": kv_bytes}
+
+
+def bench_pattern(pool, table, tokens, reps, threads):
+    B, Hkv, D = pool.shape[2], pool.shape[3], pool.shape[5]
+    rows = pool.view(torch.int16).numpy().reshape(-1, D).view(np.uint16)
+    chunk = max(256, -(-tokens * B * Hkv // (threads * 8)))
+    sec = _time(lambda: _pattern_sum(rows, table.numpy(), B * Hkv, pool.shape[4], tokens, chunk), reps)
+    kv_bytes = 2 * B * Hkv * tokens * D * 2
+    return {"ms": sec * 1e3, "gbps": kv_bytes / sec / 1e9, "kv_bytes": kv_bytes}
+
+
+def bench_indexed(q, pool, table, tokens, share, reps, threads):
+    B, Hkv, D = pool.shape[2], pool.shape[3], q.shape[-1]
+    n = int(tokens * share)
+    rng = np.random.default_rng(0)
+    idx = np.stack([np.sort(rng.choice(tokens, n, replace=False)) for _ in range(B * Hkv)]).reshape(B, Hkv, n)
+    idx, count = torch.from_numpy(idx.astype(np.int32)), torch.full((B, Hkv), n, dtype=torch.int32)
+    sec = _time(lambda: host_decode_attention_indexed(q, pool, table, idx, count, D**-0.5, threads), reps)
+    kv_bytes = 2 * B * Hkv * n * D * pool.element_size()
+    return {"ms": sec * 1e3, "gbps": kv_bytes / sec / 1e9, "kv_bytes": kv_bytes, "share": share}
+
+
+def bench_sdpa(q, k, v, reps):
+    qq = q.to(k.dtype)[:, :, None, :]
+    fn = lambda: torch.nn.functional.scaled_dot_product_attention(qq, k, v, enable_gqa=True)  # noqa: E731
+    sec = _time(fn, reps)
+    kv_bytes = k.numel() * k.element_size() * 2
+    return {"ms": sec * 1e3, "gbps": kv_bytes / sec / 1e9, "kv_bytes": kv_bytes}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=131072)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--hq", type=int, default=32)
+    p.add_argument("--hkv", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--sdpa-reps", type=int, default=3)
+    p.add_argument("--ceiling-gib", type=float, default=2.0)
+    p.add_argument("--sweep", action="store_true", help="also time each tuning knob setting (batch 1 bf16)")
+    p.add_argument("--resident-tokens", type=int, default=4096, help="a cache-resident case: compute, not memory")
+    p.add_argument("--scaling", type=int, nargs="*", default=[1, 4, 8], help="extra thread counts, batch 1 bf16")
+    p.add_argument("--out", default="cpu_attention.json")
+    args = p.parse_args()
+    numba.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    warmup()
+    compile_s = time.perf_counter() - t0
+    shape = dict(Hq=args.hq, Hkv=args.hkv, D=args.head_dim, bs=args.block_size)
+    ceiling = streaming_ceiling(args.ceiling_gib, args.reps, args.threads)
+    rows, sweep = [], []
+
+    def add(name, B, dtype, r, peer=None):
+        r.update(case=name, batch=B, dtype=dtype, of_ceiling=r["gbps"] / ceiling["uint16" if dtype != "float32" else "float32"])
+        if peer:
+            r.update({f"speedup_vs_{k}": v["ms"] / r["ms"] for k, v in peer.items()})
+        rows.append(r)
+
+    for B in args.batches:
+        q, pool, table = make_case(B, args.tokens, torch.bfloat16, **shape)
+        k, v = logical_kv(pool, table, args.tokens)
+        sdpa = {"sdpa_bf16": bench_sdpa(q, k, v, args.sdpa_reps)}
+        kf, vf = k.float(), v.float()
+        del k, v
+        sdpa["sdpa_fp32"] = bench_sdpa(q, kf, vf, args.sdpa_reps)
+        del kf, vf
+        add("numba", B, "bfloat16", bench_kernel(q, pool, table, args.tokens, args.reps, args.threads), sdpa)
+        add("same reads, no math", B, "bfloat16", bench_pattern(pool, table, args.tokens, args.reps, args.threads))
+        for name, r in sdpa.items():
+            add(name, B, "float32" if name.endswith("fp32") else "bfloat16", r)
+        if B == 1:
+            for t in args.scaling:
+                add(f"numba {t} thr", B, "bfloat16", bench_kernel(q, pool, table, args.tokens, max(2, args.reps // 3), t))
+            numba.set_num_threads(1)
+            add("same reads 1 thr", B, "bfloat16", bench_pattern(pool, table, args.tokens, max(2, args.reps // 3), 1))
+            numba.set_num_threads(args.threads)
+            add("numba indexed 1/8", B, "bfloat16", bench_indexed(q, pool, table, args.tokens, 0.125, args.reps, args.threads))
+            if args.sweep:
+                sweep = sweep_knobs(q, pool, table, args.tokens, args.reps, args.threads)
+        del pool
+    q, pool, table = make_case(1, args.resident_tokens, torch.bfloat16, **shape)
+    add("numba cache-resident", 1, "bfloat16", bench_kernel(q, pool, table, args.resident_tokens, args.reps * 20, args.threads))
+    for dtype in (torch.float16, torch.float32):
+        q, pool, table = make_case(1, args.tokens, dtype, **shape)
+        add("numba", 1, str(dtype).split(".")[1], bench_kernel(q, pool, table, args.tokens, args.reps, args.threads))
+        del pool
+    print(f"threads={args.threads} tokens={args.tokens} {shape} compile+load {compile_s:.1f}s"
+          f" numba features: {os.environ.get('NUMBA_CPU_FEATURES', 'host default')[-40:]}")
+    print(f"(a) streaming-read ceiling: uint16 {ceiling['uint16']:.1f} GB/s, float32 {ceiling['float32']:.1f} GB/s"
+          f" (LIMITS.md probe's float64 sum: {ceiling['float64_probe']:.1f} GB/s)")
+    print(f"{'case':<20}{'B':>3} {'dtype':<9}{'ms':>9}{'GB/s':>8}{'of ceil':>9}{'vs sdpa bf16':>14}{'vs sdpa fp32':>14}")
+    for r in rows:
+        sb, sf = r.get("speedup_vs_sdpa_bf16"), r.get("speedup_vs_sdpa_fp32")
+        print(
+            f"{r['case']:<20}{r['batch']:>3} {r['dtype']:<9}{r['ms']:>9.2f}{r['gbps']:>8.1f}{r['of_ceiling']:>8.0%}"
+            f"{'' if sb is None else f'{sb:.1f}x':>14}{'' if sf is None else f'{sf:.1f}x':>14}"
+        )
+    for k in sweep:
+        print(f"knobs tile={k['tile']:<3} tasks/thread={k['tasks_per_thread']:<3} "
+              f"dynamic={k['dynamic']!s:<5} {k['gbps']:6.1f} GB/s {k['gbps'] / ceiling['uint16']:5.0%} of ceiling")
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "compile_s": compile_s, "ceiling_gbps": ceiling, "rows": rows, "sweep": sweep,
+                   "numba_threading_layer": numba.threading_layer(),
+                   "numba_cpu_features": os.environ.get("NUMBA_CPU_FEATURES"), "torch": torch.__version__}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""LLVM-level helpers for the Numba kernels: 16-bit float widening and 2**k.
+
+Numba has no bfloat16 or float16 type, so 16-bit pools reach the kernels as uint16 bit
+patterns. The conversions emit the LLVM operation directly (a 16-bit shift for bfloat16,
+`fpext half` for float16, which x86 lowers to F16C's vcvtph2ps) so that LLVM vectorizes the
+loops around them.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+_I32 = ir.IntType(32)
+
+
+@intrinsic
+def bf16_bits_to_f32(typingctx, bits):
+    """float32 whose upper 16 bits are `bits` (a bfloat16 pattern)."""
+
+    def codegen(context, builder, signature, args):
+        wide = builder.zext(args[0], _I32)
+        return builder.bitcast(builder.shl(wide, ir.Constant(_I32, 16)), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def f16_bits_to_f32(typingctx, bits):
+    """float32 value of the IEEE half-precision pattern `bits` (subnormals, inf, NaN exact)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def exponent_to_f32(typingctx, k):
+    """2.0 ** k for an int32 k in [-126, 127], built from the exponent bits."""
+
+    def codegen(context, builder, signature, args):
+        biased = builder.add(args[0], ir.Constant(_I32, 127))
+        return builder.bitcast(builder.shl(biased, ir.Constant(_I32, 23)), ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+def to_f32(x, fp16):
+    """float32 value of a pool element: uint16 bits (float16 if `fp16`, else bfloat16) or float32.
+
+    Numba-only (overloaded per element type).
+    """
+    raise NotImplementedError("to_f32 is only callable from Numba-compiled code")
+
+
+@overload(to_f32)
+def _to_f32_impl(x, fp16):
+    if x == types.uint16:
+        return lambda x, fp16: f16_bits_to_f32(x) if fp16 else bf16_bits_to_f32(x)
+    if x == types.float32:
+        return lambda x, fp16: x
+    return None

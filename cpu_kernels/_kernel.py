@@ -1,0 +1,265 @@
+"""The Numba decode-attention kernel over host KV blocks: one pass over K and V, online softmax.
+
+Work is cut into tasks (kv row, first, last) over a (batch row, kv head)'s tokens so that batch 1
+with 8 KV heads still fills every core; each task leaves a partial (max, sum, unnormalized
+accumulator) for its G query heads, and a second parallel loop merges a head's partials.
+Within a task, tokens go by tiles. The pool is seen as rows of D elements; each K and V row is
+read straight from the pool once, widened to float32 in registers, and used by 4 query heads
+and 4 tokens at a time, so that the D-long inner loops vectorize and reuse every load.
+
+On Intel AVX-512 servers LLVM prefers 256-bit vectors; a process that sets NUMBA_CPU_FEATURES to
+the host's features plus ",-prefer-256-bit" before Numba's first compile gets 512-bit code
+(measured +4% at batch 1, +16% at batch 4 on the 16-core Xeon).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._intrinsics import exponent_to_f32, to_f32
+
+# No "nnan"/"ninf": the softmax state starts at -inf and empty heads must end at lse -inf.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _exp_nonpositive(x):
+    """exp(x) for x <= 0 in float32 that LLVM can vectorize (libm's expf stays scalar).
+
+    Cody-Waite reduction to r in [-ln2/2, ln2/2], degree-6 Taylor polynomial (error ~2e-7
+    relative), scaled by 2**k through k's exponent bits. Below -87 returns ~1e-38, not 0; the
+    caller never relies on an exact 0 from here.
+    """
+    x = max(x, np.float32(-87.0))
+    k = np.floor(x * _LOG2E + np.float32(0.5))
+    r = x - k * _LN2_HI - k * _LN2_LO
+    p = np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * exponent_to_f32(np.int32(k))
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _score_tile(qs, pool, fp16, rows, n4, scores):
+    """scores[g, j] = qs[g] . pool[rows[j]] for j < n4 (a multiple of 4)."""
+    G, D = qs.shape
+    for j in range(0, n4, 4):
+        r0, r1, r2, r3 = rows[j], rows[j + 1], rows[j + 2], rows[j + 3]
+        if G % 4 == 0:
+            for g in range(0, G, 4):
+                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+                c0 = c1 = c2 = c3 = e0 = e1 = e2 = e3 = np.float32(0.0)
+                for d in range(D):
+                    k0, k1 = to_f32(pool[r0, d], fp16), to_f32(pool[r1, d], fp16)
+                    k2, k3 = to_f32(pool[r2, d], fp16), to_f32(pool[r3, d], fp16)
+                    x = qs[g, d]
+                    a0, a1, a2, a3 = a0 + x * k0, a1 + x * k1, a2 + x * k2, a3 + x * k3
+                    x = qs[g + 1, d]
+                    b0, b1, b2, b3 = b0 + x * k0, b1 + x * k1, b2 + x * k2, b3 + x * k3
+                    x = qs[g + 2, d]
+                    c0, c1, c2, c3 = c0 + x * k0, c1 + x * k1, c2 + x * k2, c3 + x * k3
+                    x = qs[g + 3, d]
+                    e0, e1, e2, e3 = e0 + x * k0, e1 + x * k1, e2 + x * k2, e3 + x * k3
+                scores[g, j], scores[g, j + 1], scores[g, j + 2], scores[g, j + 3] = a0, a1, a2, a3
+                scores[g + 1, j], scores[g + 1, j + 1], scores[g + 1, j + 2], scores[g + 1, j + 3] = b0, b1, b2, b3
+                scores[g + 2, j], scores[g + 2, j + 1], scores[g + 2, j + 2], scores[g + 2, j + 3] = c0, c1, c2, c3
+                scores[g + 3, j], scores[g + 3, j + 1], scores[g + 3, j + 2], scores[g + 3, j + 3] = e0, e1, e2, e3
+        else:
+            for g in range(G):
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for d in range(D):
+                    x = qs[g, d]
+                    a0 += x * to_f32(pool[r0, d], fp16)
+                    a1 += x * to_f32(pool[r1, d], fp16)
+                    a2 += x * to_f32(pool[r2, d], fp16)
+                    a3 += x * to_f32(pool[r3, d], fp16)
+                scores[g, j], scores[g, j + 1], scores[g, j + 2], scores[g, j + 3] = a0, a1, a2, a3
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _softmax_tile(scores, n, n4, m, l, acc):
+    """Turn scores[:, :n] into exp(score - running max), 0 up to n4; update m, l; rescale acc."""
+    G, D = acc.shape
+    for g in range(G):
+        top = scores[g, 0]
+        for j in range(1, n):
+            top = max(top, scores[g, j])
+        m_new = max(m[g], top)
+        total = np.float32(0.0)
+        for j in range(n):
+            p = _exp_nonpositive(scores[g, j] - m_new)
+            scores[g, j] = p
+            total += p
+        for j in range(n, n4):
+            scores[g, j] = 0.0
+        if l[g] > 0 and m_new > m[g]:
+            alpha = np.exp(m[g] - m_new)
+            l[g] = l[g] * alpha + total
+            for d in range(D):
+                acc[g, d] *= alpha
+        else:
+            l[g] += total
+        m[g] = m_new
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _accumulate_tile(p, pool, fp16, rows, v_rows, n4, acc):
+    """acc[g] += sum_j p[g, j] * pool[rows[j] + v_rows] for j < n4 (a multiple of 4)."""
+    G, D = acc.shape
+    for j in range(0, n4, 4):
+        r0, r1, r2, r3 = rows[j] + v_rows, rows[j + 1] + v_rows, rows[j + 2] + v_rows, rows[j + 3] + v_rows
+        if G % 4 == 0:
+            for g in range(0, G, 4):
+                a0, a1, a2, a3 = p[g, j], p[g, j + 1], p[g, j + 2], p[g, j + 3]
+                b0, b1, b2, b3 = p[g + 1, j], p[g + 1, j + 1], p[g + 1, j + 2], p[g + 1, j + 3]
+                c0, c1, c2, c3 = p[g + 2, j], p[g + 2, j + 1], p[g + 2, j + 2], p[g + 2, j + 3]
+                e0, e1, e2, e3 = p[g + 3, j], p[g + 3, j + 1], p[g + 3, j + 2], p[g + 3, j + 3]
+                for d in range(D):
+                    v0, v1 = to_f32(pool[r0, d], fp16), to_f32(pool[r1, d], fp16)
+                    v2, v3 = to_f32(pool[r2, d], fp16), to_f32(pool[r3, d], fp16)
+                    acc[g, d] += (a0 * v0 + a1 * v1) + (a2 * v2 + a3 * v3)
+                    acc[g + 1, d] += (b0 * v0 + b1 * v1) + (b2 * v2 + b3 * v3)
+                    acc[g + 2, d] += (c0 * v0 + c1 * v1) + (c2 * v2 + c3 * v3)
+                    acc[g + 3, d] += (e0 * v0 + e1 * v1) + (e2 * v2 + e3 * v3)
+        else:
+            for g in range(G):
+                a0, a1, a2, a3 = p[g, j], p[g, j + 1], p[g, j + 2], p[g, j + 3]
+                for d in range(D):
+                    v0, v1 = to_f32(pool[r0, d], fp16), to_f32(pool[r1, d], fp16)
+                    v2, v3 = to_f32(pool[r2, d], fp16), to_f32(pool[r3, d], fp16)
+                    acc[g, d] += (a0 * v0 + a1 * v1) + (a2 * v2 + a3 * v3)
+
+
+@njit(cache=True)
+def _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh, bs, slot_rows):
+    """K row numbers of the tile starting at `pos` into rows; returns its token count n.
+
+    A range tile stops at its block's end. rows[n:] up to the next multiple of 4 repeat the last
+    row (read with weight 0).
+    """
+    if indexed:
+        n = min(tile, last - pos)
+        for j in range(n):
+            tok = token_idx[b, h, pos + j]
+            blk = tok // bs
+            rows[j] = block_table[blk] * slot_rows + bh * bs + tok - blk * bs
+    else:
+        blk = pos // bs
+        offset = pos - blk * bs
+        n = min(tile, last - pos, bs - offset)
+        first = block_table[blk] * slot_rows + bh * bs + offset
+        for j in range(n):
+            rows[j] = first + j
+    for j in range(n, (n + 3) // 4 * 4):
+        rows[j] = rows[n - 1]
+    return n
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+def attend_tasks(q, pool, fp16, block_table, token_idx, indexed, tasks, head_begin, Hkv, bs, tile, scale, out, lse):
+    """Decode attention of q [B, Hq, D] over the tokens that `tasks` name; writes out and lse.
+
+    pool [rows, D]: the pool's rows (uint16 bits when 16-bit, `fp16` telling which kind, else
+    float32). tasks [T, 3] int64: (b * Hkv + h, first, last); first/last are logical token
+    positions, or positions in token_idx[b, h] when `indexed`. A head's tasks are consecutive,
+    from head_begin[bh] to head_begin[bh + 1]. `tile`: tokens per tile, a multiple of 4.
+    Releases the GIL, so that the caller's other threads (GPU launches) run meanwhile.
+    """
+    B, Hq, D = q.shape
+    G = Hq // Hkv
+    T = tasks.shape[0]
+    v_rows = B * Hkv * bs
+    slot_rows = 2 * v_rows
+    part_m = np.empty((T, G), np.float32)
+    part_l = np.empty((T, G), np.float32)
+    part_acc = np.empty((T, G, D), np.float32)
+    for t in prange(T):
+        bh, pos, last = tasks[t, 0], tasks[t, 1], tasks[t, 2]
+        b = bh // Hkv
+        h = bh - b * Hkv
+        qs = np.empty((G, D), np.float32)
+        for g in range(G):
+            for d in range(D):
+                qs[g, d] = q[b, h * G + g, d] * scale
+        rows = np.empty(tile + 3, np.int64)
+        scores = np.empty((G, tile + 3), np.float32)
+        m = np.full(G, -np.inf, np.float32)
+        l = np.zeros(G, np.float32)
+        acc = np.zeros((G, D), np.float32)
+        while pos < last:
+            n = _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh, bs, slot_rows)
+            n4 = (n + 3) // 4 * 4
+            _score_tile(qs, pool, fp16, rows, n4, scores)
+            _softmax_tile(scores, n, n4, m, l, acc)
+            _accumulate_tile(scores, pool, fp16, rows, v_rows, n4, acc)
+            pos += n
+        for g in range(G):
+            part_m[t, g] = m[g]
+            part_l[t, g] = l[g]
+            for d in range(D):
+                part_acc[t, g, d] = acc[g, d]
+    for bh in prange(B * Hkv):
+        b = bh // Hkv
+        h = bh - b * Hkv
+        first, stop = head_begin[bh], head_begin[bh + 1]
+        for g in range(G):
+            row = out[b, h * G + g]
+            row[:] = 0.0
+            if stop == first:
+                lse[b, h * G + g] = -np.inf
+                continue
+            top = part_m[first, g]
+            for t in range(first + 1, stop):
+                top = max(top, part_m[t, g])
+            total = np.float32(0.0)
+            for t in range(first, stop):
+                w = np.exp(part_m[t, g] - top)
+                total += part_l[t, g] * w
+                for d in range(D):
+                    row[d] += w * part_acc[t, g, d]
+            inv = np.float32(1.0) / total
+            for d in range(D):
+                row[d] *= inv
+            lse[b, h * G + g] = top + np.log(total)
+
+
+@njit(cache=True)
+def build_tasks(ranges, chunk):
+    """Cut each (b, h)'s ranges [B, Hkv, R, 2] into tasks of at most `chunk` tokens.
+
+    Returns tasks [T, 3] int64 (b * Hkv + h, first, last) grouped by head, and head_begin
+    [B * Hkv + 1] int64.
+    """
+    B, Hkv, R = ranges.shape[0], ranges.shape[1], ranges.shape[2]
+    count = 0
+    for b in range(B):
+        for h in range(Hkv):
+            for r in range(R):
+                n = ranges[b, h, r, 1] - ranges[b, h, r, 0]
+                if n > 0:
+                    count += (n + chunk - 1) // chunk
+    tasks = np.empty((count, 3), np.int64)
+    head_begin = np.empty(B * Hkv + 1, np.int64)
+    t = 0
+    for b in range(B):
+        for h in range(Hkv):
+            head_begin[b * Hkv + h] = t
+            for r in range(R):
+                pos, end = np.int64(ranges[b, h, r, 0]), np.int64(ranges[b, h, r, 1])
+                while pos < end:
+                    stop = min(pos + chunk, end)
+                    tasks[t, 0] = b * Hkv + h
+                    tasks[t, 1] = pos
+                    tasks[t, 2] = stop
+                    t += 1
+                    pos = stop
+    head_begin[B * Hkv] = t
+    return tasks, head_begin

@@ -1,0 +1,182 @@
+"""Decode attention over KV blocks in host memory, computed by the CPU (the `split` mode's half).
+
+Front-ends over the Numba kernel in `_kernel`: they accept numpy arrays or torch CPU tensors
+(bfloat16 pools are viewed as uint16 bits, zero-copy), check what the kernel would otherwise
+read out of bounds, cut the work into per-core tasks and return the kind they were given.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from ._kernel import attend_tasks, build_tasks
+
+# Tuning knobs, set from bench/bench_cpu_attention.py --sweep on the 16-core machine: tasks per
+# thread (a few keep the load balanced with uneven ranges), the smallest task, tokens per tile (a
+# multiple of 4), and whether threads take tasks one at a time as they finish (dynamic).
+TASKS_PER_THREAD = 2
+MIN_CHUNK = 256
+TILE_TOKENS = 32
+DYNAMIC_SCHEDULE = True
+_threads: int | None = None
+
+
+def set_threads(n: int | None) -> None:
+    """Threads for every later call that passes no `threads` (None: all of Numba's threads)."""
+    global _threads
+    if n is not None and not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(f"threads: got {n}, expected 1..{numba.config.NUMBA_NUM_THREADS}")
+    _threads = n
+
+
+def host_decode_attention(q, pool, block_table, ranges, scale, threads=None, *, chunk=None, out=None, lse=None):
+    """Attention of q over token ranges of the blocks of a host pool, in one pass over K and V.
+
+    Args:
+        q: float32 [B, Hq, D] (Hq = G * Hkv; query head h reads kv head h // G).
+        pool: [n_slots, 2, B, Hkv, bs, D], C-contiguous: torch bfloat16/float16/float32, or numpy
+            uint16 (bfloat16 bits), float16, float32.
+        block_table: int32 [n_blocks]; logical block j lives in slot block_table[j].
+        ranges: int32 [B, Hkv, R, 2], [start, end) logical positions per (row, kv head); empty
+            ranges allowed, the ranges of one head must not overlap.
+        scale: scores are (q . k) * scale.
+        threads: cores to use for this call (default: `set_threads`, else all).
+        chunk: tokens per parallel task (default: about TASKS_PER_THREAD tasks per thread).
+        out, lse: optional float32 [B, Hq, D] and [B, Hq] to write into.
+    Returns:
+        (out float32 [B, Hq, D], lse float32 [B, Hq]); a head with no token gets out 0, lse -inf.
+        torch tensors when q is a torch tensor, numpy arrays otherwise.
+    """
+    qa, rows, fp16, (n_slots, B, Hkv, bs, D) = _operands(q, pool)
+    table = _int32(block_table, "block_table", (None,))
+    rng = _int32(ranges, "ranges", (B, Hkv, None, 2))
+    lengths = np.clip(rng[..., 1].astype(np.int64) - rng[..., 0], 0, None)
+    used = lengths > 0
+    if used.any():
+        starts, ends = rng[..., 0][used], rng[..., 1][used]
+        if starts.min() < 0 or ends.max() > table.shape[0] * bs:
+            raise ValueError(f"ranges: positions must lie in [0, {table.shape[0] * bs}) (block_table covers that)")
+        # Only the blocks the ranges touch need a slot: others may be elsewhere (GPU, disk).
+        edges = np.zeros(table.shape[0] + 1, np.int64)
+        np.add.at(edges, starts // bs, 1)
+        np.add.at(edges, (ends - 1) // bs + 1, -1)
+        _check_slots(table[np.cumsum(edges[:-1]) > 0], n_slots)
+    return _run(q, qa, rows, fp16, table, _NO_INDEX, False, rng, int(lengths.sum()), Hkv, bs, scale, threads, chunk, out, lse)
+
+
+def host_decode_attention_indexed(q, pool, block_table, token_idx, token_count, scale, threads=None, *, chunk=None, out=None, lse=None):
+    """Attention of q over listed tokens: the first token_count[b, h] entries of token_idx[b, h].
+
+    token_idx int32 [B, Hkv, N] (logical positions, no duplicates within a head), token_count
+    int32 [B, Hkv]; entries past the count are never read. Other arguments and the result are
+    those of `host_decode_attention`.
+    """
+    qa, rows, fp16, (n_slots, B, Hkv, bs, D) = _operands(q, pool)
+    table = _int32(block_table, "block_table", (None,))
+    idx = _int32(token_idx, "token_idx", (B, Hkv, None))
+    count = _int32(token_count, "token_count", (B, Hkv))
+    if count.min(initial=0) < 0 or count.max(initial=0) > idx.shape[2]:
+        raise ValueError(f"token_count: must lie in [0, {idx.shape[2]}] (token_idx's last dimension)")
+    listed = idx[np.arange(idx.shape[2]) < count[..., None]]
+    if listed.size:
+        if listed.min() < 0 or listed.max() >= table.shape[0] * bs:
+            raise ValueError(f"token_idx: positions must lie in [0, {table.shape[0] * bs})")
+        _check_slots(table[np.unique(listed // bs)], n_slots)
+    spans = np.stack([np.zeros_like(count), count], axis=-1)[:, :, None, :]
+    return _run(q, qa, rows, fp16, table, idx, True, spans, int(count.sum()), Hkv, bs, scale, threads, chunk, out, lse)
+
+
+def warmup(dtypes=("bfloat16", "float16", "float32")) -> None:
+    """Compile (or load from Numba's cache) every kernel signature the given pool dtypes need."""
+    for name in dtypes:
+        dtype = getattr(torch, name) if isinstance(name, str) else name
+        pool = torch.ones(1, 2, 1, 1, 5, 8, dtype=dtype)
+        q = torch.ones(1, 1, 8)
+        table = torch.zeros(1, dtype=torch.int32)
+        host_decode_attention(q, pool, table, torch.tensor([[[[0, 5]]]], dtype=torch.int32), 1.0, chunk=2)
+        host_decode_attention_indexed(q, pool, table, torch.zeros(1, 1, 1, dtype=torch.int32), torch.ones(1, 1, dtype=torch.int32), 1.0)
+
+
+_NO_INDEX = np.zeros((1, 1, 1), np.int32)
+_TORCH_POOL_KINDS = {  # pool dtype -> (what the kernel reads it as, is float16)
+    torch.bfloat16: (np.uint16, False),
+    torch.float16: (np.uint16, True),
+    torch.float32: (np.float32, False),
+}
+_NUMPY_POOL_KINDS = {
+    np.dtype(np.uint16): (np.uint16, False),
+    np.dtype(np.float16): (np.uint16, True),
+    np.dtype(np.float32): (np.float32, False),
+}
+
+
+def _operands(q, pool):
+    """float32 q as numpy, the pool as a zero-copy [rows, D] numpy view, fp16 flag, pool dims."""
+    if pool.ndim != 6 or pool.shape[1] != 2:
+        raise ValueError(f"pool: got shape {tuple(pool.shape)}, expected [n_slots, 2, B, Hkv, bs, D]")
+    is_torch = isinstance(pool, torch.Tensor)
+    kind = (_TORCH_POOL_KINDS if is_torch else _NUMPY_POOL_KINDS).get(pool.dtype)
+    if kind is None:
+        raise ValueError(f"pool: got dtype {pool.dtype}, expected bfloat16 (uint16 bits), float16 or float32")
+    if is_torch:
+        if pool.device.type != "cpu" or not pool.is_contiguous():
+            raise ValueError("pool: expected a contiguous CPU tensor (the kernel reads it in place)")
+        arr = pool.view(torch.int16).numpy() if pool.element_size() == 2 else pool.numpy()
+    else:
+        if not pool.flags.c_contiguous:
+            raise ValueError("pool: expected a C-contiguous array (the kernel reads it in place)")
+        arr = pool
+    n_slots, _, B, Hkv, bs, D = pool.shape
+    rows = arr.reshape(-1, D).view(kind[0])
+    qa = q.detach().cpu().numpy() if isinstance(q, torch.Tensor) else np.asarray(q)
+    qa = np.ascontiguousarray(qa, dtype=np.float32)
+    if qa.ndim != 3 or qa.shape[0] != B or qa.shape[2] != D or qa.shape[1] % Hkv:
+        raise ValueError(f"q: got shape {qa.shape}, expected [{B}, G * {Hkv}, {D}]")
+    return qa, rows, kind[1], (n_slots, B, Hkv, bs, D)
+
+
+def _int32(x, name, shape):
+    a = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if len(a.shape) != len(shape) or any(want is not None and got != want for got, want in zip(a.shape, shape)):
+        want = ", ".join("*" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name}: got shape {tuple(a.shape)}, expected [{want}]")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+def _check_slots(slots, n_slots):
+    if slots.size and (slots.min() < 0 or slots.max() >= n_slots):
+        raise ValueError(f"block_table: slots must lie in [0, {n_slots})")
+
+
+def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale, threads, chunk, out, lse):
+    n_threads = threads or _threads or numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(n_threads)
+    B, Hq, D = qa.shape
+    if chunk is None:
+        chunk = max(MIN_CHUNK, -(-n_tokens // (n_threads * TASKS_PER_THREAD)))
+        chunk = -(-chunk // TILE_TOKENS) * TILE_TOKENS
+    elif chunk < 1:
+        raise ValueError(f"chunk: got {chunk}, expected a positive number of tokens")
+    tasks, head_begin = build_tasks(spans, chunk)
+    out_np = _output(out, (B, Hq, D), "out")
+    lse_np = _output(lse, (B, Hq), "lse")
+    # Tasks differ in length (a head's last chunk, uneven ranges): hand them out one at a time.
+    previous = numba.set_parallel_chunksize(1 if DYNAMIC_SCHEDULE else 0)
+    try:
+        attend_tasks(qa, rows, fp16, table, idx, indexed, tasks, head_begin, Hkv, bs, TILE_TOKENS, float(scale), out_np, lse_np)
+    finally:
+        numba.set_parallel_chunksize(previous)
+    if isinstance(q, torch.Tensor):
+        return (out if out is not None else torch.from_numpy(out_np)), (lse if lse is not None else torch.from_numpy(lse_np))
+    return out_np, lse_np
+
+
+def _output(given, shape, name):
+    if given is None:
+        return np.empty(shape, np.float32)
+    arr = given.numpy() if isinstance(given, torch.Tensor) else given
+    if arr.shape != shape or arr.dtype != np.float32 or not arr.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a contiguous float32 array of shape {list(shape)}")
+    return arr

@@ -1,0 +1,212 @@
+"""The Numba host attention kernels against the float64 PyTorch reference, on fresh random inputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from hetero.cpu_kernels import (
+    host_decode_attention,
+    host_decode_attention_indexed,
+    merge_partials,
+    set_threads,
+    warmup,
+)
+from hetero.cpu_kernels import reference
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _case(rng, dtype, D, G, B=2, Hkv=2, bs=16, n_blocks=13, spare=4):
+    """q, a pool with spare slots, a shuffled block table; random values everywhere."""
+    n_slots = n_blocks + spare
+    pool = torch.from_numpy(rng.standard_normal((n_slots, 2, B, Hkv, bs, D), dtype=np.float32)).to(DTYPES[dtype])
+    table = torch.from_numpy(rng.permutation(n_slots)[:n_blocks].astype(np.int32))
+    q = torch.from_numpy(rng.standard_normal((B, G * Hkv, D), dtype=np.float32))
+    return q, pool, table
+
+
+def _random_ranges(rng, B, Hkv, R, n_tokens):
+    """R sorted, non-overlapping [start, end) per head, some empty, some of one token."""
+    ranges = np.zeros((B, Hkv, R, 2), np.int32)
+    for b in range(B):
+        for h in range(Hkv):
+            cuts = np.sort(rng.choice(n_tokens + 1, 2 * R, replace=False))
+            spans = cuts.reshape(R, 2)
+            empty = rng.integers(R)
+            spans[empty, 1] = spans[empty, 0]
+            ranges[b, h] = spans
+    ranges[0, 0, 0] = [5, 6]  # a one-token range
+    return ranges
+
+
+def _poisoned(B, Hq, D):
+    return torch.full((B, Hq, D), float("nan")), torch.full((B, Hq), float("nan"))
+
+
+def _assert_close(out, lse, ref_out, ref_lse, dtype):
+    tol = 2e-5 if dtype == "float32" else 3e-5
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(
+    "dtype,D,G,chunk",
+    [
+        ("bfloat16", 64, 1, 37),
+        ("bfloat16", 80, 4, None),
+        ("bfloat16", 96, 8, 19),
+        ("bfloat16", 128, 4, 50),
+        ("bfloat16", 256, 8, 23),
+        ("float16", 128, 8, 29),
+        ("float16", 80, 1, None),
+        ("float16", 256, 4, 41),
+        ("float32", 64, 4, 31),
+        ("float32", 96, 1, None),
+        ("float32", 128, 8, 33),
+        ("float32", 256, 2, 17),
+    ],
+)
+def test_ranges_match_reference(dtype, D, G, chunk):
+    rng = np.random.default_rng(D * 10 + G)
+    q, pool, table = _case(rng, dtype, D, G, bs=16 if D != 96 else 24)
+    n_tokens = table.numel() * pool.shape[4] - 3
+    ranges = _random_ranges(rng, 2, 2, 3, n_tokens)
+    out, lse = _poisoned(*q.shape)
+    got = host_decode_attention(q, pool, table, torch.from_numpy(ranges), D**-0.5, chunk=chunk, out=out, lse=lse)
+    assert got[0] is out and got[1] is lse
+    _assert_close(out, lse, *reference.decode_attention(q, pool, table, ranges, D**-0.5), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_numpy_pools_in_numpy_out(dtype):
+    rng = np.random.default_rng(7)
+    q, pool, table = _case(rng, dtype, 128, 4, B=1, Hkv=3, bs=32, n_blocks=5)
+    bits = {"bfloat16": lambda p: p.view(torch.int16).numpy().view(np.uint16), "float16": lambda p: p.numpy()}
+    pool_np = bits.get(dtype, lambda p: p.numpy())(pool)
+    ranges = np.array([[[[0, 70], [90, 160]]] * 3], np.int32)
+    out, lse = host_decode_attention(q.numpy(), pool_np, table.numpy(), ranges, 0.1)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and lse.shape == (1, 12)
+    _assert_close(torch.from_numpy(out), torch.from_numpy(lse), *reference.decode_attention(q, pool, table, ranges, 0.1), dtype)
+
+
+def test_large_scores_take_the_online_rescale():
+    """Scores growing along the sequence force many max updates; values far from 0 test exp."""
+    rng = np.random.default_rng(3)
+    q, pool, table = _case(rng, "float32", 64, 4, n_blocks=20)
+    growth = 1 + torch.linspace(0, 6, table.numel() * 16).reshape(-1, 1, 1, 16, 1)
+    pool[table.long(), 0] *= growth  # logical token t's keys scaled by growth[t]
+    q *= 4
+    ranges = np.array([[[[0, 320]]] * 2] * 2, np.int32)
+    out, lse = _poisoned(*q.shape)
+    host_decode_attention(q, pool, table, ranges, 1.0, chunk=70, out=out, lse=lse)
+    ref_out, ref_lse = reference.decode_attention(q, pool, table, ranges, 1.0)
+    assert ref_lse.max() > 100
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=0, rtol=2e-6)
+
+
+def test_heads_without_tokens_get_zero_and_minus_inf():
+    rng = np.random.default_rng(4)
+    q, pool, table = _case(rng, "bfloat16", 80, 4)
+    ranges = np.zeros((2, 2, 2, 2), np.int32)
+    ranges[1, 0] = [[3, 3], [10, 40]]
+    out, lse = _poisoned(*q.shape)
+    host_decode_attention(q, pool, table, ranges, 0.1, out=out, lse=lse)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[1, 4:], torch.zeros_like(out[1, 4:]))
+    assert torch.isneginf(lse[0]).all() and torch.isneginf(lse[1, 4:]).all() and torch.isfinite(lse[1, :4]).all()
+    _assert_close(out, lse, *reference.decode_attention(q, pool, table, ranges, 0.1), "bfloat16")
+
+
+@pytest.mark.parametrize("dtype,D,G", [("bfloat16", 80, 4), ("float16", 64, 1), ("float32", 128, 8)])
+def test_indexed_matches_reference(dtype, D, G):
+    rng = np.random.default_rng(D + G)
+    q, pool, table = _case(rng, dtype, D, G, B=2, Hkv=3)
+    n_tokens, N = table.numel() * 16, 61
+    idx = rng.integers(0, n_tokens, (2, 3, N)).astype(np.int32)  # past the count: never read
+    count = np.array([[N, 0, 1], [45, 17, 30]], np.int32)
+    for b in range(2):
+        for h in range(3):
+            idx[b, h, : count[b, h]] = rng.choice(n_tokens, count[b, h], replace=False)
+    out, lse = _poisoned(*q.shape)
+    host_decode_attention_indexed(q, pool, table, idx, count, D**-0.5, chunk=13, out=out, lse=lse)
+    ref = reference.decode_attention_indexed(q, pool, table, idx, count, D**-0.5)
+    _assert_close(out, lse, *ref, dtype)
+    assert torch.isneginf(lse[0, G : 2 * G]).all()
+
+
+def test_merged_partials_equal_attention_over_the_union():
+    rng = np.random.default_rng(11)
+    q, pool, table = _case(rng, "bfloat16", 128, 4, n_blocks=16)
+    a = np.array([[[[0, 50], [100, 130]]] * 2] * 2, np.int32)
+    b = np.array([[[[50, 100], [200, 256]]] * 2] * 2, np.int32)
+    listed = np.arange(130, 200, dtype=np.int32)
+    idx = np.broadcast_to(rng.permutation(listed), (2, 2, listed.size)).copy()
+    count = np.full((2, 2), listed.size, np.int32)
+    empty = np.zeros((2, 2, 1, 2), np.int32)
+    parts = [
+        host_decode_attention(q, pool, table, a, 0.09),
+        host_decode_attention_indexed(q, pool, table, idx, count, 0.09),
+        host_decode_attention(q, pool, table, b, 0.09),
+        host_decode_attention(q, pool, table, empty, 0.09),
+    ]
+    out, lse = merge_partials(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+    union = np.array([[[[0, 256]]] * 2] * 2, np.int32)
+    _assert_close(out, lse, *reference.decode_attention(q, pool, table, union, 0.09), "bfloat16")
+    ref_out, ref_lse = reference.merge_partials(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+    _assert_close(out, lse, ref_out, ref_lse, "float32")
+
+
+def test_merge_of_nothing_is_zero_not_nan():
+    outs = np.zeros((3, 2, 4, 8), np.float32)
+    lses = np.full((3, 2, 4), -np.inf, np.float32)
+    lses[1, 0, 0] = 0.5
+    outs[1, 0, 0] = 2.0
+    out, lse = merge_partials(outs, lses)
+    assert isinstance(out, np.ndarray) and not np.isnan(out).any()
+    assert np.all(out[0, 0] == 2.0) and lse[0, 0] == np.float32(0.5)
+    assert np.all(out.reshape(-1, 8)[1:] == 0) and np.isneginf(lse.reshape(-1)[1:]).all()
+
+
+def test_thread_counts_agree():
+    rng = np.random.default_rng(5)
+    q, pool, table = _case(rng, "bfloat16", 96, 4, n_blocks=30)
+    ranges = np.array([[[[0, 470]]] * 2] * 2, np.int32)
+    one = host_decode_attention(q, pool, table, ranges, 0.1, threads=1)
+    set_threads(2)
+    try:
+        two = host_decode_attention(q, pool, table, ranges, 0.1)
+    finally:
+        set_threads(None)
+    torch.testing.assert_close(one[0], two[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one[1], two[1], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_are_refused():
+    rng = np.random.default_rng(6)
+    q, pool, table = _case(rng, "float32", 64, 1)
+    ok = np.array([[[[0, 10]]] * 2] * 2, np.int32)
+    with pytest.raises(ValueError, match="ranges"):
+        host_decode_attention(q, pool, table, ok + table.numel() * 16, 0.1)
+    with pytest.raises(ValueError, match="block_table"):
+        host_decode_attention(q, pool, table + 100, ok, 0.1)
+    elsewhere = table.clone()
+    elsewhere[1:] = -1  # blocks the ranges do not touch need no slot
+    host_decode_attention(q, pool, elsewhere, ok, 0.1)
+    with pytest.raises(ValueError, match="block_table"):
+        host_decode_attention(q, pool, elsewhere, ok + 10, 0.1)
+    with pytest.raises(ValueError, match="pool"):
+        host_decode_attention(q, pool.transpose(4, 5), table, ok, 0.1)
+    with pytest.raises(ValueError, match="pool"):
+        host_decode_attention(q, pool.double(), table, ok, 0.1)
+    with pytest.raises(ValueError, match="token_count"):
+        host_decode_attention_indexed(q, pool, table, np.zeros((2, 2, 3), np.int32), np.full((2, 2), 4, np.int32), 0.1)
+    with pytest.raises(ValueError, match="q"):
+        host_decode_attention(q[:, :, :32], pool, table, ok, 0.1)
+
+
+def test_warmup_compiles_every_pool_dtype():
+    warmup()
+    from hetero.cpu_kernels._kernel import attend_tasks
+
+    assert {sig[1].dtype.name for sig in attend_tasks.signatures} == {"uint16", "float32"}
