@@ -10,8 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from . import attention
-from ._tmp_pools import HostPoolReuse
-from .cache import HeteroCache
+from .cache import HeteroCache, HostPoolReuse
+
 from .config import MachineMemory, OffloadConfig, resolve_budgets
 from .plan import Ceilings
 from .errors import ModelPathError, PromptTooLongError, UnsupportedModelError
@@ -77,12 +77,30 @@ def prepare(model: PreTrainedModel, config: OffloadConfig | dict | str | Path | 
     offload = OffloadConfig.coerce(config)
     resolve_budgets(offload, MachineMemory.probe(model.device))  # a budget the machine lacks fails here
     attention.install(model)
+    if offload.mode == "split":
+        _ready_cpu_kernels(offload, model.dtype)
     if not hasattr(model, "hetero"):
         model.hetero = Runtime(model, offload)
         model.generate = _generate_over_hetero(model, model.generate)
     else:
         model.hetero.config = offload
     return model
+
+
+def _ready_cpu_kernels(config: OffloadConfig, dtype: torch.dtype) -> None:
+    """Compile the CPU attention kernels now (not on the first decode step) and set their threads.
+
+    "auto" leaves one core to the thread that drives the GPU.
+    """
+    import numba
+
+    from . import cpu_kernels
+
+    cores = numba.config.NUMBA_NUM_THREADS
+    threads = max(1, cores - 1) if config.cpu_threads == "auto" else min(int(config.cpu_threads), cores)
+    cpu_kernels.set_threads(threads)
+    kv_dtype = dtype if config.kv_dtype == "auto" else getattr(torch, config.kv_dtype)
+    cpu_kernels.warmup((kv_dtype,))
 
 
 class Runtime:

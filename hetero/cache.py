@@ -18,10 +18,13 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ._tmp_pools import GpuPool, HostPool
+import numpy as np
+
+from . import gpu_decode
 from .config import Budgets, OffloadConfig
 from .errors import ConfigError
 from .host_attention import attend_host_blocks
+from .storage import PAGE, GpuPool, HostPool
 from .partial_attention import PartialMerger, attend
 from .pipeline import Pipeline
 from .residency import LayerPlan, LayerResidency, ResidencyPolicy
@@ -101,7 +104,8 @@ class HeteroCache(Cache):
         gpu_share: in decode, the share of each layer's middle blocks fetched to the GPU; the CPU
             attends over the rest (1.0: all fetched, the `stream` mode).
         host_pools: makes the host pool, `(n_slots, block_shape, dtype, pin) -> pool`; a caller that
-            generates repeatedly passes one that reuses the last pool rather than pin memory again.
+            generates repeatedly passes one that reuses the last pool rather than pin memory again
+            (`HostPoolReuse`).
     """
 
     def __init__(
@@ -112,7 +116,7 @@ class HeteroCache(Cache):
         max_tokens: int,
         device: torch.device | str,
         gpu_share: float = 1.0,
-        host_pools=HostPool,
+        host_pools=None,
     ):
         self._layers = [LayerResidency() for _ in range(num_layers)]
         super().__init__(layers=[HeteroLayer(r) for r in self._layers])
@@ -121,13 +125,15 @@ class HeteroCache(Cache):
         self.max_tokens = max_tokens
         self.device = torch.device(device)
         self.gpu_share = gpu_share
-        self._host_pools = host_pools
+        self._host_pools = host_pools or HostPoolReuse()
         self.policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
         self.blocks_per_layer = -(-max_tokens // config.block_size)
         self.pipeline = Pipeline(self.device)
         self.layout: KVLayout | None = None
         self._plans: dict[int, tuple[LayerPlan, list]] = {}  # layer -> its next plan and fetch tickets
         self._fences: dict[int, object] = {}  # GPU slot -> offload fence of the last block it held
+        self._host = None  # no host home when the whole cache fits the GPU budget
+        self._tables: dict[int, tuple[tuple, torch.Tensor]] = {}  # layer -> (resident blocks, slot table)
         self._bytes_read_by_cpu = 0
         self.prompt_tokens: int | None = None
         self.decode_started_at: float | None = None
@@ -193,12 +199,45 @@ class HeteroCache(Cache):
         plan, tickets = self._plans.pop(layer_idx)
         lq = query.shape[2]
         past = plan.length
-        q_pos = torch.arange(past, past + lq, device=query.device)
-        window_q_pos = q_pos if sliding_window is not None else None
         host_job = None
         if plan.host is not None:
             host_job = self._start_host_part(layer_idx, plan.host, query, key_valid, past, scale)
         merger = PartialMerger()
+        if gpu_decode.applies(query, key_valid, sliding_window):
+            self._attend_on_gpu(layer_idx, plan, tickets, query, key_new, value_new, scale, merger)
+        else:
+            self._attend_by_pieces(plan, tickets, query, key_new, value_new, key_valid, scale, sliding_window, merger)
+        self._prefetch_after(layer_idx, decode=lq == 1)
+        if host_job is not None:
+            merger.add(*self.pipeline.host_result(host_job))
+        out, _ = merger.result()
+        return out.to(query.dtype)
+
+    def _attend_on_gpu(self, layer_idx, plan, tickets, query, key_new, value_new, scale, merger) -> None:
+        """A decode step through the Triton kernel: resident blocks in place, fetched buffers, the new token."""
+        segments = [gpu_decode.new_tokens_segment(key_new, value_new)]
+        if plan.resident:
+            segments.append(gpu_decode.pool_segment(self._gpu.slab, self._slot_table(layer_idx, plan), self._resident_tokens(plan)))
+        pending = list(tickets)
+        while True:
+            # Every ticket that already holds a buffer joins this call; the rest wait for the release.
+            ready = []
+            while pending and pending[0].buffer is not None:
+                ready.append(pending.pop(0))
+            segments += [gpu_decode.blocks_segment(self._ring.acquire(t)) for t in ready]
+            merger.add(*gpu_decode.attend_segments(query, segments, scale))
+            for ticket in ready:
+                self._ring.release(ticket)
+            if not pending:
+                return
+            segments = []
+
+    def _attend_by_pieces(self, plan, tickets, query, key_new, value_new, key_valid, scale, sliding_window, merger):
+        """The PyTorch path (prefill, padding, sliding windows, no CUDA): one attention per piece."""
+        lq = query.shape[2]
+        past = plan.length
+        q_pos = torch.arange(past, past + lq, device=query.device)
+        window_q_pos = q_pos if sliding_window is not None else None
         bs = self.config.block_size
         if plan.resident:
             # Python-side indexing: building index tensors on the GPU would sync with the host.
@@ -216,11 +255,22 @@ class HeteroCache(Cache):
             self._ring.release(ticket)
         new_valid = None if key_valid is None else key_valid[:, past : past + lq]
         merger.add(*attend(query, key_new, value_new, scale, q_pos, q_pos, new_valid, sliding_window))
-        self._prefetch_after(layer_idx, decode=lq == 1)
-        if host_job is not None:
-            merger.add(*self.pipeline.host_result(host_job))
-        out, _ = merger.result()
-        return out.to(query.dtype)
+
+    def _slot_table(self, layer_idx: int, plan: LayerPlan) -> torch.Tensor:
+        """The resident blocks' GPU slots in block order, as a device tensor rebuilt only when they change."""
+        cached = self._tables.get(layer_idx)
+        if cached is None or cached[0] != plan.resident:
+            slots = torch.tensor([s for _, s in plan.resident], dtype=torch.int32)
+            if self.device.type == "cuda":
+                slots = slots.pin_memory()  # a pageable source would make the copy wait for the stream
+            cached = self._tables[layer_idx] = (plan.resident, slots.to(self.device, non_blocking=True))
+        return cached[1]
+
+    def _resident_tokens(self, plan: LayerPlan) -> int:
+        """Tokens of the resident blocks, in block order; only the last block may be partly filled."""
+        bs = self.config.block_size
+        last = plan.resident[-1][0]
+        return len(plan.resident) * bs - max(0, (last + 1) * bs - plan.length)
 
     def _start_host_part(self, layer_idx, blocks, query, key_valid, past, scale):
         """Queue the CPU's attention over `blocks` of the layer; returns the pending job."""
@@ -228,9 +278,9 @@ class HeteroCache(Cache):
         self._bytes_read_by_cpu += (end - first) * self.layout.block_bytes
         valid_from = None if key_valid is None else (~key_valid[:, :past]).sum(-1)
         (q_host, valid_host), ready = self.pipeline.to_host(query, valid_from)
-        slot = layer_idx * self.blocks_per_layer + first
+        table = self._host_tables[layer_idx]
         return self.pipeline.run_on_host(
-            ready, attend_host_blocks, q_host, self._host.slab, slot, first, end - first, scale, valid_host
+            ready, attend_host_blocks, q_host, self._host.slab, table, first, end, scale, valid_host
         )
 
     @staticmethod
@@ -244,8 +294,15 @@ class HeteroCache(Cache):
         batch, kv_heads, _, head_dim = key_states.shape
         dtype = key_states.dtype if cfg.kv_dtype == "auto" else getattr(torch, cfg.kv_dtype)
         layout = KVLayout(len(self._layers), batch, kv_heads, head_dim, cfg.block_size, dtype)
-        nl = layout.num_layers
-        host_bytes = nl * self.blocks_per_layer * layout.block_bytes
+        nl, bpl = layout.num_layers, self.blocks_per_layer
+        if self.budgets.gpu_kv_bytes >= nl * (bpl + 2) * layout.block_bytes:
+            # Everything fits the GPU budget: every block stays resident and nothing moves.
+            self.policy = ResidencyPolicy(cfg.block_size, sink_blocks=bpl, window_blocks=0)
+            self._gpu = GpuPool(nl * self.policy.slots_per_layer(), layout.block_shape, dtype, self.device)
+            self._ring = self.pipeline.fetch_ring(1, 1, layout.block_shape, dtype)
+            self.layout = layout
+            return
+        host_bytes = nl * bpl * layout.block_bytes
         if host_bytes > self.budgets.cpu_kv_bytes:
             raise ConfigError(
                 "cpu_kv_bytes",
@@ -256,7 +313,7 @@ class HeteroCache(Cache):
         resident_bytes = resident_slots * layout.block_bytes
         ring_buffers = max(2, 2 * cfg.prefetch_layers)
         spare = self.budgets.gpu_kv_bytes - resident_bytes
-        per_buffer = min(self.blocks_per_layer, spare // (ring_buffers * layout.block_bytes))
+        per_buffer = min(bpl, spare // (ring_buffers * layout.block_bytes))
         if per_buffer < 1:
             need = resident_bytes + ring_buffers * layout.block_bytes
             raise ConfigError(
@@ -266,7 +323,9 @@ class HeteroCache(Cache):
                 f"of one {cfg.block_size}-token block for {nl} layers; raise it or lower window_tokens/block_size",
             )
         pin = self.device.type == "cuda"
-        self._host = self._host_pools(nl * self.blocks_per_layer, layout.block_shape, dtype, pin)
+        self._host = self._host_pools(nl * bpl, layout.block_shape, dtype, pin)
+        # Layer l's logical block b lives in host slot l * bpl + b: each layer is one contiguous range.
+        self._host_tables = [np.arange(l * bpl, (l + 1) * bpl, dtype=np.int32) for l in range(nl)]
         self._gpu = GpuPool(resident_slots, layout.block_shape, dtype, self.device)
         self._ring = self.pipeline.fetch_ring(ring_buffers, per_buffer, layout.block_shape, dtype)
         self.layout = layout
@@ -290,7 +349,7 @@ class HeteroCache(Cache):
             dst[0, :, :, offset : offset + take] = keys[:, :, src]
             dst[1, :, :, offset : offset + take] = values[:, :, src]
             pos += take
-            if offset + take < bs:
+            if offset + take < bs or self._host is None:
                 continue
             host = self._host.slab[layer_idx * self.blocks_per_layer + block]
             self._fences[slot] = self.pipeline.offload(dst, host)
@@ -331,7 +390,7 @@ class HeteroCache(Cache):
         if self.layout is None:
             return CacheStats()
         gpu = self._gpu.slab.numel() * self._gpu.slab.element_size() + self._ring.bytes
-        host = len(self._layers) * self.blocks_per_layer * self.layout.block_bytes
+        host = 0 if self._host is None else len(self._layers) * self.blocks_per_layer * self.layout.block_bytes
         c = self.pipeline.counters
         return CacheStats(gpu, host, c.to_gpu, c.to_host, self._bytes_read_by_cpu, self._ring.blocks_per_buffer)
 
@@ -341,6 +400,25 @@ class HeteroCache(Cache):
             self._ring.cancel_pending()
         self.pipeline.synchronize()
         self.pipeline.close()
+
+
+class HostPoolReuse:
+    """Makes host pools, keeping the last one so that repeated generations do not pin memory again."""
+
+    def __init__(self):
+        self._pool: HostPool | None = None
+
+    def __call__(self, n_slots: int, block_shape, dtype: torch.dtype, pin: bool) -> HostPool:
+        if self._pool is None or not self._pool.fits(n_slots, block_shape, dtype, pin):
+            if self._pool is not None:
+                self._pool.close()
+            self._pool = None
+            block_bytes = math.prod(block_shape) * torch.finfo(dtype).bits // 8
+            # Page-aligned slots when blocks are whole pages (the SSD tier reads into them), else packed:
+            # the slab stays C-contiguous either way, which runs of slots and the CPU kernel need.
+            align = PAGE if block_bytes % PAGE == 0 else 1
+            self._pool = HostPool(n_slots, block_shape, dtype, pin, slot_align=align)
+        return self._pool
 
 
 def _as_kv(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

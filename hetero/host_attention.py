@@ -1,31 +1,48 @@
-"""Attention over blocks where they lie in host memory: the CPU's half of the `split` mode."""
+"""Attention over blocks where they lie in host memory: the CPU's half of the `split` mode.
+
+A decode step (one query per row) runs the Numba kernel over the host slab in place; a longer
+query (never in `split` decode, kept for completeness) takes the PyTorch path.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from .cpu_kernels import host_decode_attention
 from .partial_attention import attend
 
 
 def attend_host_blocks(
     query: torch.Tensor,
     slab: torch.Tensor,
-    first_slot: int,
+    block_table: np.ndarray,
     first_block: int,
-    blocks: int,
+    end_block: int,
     scale: float,
     valid_from: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of host `query` [B, Hq, Lq, D] over `blocks` consecutive blocks of a host slab.
+    """Attention of host `query` [B, Hq, Lq, D] over logical blocks [first_block, end_block) of a layer.
 
-    The blocks hold logical blocks `first_block`... of the layer, from slot `first_slot` of `slab`
-    ([n_slots, 2, B, Hkv, bs, D]). `valid_from` [B] is each row's first non-padding position.
-    Returns float32 (out [B, Hq, Lq, D], lse [B, Hq, Lq]) on the host.
+    `slab` is the host pool [n_slots, 2, B, Hkv, bs, D]; `block_table` (int32, one entry per logical
+    block of the layer) gives each block's slot. `valid_from` [B] is each row's first non-padding
+    position. Returns float32 (out [B, Hq, Lq, D], lse [B, Hq, Lq]) on the host.
     """
-    bs = slab.shape[4]
-    kv = slab[first_slot : first_slot + blocks]
+    B, Hq, Lq, D = query.shape
+    bs, kv_heads = slab.shape[4], slab.shape[3]
+    lo, hi = first_block * bs, end_block * bs
+    if Lq == 1:
+        ranges = np.empty((B, kv_heads, 1, 2), np.int32)
+        ranges[..., 0] = lo
+        ranges[..., 1] = hi
+        if valid_from is not None:
+            ranges[..., 0] = np.maximum(lo, valid_from.numpy().astype(np.int32))[:, None, None]
+        out, lse = host_decode_attention(query[:, :, 0].float(), slab, block_table, ranges, scale)
+        return out[:, :, None], lse[:, :, None]
+    slots = torch.from_numpy(block_table[first_block:end_block].astype(np.int64))
+    kv = slab[slots]
     n, _, b, h, _, d = kv.shape
     kv = kv.permute(1, 2, 3, 0, 4, 5).reshape(2, b, h, n * bs, d).float()
-    key_pos = torch.arange(first_block * bs, (first_block + n) * bs)
+    key_pos = torch.arange(lo, hi)
     valid = None if valid_from is None else key_pos[None, :] >= valid_from[:, None]
     return attend(query.float(), kv[0], kv[1], scale, key_pos, None, valid)

@@ -17,7 +17,7 @@ def test_split_matches_transformers_with_left_padding(model_dir, ratio):
         ids[row, width - n :] = torch.randint(1, 256, (n,), generator=g)
         mask[row, width - n :] = 1
     expected = _reference(model_dir, ids, mask, 10)
-    config = {**SMALL, "gpu_kv_bytes": "1MiB", "mode": "split", "split_ratio": ratio}
+    config = {**SMALL, "gpu_kv_bytes": "384KiB", "mode": "split", "split_ratio": ratio}
     got, model = _hetero(model_dir, ids, mask, 10, config)
     assert torch.equal(got, expected)
     assert model.hetero.last_stats.bytes_read_by_cpu > 0, "the CPU must have attended over part of the KV"

@@ -14,7 +14,6 @@ CONFIG = {
     "block_size": 64,
     "sink_tokens": 64,
     "window_tokens": 128,
-    "gpu_kv_bytes": "8MiB",
     "cpu_kv_bytes": "1GiB",
     "prefill_chunk_tokens": 512,
 }
@@ -30,8 +29,10 @@ def _run(generate, ids, mask):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("lengths", [[1800], [1500, 777, 1203]])
-@pytest.mark.parametrize("mode", ["stream", "split"])
-def test_bf16_matches_transformers(arch, lengths, mode, tmp_path):
+@pytest.mark.parametrize("mode,mib_per_row", [("stream", 1), ("split", 1), ("stream", 64)])
+def test_bf16_matches_transformers(arch, lengths, mode, mib_per_row, tmp_path):
+    """1 MiB per row forces most of the KV through the fetch ring (and the CPU, in split mode);
+    64 MiB holds it all on the GPU."""
     path = save_random_model(tmp_path, arch, seed=7, layers=4, hidden=256, heads=8, kv_heads=2, vocab=256)
     g = torch.Generator().manual_seed(8)
     width = max(lengths)
@@ -43,10 +44,12 @@ def test_bf16_matches_transformers(arch, lengths, mode, tmp_path):
     ids, mask = ids.cuda(), mask.cuda()
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     ref_tokens, _ = _run(reference.generate, ids, mask)
-    config = {**CONFIG, "mode": mode, "gpu_kv_bytes": f"{8 * len(lengths)}MiB"}
+    config = {**CONFIG, "mode": mode, "gpu_kv_bytes": f"{mib_per_row * len(lengths)}MiB"}
     model = hetero.load(path, config, dtype=torch.bfloat16, device="cuda")
     tokens, logits = _run(model.generate, ids, mask)
-    assert model.hetero.last_stats.bytes_to_gpu > 0
+    stats = model.hetero.last_stats
+    assert (stats.bytes_to_gpu > 0) == (mib_per_row == 1)
+    assert (stats.bytes_read_by_cpu > 0) == (mode == "split")
     # Ground truth: the float32 model on hetero's own tokens, in one full forward. hetero's bf16
     # logits must be as close to it as transformers' bf16 forward is, within a small factor.
     sequence = torch.cat([ids, tokens], dim=1)
