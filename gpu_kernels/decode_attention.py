@@ -50,7 +50,9 @@ class DecodeLaunch:
 _DEFAULT_LAUNCH = DecodeLaunch()
 
 
-@triton.jit
+# Runtime sizes change as a context grows: specializing on them (Triton's default, by divisibility)
+# would recompile the kernel in the middle of a generation.
+@triton.jit(do_not_specialize=["B", "Hkv", "cap", "split_tokens", "split_offset", "P"])
 def _decode_split_kernel(
     q, k, v, table, length, start, o_part, l_part, arrivals, out, lse,
     q_b, q_h, q_d,

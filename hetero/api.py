@@ -79,6 +79,8 @@ def prepare(model: PreTrainedModel, config: OffloadConfig | dict | str | Path | 
     attention.install(model)
     if offload.mode == "split":
         _ready_cpu_kernels(offload, model.dtype)
+    if model.device.type == "cuda":
+        _ready_gpu_kernels(offload, model)
     if not hasattr(model, "hetero"):
         model.hetero = Runtime(model, offload)
         model.generate = _generate_over_hetero(model, model.generate)
@@ -101,6 +103,16 @@ def _ready_cpu_kernels(config: OffloadConfig, dtype: torch.dtype) -> None:
     cpu_kernels.set_threads(threads)
     kv_dtype = dtype if config.kv_dtype == "auto" else getattr(torch, config.kv_dtype)
     cpu_kernels.warmup((kv_dtype,))
+
+
+def _ready_gpu_kernels(config: OffloadConfig, model: PreTrainedModel) -> None:
+    """Compile the Triton decode kernel's variants for this model now, not in the first decode steps."""
+    from . import gpu_decode
+
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_dtype = model.dtype if config.kv_dtype == "auto" else getattr(torch, config.kv_dtype)
+    gpu_decode.warmup(model.device, model.dtype, kv_dtype, c.num_attention_heads, c.num_key_value_heads, head_dim, config.block_size)
 
 
 class Runtime:

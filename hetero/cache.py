@@ -204,7 +204,7 @@ class HeteroCache(Cache):
             host_job = self._start_host_part(layer_idx, plan.host, query, key_valid, past, scale)
         merger = PartialMerger()
         if gpu_decode.applies(query, key_valid, sliding_window):
-            self._attend_on_gpu(layer_idx, plan, tickets, query, key_new, value_new, scale, merger)
+            self._attend_on_gpu(layer_idx, plan, tickets, query, scale, merger)
         else:
             self._attend_by_pieces(plan, tickets, query, key_new, value_new, key_valid, scale, sliding_window, merger)
         self._prefetch_after(layer_idx, decode=lq == 1)
@@ -213,11 +213,12 @@ class HeteroCache(Cache):
         out, _ = merger.result()
         return out.to(query.dtype)
 
-    def _attend_on_gpu(self, layer_idx, plan, tickets, query, key_new, value_new, scale, merger) -> None:
-        """A decode step through the Triton kernel: resident blocks in place, fetched buffers, the new token."""
-        segments = [gpu_decode.new_tokens_segment(key_new, value_new)]
-        if plan.resident:
-            segments.append(gpu_decode.pool_segment(self._gpu.slab, self._slot_table(layer_idx, plan), self._resident_tokens(plan)))
+    def _attend_on_gpu(self, layer_idx, plan, tickets, query, scale, merger) -> None:
+        """A decode step through the Triton kernel: the resident blocks in place (the new token is
+        already stored in one of them), then the fetched buffers."""
+        resident = self._resident_after_store(layer_idx, plan)
+        table = self._slot_table(layer_idx, resident)
+        segments = [gpu_decode.pool_segment(self._gpu.slab, table, self._resident_tokens(resident, plan.length + 1))]
         pending = list(tickets)
         while True:
             # Every ticket that already holds a buffer joins this call; the rest wait for the release.
@@ -231,6 +232,13 @@ class HeteroCache(Cache):
             if not pending:
                 return
             segments = []
+
+    def _resident_after_store(self, layer_idx: int, plan: LayerPlan) -> tuple[tuple[int, int], ...]:
+        """The plan's resident blocks, plus the block the decoded token opened, if it opened one."""
+        block = plan.length // self.config.block_size
+        if plan.resident and plan.resident[-1][0] == block:
+            return plan.resident
+        return plan.resident + ((block, self._layers[layer_idx].gpu_slots[block]),)
 
     def _attend_by_pieces(self, plan, tickets, query, key_new, value_new, key_valid, scale, sliding_window, merger):
         """The PyTorch path (prefill, padding, sliding windows, no CUDA): one attention per piece."""
@@ -256,21 +264,21 @@ class HeteroCache(Cache):
         new_valid = None if key_valid is None else key_valid[:, past : past + lq]
         merger.add(*attend(query, key_new, value_new, scale, q_pos, q_pos, new_valid, sliding_window))
 
-    def _slot_table(self, layer_idx: int, plan: LayerPlan) -> torch.Tensor:
+    def _slot_table(self, layer_idx: int, resident: tuple[tuple[int, int], ...]) -> torch.Tensor:
         """The resident blocks' GPU slots in block order, as a device tensor rebuilt only when they change."""
         cached = self._tables.get(layer_idx)
-        if cached is None or cached[0] != plan.resident:
-            slots = torch.tensor([s for _, s in plan.resident], dtype=torch.int32)
+        if cached is None or cached[0] != resident:
+            slots = torch.tensor([s for _, s in resident], dtype=torch.int32)
             if self.device.type == "cuda":
                 slots = slots.pin_memory()  # a pageable source would make the copy wait for the stream
-            cached = self._tables[layer_idx] = (plan.resident, slots.to(self.device, non_blocking=True))
+            cached = self._tables[layer_idx] = (resident, slots.to(self.device, non_blocking=True))
         return cached[1]
 
-    def _resident_tokens(self, plan: LayerPlan) -> int:
-        """Tokens of the resident blocks, in block order; only the last block may be partly filled."""
+    def _resident_tokens(self, resident: tuple[tuple[int, int], ...], length: int) -> int:
+        """Tokens of the resident blocks of a layer of `length` tokens; only the last block may be partly filled."""
         bs = self.config.block_size
-        last = plan.resident[-1][0]
-        return len(plan.resident) * bs - max(0, (last + 1) * bs - plan.length)
+        last = resident[-1][0]
+        return len(resident) * bs - max(0, (last + 1) * bs - length)
 
     def _start_host_part(self, layer_idx, blocks, query, key_valid, past, scale):
         """Queue the CPU's attention over `blocks` of the layer; returns the pending job."""

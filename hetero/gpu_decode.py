@@ -1,8 +1,8 @@
-"""Decode attention on the GPU over the cache's pieces where they lie, through the Triton kernel.
+"""Decode attention on the GPU over the cache's blocks where they lie, through the Triton kernel.
 
-The resident blocks are read in place in the GPU pool through a block table (no gather copy), the
-fetched blocks in their ring buffer, the new token as it came; one kernel call covers them all and
-returns (out, lse) for the merge with the CPU's part.
+The resident blocks (the step's own token already stored among them) are read in place in the GPU
+pool through a block table, with no gather copy; the fetched blocks in their ring buffers. One
+kernel call covers them and returns (out, lse) for the merge with the CPU's part.
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ import torch
 
 from .gpu_kernels import Segment, decode_attention
 
+# Tests set this to run the kernel path on the CPU, in Triton's interpreter.
+ON_CPU = False
+
 
 def applies(query: torch.Tensor, key_valid, sliding_window) -> bool:
-    """The kernel path covers a CUDA decode step without padding or a sliding window."""
-    return query.is_cuda and query.shape[2] == 1 and key_valid is None and sliding_window is None
+    """The kernel path covers a decode step without padding or a sliding window, on CUDA."""
+    return (query.is_cuda or ON_CPU) and query.shape[2] == 1 and key_valid is None and sliding_window is None
 
 
 def pool_segment(slab: torch.Tensor, table: torch.Tensor, valid_tokens: int) -> Segment:
@@ -31,12 +34,20 @@ def blocks_segment(blocks: torch.Tensor) -> Segment:
     return Segment(blocks[:, 0].permute(1, 2, 0, 3, 4), blocks[:, 1].permute(1, 2, 0, 3, 4))
 
 
-def new_tokens_segment(keys: torch.Tensor, values: torch.Tensor) -> Segment:
-    """The step's own key and value [B, Hkv, 1, D]."""
-    return Segment(keys, values)
-
-
 def attend_segments(query: torch.Tensor, segments: list[Segment], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of `query` [B, Hq, 1, D] over the segments: (out [B, Hq, 1, D], lse [B, Hq, 1]) float32."""
     out, lse = decode_attention(query[:, :, 0], segments, scale)
     return out[:, :, None], lse[:, :, None]
+
+
+def warmup(device, query_dtype: torch.dtype, kv_dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int,
+           block_size: int) -> None:
+    """Compile the kernel variants a generation uses (resident blocks alone, and with fetched
+    blocks) now, at load, rather than in the middle of the first decode steps."""
+    pool = torch.randn(3, 2, 1, kv_heads, block_size, head_dim, device=device).to(kv_dtype)
+    # The query as transformers hands it over: a [B, 1, Hq, D] projection viewed as [B, Hq, 1, D].
+    query = torch.randn(1, 1, q_heads, head_dim, device=device).to(query_dtype).transpose(1, 2)
+    table = torch.tensor([0, 2], dtype=torch.int32, device=device)
+    resident = pool_segment(pool, table, block_size + 1)
+    attend_segments(query, [resident], 1.0)
+    attend_segments(query, [resident, blocks_segment(pool[1:])], 1.0)

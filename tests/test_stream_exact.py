@@ -113,3 +113,18 @@ def test_sampling_runs_and_stops_at_eos(model_dir):
     assert 1 <= new.numel() <= 20
     if new.numel() < 20:
         assert int(new[-1]) in (0, 1, 2, 3)
+
+
+def test_decode_through_the_triton_kernel_path_matches(model_dir, monkeypatch):
+    """The CUDA decode path (resident blocks read in place, fetched buffers), run in Triton's interpreter."""
+    from hetero import gpu_decode
+
+    if "llama" not in str(model_dir):
+        pytest.skip("the interpreter is slow; the kernel path does not depend on the architecture")
+    monkeypatch.setattr(gpu_decode, "ON_CPU", True)
+    ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    expected = _reference(model_dir, ids, mask, 5)
+    for budget in ("256KiB", "64MiB"):  # through the fetch ring; everything resident
+        got, model = _hetero(model_dir, ids, mask, 5, {**SMALL, "gpu_kv_bytes": budget})
+        assert torch.equal(got, expected), budget
