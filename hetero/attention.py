@@ -77,7 +77,11 @@ def register() -> None:
 
 
 def _bind_cache(module, args, kwargs):
-    setattr(module, _CACHE_ATTR, kwargs.get("past_key_values"))
+    cache = kwargs.get("past_key_values")
+    setattr(module, _CACHE_ATTR, cache)
+    if isinstance(cache, HeteroCache) and cache.speculator is not None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        cache.observe_input(module.layer_idx, hidden, kwargs.get("attention_mask"))
 
 
 def _unbind_cache(module, args, output):

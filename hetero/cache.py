@@ -23,7 +23,8 @@ import numpy as np
 from . import gpu_decode
 from .config import Budgets, OffloadConfig
 from .errors import ConfigError
-from .host_attention import attend_host_blocks
+from .host_attention import attend_host_blocks, attend_host_unselected
+from .gpu_kernels import Segment, gather_tokens
 from .storage import PAGE, GpuPool, HostPool
 from .partial_attention import PartialMerger, attend
 from .pipeline import Pipeline
@@ -106,6 +107,8 @@ class HeteroCache(Cache):
         host_pools: makes the host pool, `(n_slots, block_shape, dtype, pin) -> pool`; a caller that
             generates repeatedly passes one that reuses the last pool rather than pin memory again
             (`HostPoolReuse`).
+        speculator: in `speculative` mode, predicts which middle tokens each layer's decode step
+            attends to (hetero.speculate); only those are gathered to the GPU.
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class HeteroCache(Cache):
         device: torch.device | str,
         gpu_share: float = 1.0,
         host_pools=None,
+        speculator=None,
     ):
         self._layers = [LayerResidency() for _ in range(num_layers)]
         super().__init__(layers=[HeteroLayer(r) for r in self._layers])
@@ -126,6 +130,12 @@ class HeteroCache(Cache):
         self.device = torch.device(device)
         self.gpu_share = gpu_share
         self._host_pools = host_pools or HostPoolReuse()
+        self.speculator = speculator
+        self._inputs: dict[int, torch.Tensor] = {}  # layer -> its attention input of this forward
+        self._picks: dict[int, Pick] = {}  # layer -> the tokens gathered for its next decode step
+        self._fetched_tokens = None  # device counter of gathered tokens (speculative mode)
+        self._middle_tokens = 0  # tokens the gathers chose from
+        self._valid_from: torch.Tensor | None = None  # [B] first non-padding position, for speculation
         self.policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
         self.blocks_per_layer = -(-max_tokens // config.block_size)
         self.pipeline = Pipeline(self.device)
@@ -156,6 +166,8 @@ class HeteroCache(Cache):
         if layer_idx not in self._plans:
             self._plan(layer_idx, decode=count == 1)  # the plan covers the past: make it before storing
         self._store(layer_idx, key_states, value_states)
+        if self.speculator is not None:
+            self.speculator.append_keys(layer_idx, key_states)
         layer.length = start + count
         if layer_idx == 0 and self.progress is not None:
             self.progress(layer.length)
@@ -199,10 +211,18 @@ class HeteroCache(Cache):
         plan, tickets = self._plans.pop(layer_idx)
         lq = query.shape[2]
         past = plan.length
+        pick = self._picks.pop(layer_idx, None)
         host_job = None
-        if plan.host is not None:
+        if pick is not None:
+            host_job = self._start_unselected_part(layer_idx, pick, query, key_valid, past, scale)
+        elif plan.host is not None:
             host_job = self._start_host_part(layer_idx, plan.host, query, key_valid, past, scale)
+        if self.speculator is not None and lq == 1:
+            self._prefetch_after(layer_idx, decode=True)  # the next layer's gather overlaps this one's compute
         merger = PartialMerger()
+        if pick is not None:
+            self.pipeline.wait(pick.ready)
+            merger.add(*gpu_decode.attend_segments(query, [pick.segment], scale))
         if gpu_decode.applies(query, key_valid, sliding_window):
             self._attend_on_gpu(layer_idx, plan, tickets, query, scale, merger)
         else:
@@ -280,6 +300,20 @@ class HeteroCache(Cache):
         last = resident[-1][0]
         return len(resident) * bs - max(0, (last + 1) * bs - length)
 
+    def _start_unselected_part(self, layer_idx, pick, query, key_valid, past, scale):
+        """Queue the CPU's attention over the middle tokens speculation did not select (cpu_remainder "all")."""
+        if pick.on_host is None:
+            return None
+        lo, hi = pick.span
+        self._bytes_read_by_cpu += (hi - lo) * self.layout.block_bytes // self.config.block_size
+        valid_from = None if key_valid is None else (~key_valid[:, :past]).sum(-1)
+        (q_host, valid_host), ready = self.pipeline.to_host(query, valid_from)
+        (selected, count), picked = pick.on_host
+        return self.pipeline.run_on_host(
+            [picked, ready], attend_host_unselected, q_host, self._host.slab, self._host_tables[layer_idx],
+            lo, hi, selected, count, scale, valid_host,
+        )
+
     def _start_host_part(self, layer_idx, blocks, query, key_valid, past, scale):
         """Queue the CPU's attention over `blocks` of the layer; returns the pending job."""
         first, end = blocks
@@ -336,6 +370,12 @@ class HeteroCache(Cache):
         self._host_tables = [np.arange(l * bpl, (l + 1) * bpl, dtype=np.int32) for l in range(nl)]
         self._gpu = GpuPool(resident_slots, layout.block_shape, dtype, self.device)
         self._ring = self.pipeline.fetch_ring(ring_buffers, per_buffer, layout.block_shape, dtype)
+        if self.speculator is not None:
+            self._host_table_gpu = torch.arange(nl * bpl, dtype=torch.int32, device=self.device).view(nl, bpl)
+            width = self.speculator.max_selected(self.max_tokens)
+            shape = (2, batch, kv_heads, width, head_dim)
+            self._gather_buffers = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(2)]
+            self.speculator.begin(batch, self.max_tokens)
         self.layout = layout
 
     def _store(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -377,16 +417,43 @@ class HeteroCache(Cache):
         """Plan layer `layer_idx`'s next attention and queue its fetches."""
         layer = self._layers[layer_idx]
         self._gpu.free(layer.trim(self.policy))
-        share = self.gpu_share if decode else 1.0
+        # Speculation predicts layer l from layer l - 1's input: layer 0 has none and is fetched whole.
+        speculate = self.speculator is not None and decode and layer_idx > 0 and self._host is not None
+        share = 0.0 if speculate else self.gpu_share if decode else 1.0
         plan = layer.plan(self.policy, self._ring.blocks_per_buffer, share)
         base = layer_idx * self.blocks_per_layer
         tickets = [self._ring.submit(self._host.slab[base + first : base + last]) for first, last in plan.fetch]
+        if speculate and plan.host is not None:
+            self._picks[layer_idx] = self._pick(layer_idx, plan)
         self._plans[layer_idx] = (plan, tickets)
 
+    def _pick(self, layer_idx: int, plan: LayerPlan) -> "Pick":
+        """Select the middle tokens layer `layer_idx` will attend to and gather them from host memory."""
+        bs = self.config.block_size
+        lo, hi = plan.host[0] * bs, plan.host[1] * bs
+        valid_from = self._valid_from
+        selected, count = self.speculator.select(layer_idx, self._inputs[layer_idx - 1], plan.length, lo, hi, valid_from)
+        buffer = self._gather_buffers[layer_idx % 2][:, :, :, : selected.shape[2]]
+        ready = self.pipeline.gather(gather_tokens, self._host.slab, self._host_table_gpu[layer_idx], selected, count, buffer)
+        self._fetched_tokens = count.sum() if self._fetched_tokens is None else self._fetched_tokens + count.sum()
+        self._middle_tokens += (hi - lo) * count.numel()
+        on_host = self.pipeline.to_host(selected, count) if self.config.cpu_remainder == "all" else None
+        return Pick(buffer, count, ready, (lo, hi), on_host)
+
+    def observe_input(self, layer_idx: int, hidden: torch.Tensor, key_valid: torch.Tensor | None) -> None:
+        """Called before layer `layer_idx`'s attention with its input: speculation reads it."""
+        if self.speculator is not None:
+            self._inputs[layer_idx] = hidden
+            if layer_idx == 0:
+                self._valid_from = None if key_valid is None else (~key_valid).sum(-1).to(torch.int32)
+
     def _prefetch_after(self, layer_idx: int, decode: bool) -> None:
-        """Plan the next `prefetch_layers` layers (wrapping to the next forward) so their fetches start."""
+        """Plan the next `prefetch_layers` layers (wrapping to the next forward) so their fetches start.
+
+        Speculation plans only the next layer: it needs the input of the layer before."""
         n = len(self._layers)
-        for ahead in range(1, self.config.prefetch_layers + 1):
+        depth = 1 if self.speculator is not None and decode else self.config.prefetch_layers
+        for ahead in range(1, depth + 1):
             nxt = (layer_idx + ahead) % n
             if nxt not in self._plans:
                 self._plan(nxt, decode)
@@ -408,6 +475,21 @@ class HeteroCache(Cache):
             self._ring.cancel_pending()
         self.pipeline.synchronize()
         self.pipeline.close()
+
+
+@dataclass
+class Pick:
+    """The tokens speculation selected for one layer's decode step, gathered (or on their way) to the GPU."""
+
+    buffer: torch.Tensor  # [2, B, Hkv, N, D]; the first `count` rows of each head hold the selected tokens
+    count: torch.Tensor  # int32 [B, Hkv]
+    ready: object  # fence of the gather
+    span: tuple[int, int]  # [lo, hi): the middle positions selected from
+    on_host: tuple | None  # ((selected, count) in host memory, fence) when the CPU attends over the rest
+
+    @property
+    def segment(self) -> Segment:
+        return Segment(self.buffer[0], self.buffer[1], length=self.count)
 
 
 class HostPoolReuse:

@@ -46,3 +46,35 @@ def attend_host_blocks(
     key_pos = torch.arange(lo, hi)
     valid = None if valid_from is None else key_pos[None, :] >= valid_from[:, None]
     return attend(query.float(), kv[0], kv[1], scale, key_pos, None, valid)
+
+
+def attend_host_unselected(
+    query: torch.Tensor,
+    slab: torch.Tensor,
+    block_table: np.ndarray,
+    lo: int,
+    hi: int,
+    selected: torch.Tensor,
+    count: torch.Tensor,
+    scale: float,
+    valid_from: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a decode query [B, Hq, 1, D] over the positions of [lo, hi) that were not selected.
+
+    `selected` int32 [B, Hkv, N] holds, per KV head, `count` sorted positions inside [lo, hi) (the
+    rest is padding); what lies between them is read as ranges, in one pass.
+    """
+    sel = selected.numpy()
+    n = sel.shape[2]
+    cnt = count.numpy()[..., None]
+    beyond = np.arange(n) >= cnt
+    sel = np.where(beyond, hi, sel).astype(np.int64)
+    ranges = np.empty((*sel.shape[:2], n + 1, 2), np.int32)
+    ranges[..., 0, 0] = lo
+    ranges[..., 1:, 0] = sel + 1
+    ranges[..., :n, 1] = sel
+    ranges[..., n, 1] = hi
+    if valid_from is not None:
+        ranges[..., 0] = np.maximum(ranges[..., 0], valid_from.numpy().astype(np.int32)[:, None, None])
+    out, lse = host_decode_attention(query[:, :, 0].float(), slab, block_table, ranges, scale)
+    return out[:, :, None], lse[:, :, None]

@@ -93,14 +93,31 @@ class Pipeline:
         event.record(torch.cuda.current_stream(self.device))
         return tuple(hosts), Fence(event)
 
+    def gather(self, kernel, *args) -> Fence:
+        """Run `kernel(*args)`, a gather that reads pinned host memory over PCIe, on the copy stream
+        after the compute issued so far; returns its fence."""
+        if not self.cuda:
+            kernel(*args)
+            return Fence(None)
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.copy_stream.wait_stream(self.offload_stream)  # rows still being written home land first
+        with torch.cuda.stream(self.copy_stream):
+            kernel(*args)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return Fence(event)
+
     def run_on_host(self, ready: Fence, fn, *args) -> Future:
-        """Run `fn(*args)` on the host worker once `ready` has landed; returns its future."""
+        """Run `fn(*args)` on the host worker once `ready` (a fence or several) has landed; returns its future."""
         if not hasattr(self, "_worker"):
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetero-host")
 
+        fences = ready if isinstance(ready, (list, tuple)) else [ready]
+
         def job():
-            if ready.event is not None:
-                ready.event.synchronize()
+            for fence in fences:
+                if fence.event is not None:
+                    fence.event.synchronize()
             return fn(*args)
 
         return self._worker.submit(job)
