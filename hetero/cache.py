@@ -25,7 +25,8 @@ from .config import Budgets, OffloadConfig
 from .errors import ConfigError
 from .host_attention import attend_host_blocks, attend_host_unselected
 from .gpu_kernels import Segment, gather_tokens
-from .storage import PAGE, GpuPool, HostPool
+from .host_home import SPILL_SLOTS, HostHome
+from .storage import PAGE, GpuPool, HostPool, NvmeStore
 from .partial_attention import PartialMerger, attend
 from .pipeline import Pipeline
 from .residency import LayerPlan, LayerResidency, ResidencyPolicy
@@ -65,6 +66,10 @@ class CacheStats:
     bytes_to_host: int = 0
     bytes_read_by_cpu: int = 0  # KV the CPU attended over where it lies (split mode)
     blocks_per_fetch: int = 0
+    ssd_kv_bytes: int = 0
+    bytes_to_ssd: int = 0
+    bytes_from_ssd: int = 0
+    fetched_token_share: float | None = None  # speculative mode: gathered / candidate middle tokens
 
 
 class HeteroLayer(CacheLayerMixin):
@@ -142,7 +147,7 @@ class HeteroCache(Cache):
         self.layout: KVLayout | None = None
         self._plans: dict[int, tuple[LayerPlan, list]] = {}  # layer -> its next plan and fetch tickets
         self._fences: dict[int, object] = {}  # GPU slot -> offload fence of the last block it held
-        self._host = None  # no host home when the whole cache fits the GPU budget
+        self._home: HostHome | None = None  # none when the whole cache fits the GPU budget
         self._tables: dict[int, tuple[tuple, torch.Tensor]] = {}  # layer -> (resident blocks, slot table)
         self._bytes_read_by_cpu = 0
         self.prompt_tokens: int | None = None
@@ -230,6 +235,8 @@ class HeteroCache(Cache):
         self._prefetch_after(layer_idx, decode=lq == 1)
         if host_job is not None:
             merger.add(*self.pipeline.host_result(host_job))
+        if self._home is not None and self._home.ssd_blocks:
+            self._home.read_by(layer_idx, self.pipeline.fence_here())
         out, _ = merger.result()
         return out.to(query.dtype)
 
@@ -239,7 +246,7 @@ class HeteroCache(Cache):
         resident = self._resident_after_store(layer_idx, plan)
         table = self._slot_table(layer_idx, resident)
         segments = [gpu_decode.pool_segment(self._gpu.slab, table, self._resident_tokens(resident, plan.length + 1))]
-        pending = list(tickets)
+        pending = [ticket for _, ticket in tickets]
         while True:
             # Every ticket that already holds a buffer joins this call; the rest wait for the release.
             ready = []
@@ -275,7 +282,7 @@ class HeteroCache(Cache):
             if key_valid is not None:
                 valid = valid & key_valid[:, key_pos.clamp_max(past - 1)]
             merger.add(*attend(query, *_as_kv(kv), scale, key_pos, window_q_pos, valid, sliding_window))
-        for (first, _), ticket in zip(plan.fetch, tickets):
+        for first, ticket in tickets:
             kv = self._ring.acquire(ticket)
             key_pos = self._positions(first * bs, kv.shape[0] * bs, query.device)
             valid = None if key_valid is None else key_valid[:, key_pos]
@@ -310,7 +317,7 @@ class HeteroCache(Cache):
         (q_host, valid_host), ready = self.pipeline.to_host(query, valid_from)
         (selected, count), picked = pick.on_host
         return self.pipeline.run_on_host(
-            [picked, ready], attend_host_unselected, q_host, self._host.slab, self._host_tables[layer_idx],
+            [picked, ready], attend_host_unselected, q_host, self._home.slab, self._home.tables[layer_idx],
             lo, hi, selected, count, scale, valid_host,
         )
 
@@ -320,9 +327,9 @@ class HeteroCache(Cache):
         self._bytes_read_by_cpu += (end - first) * self.layout.block_bytes
         valid_from = None if key_valid is None else (~key_valid[:, :past]).sum(-1)
         (q_host, valid_host), ready = self.pipeline.to_host(query, valid_from)
-        table = self._host_tables[layer_idx]
+        table = self._home.tables[layer_idx]
         return self.pipeline.run_on_host(
-            ready, attend_host_blocks, q_host, self._host.slab, table, first, end, scale, valid_host
+            ready, attend_host_blocks, q_host, self._home.slab, table, first, end, scale, valid_host
         )
 
     @staticmethod
@@ -344,13 +351,6 @@ class HeteroCache(Cache):
             self._ring = self.pipeline.fetch_ring(1, 1, layout.block_shape, dtype)
             self.layout = layout
             return
-        host_bytes = nl * bpl * layout.block_bytes
-        if host_bytes > self.budgets.cpu_kv_bytes:
-            raise ConfigError(
-                "cpu_kv_bytes",
-                f"cpu_kv_bytes: the KV of {self.max_tokens} tokens needs {host_bytes} bytes of host memory, "
-                f"the budget is {self.budgets.cpu_kv_bytes}; raise cpu_kv_bytes or shorten the generation",
-            )
         resident_slots = nl * self.policy.slots_per_layer()
         resident_bytes = resident_slots * layout.block_bytes
         ring_buffers = max(2, 2 * cfg.prefetch_layers)
@@ -364,19 +364,63 @@ class HeteroCache(Cache):
                 f"({cfg.sink_tokens} tokens), window ({cfg.window_tokens} tokens) and {ring_buffers} fetch buffers "
                 f"of one {cfg.block_size}-token block for {nl} layers; raise it or lower window_tokens/block_size",
             )
-        pin = self.device.type == "cuda"
-        self._host = self._host_pools(nl * bpl, layout.block_shape, dtype, pin)
-        # Layer l's logical block b lives in host slot l * bpl + b: each layer is one contiguous range.
-        self._host_tables = [np.arange(l * bpl, (l + 1) * bpl, dtype=np.int32) for l in range(nl)]
+        home = self._home = self._make_home(layout)
         self._gpu = GpuPool(resident_slots, layout.block_shape, dtype, self.device)
         self._ring = self.pipeline.fetch_ring(ring_buffers, per_buffer, layout.block_shape, dtype)
         if self.speculator is not None:
-            self._host_table_gpu = torch.arange(nl * bpl, dtype=torch.int32, device=self.device).view(nl, bpl)
+            self._home_tables_gpu = torch.from_numpy(home.all_tables).to(self.device)
             width = self.speculator.max_selected(self.max_tokens)
             shape = (2, batch, kv_heads, width, head_dim)
             self._gather_buffers = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(2)]
             self.speculator.begin(batch, self.max_tokens)
         self.layout = layout
+
+    def _make_home(self, layout: KVLayout) -> HostHome:
+        """The host pool, and the SSD store for the blocks the host budget cannot hold."""
+        cfg = self.config
+        nl, bpl, block_bytes = layout.num_layers, self.blocks_per_layer, layout.block_bytes
+        depth = 1 if self.speculator is not None else cfg.prefetch_layers
+        areas = depth + 2
+        ssd_blocks = 0
+        if nl * bpl * block_bytes > self.budgets.cpu_kv_bytes:
+            ssd_blocks = self._ssd_blocks_needed(layout, areas)
+        n_slots = HostHome.slots_needed(nl, bpl, ssd_blocks, areas)
+        pool = self._host_pools(n_slots, layout.block_shape, layout.dtype, self.device.type == "cuda")
+        store = None
+        if ssd_blocks:
+            store = NvmeStore(cfg.ssd_dir, nl * ssd_blocks, layout.block_shape, layout.dtype, io_threads=cfg.io_threads)
+        return HostHome(pool, nl, bpl, self.policy.sink_blocks, ssd_blocks, store, self.pipeline, areas)
+
+    def _ssd_blocks_needed(self, layout: KVLayout, areas: int) -> int:
+        """Blocks per layer that must live on the SSD for the host budget to suffice (or a clear error)."""
+        cfg = self.config
+        nl, bpl, block_bytes = layout.num_layers, self.blocks_per_layer, layout.block_bytes
+        need = nl * bpl * block_bytes
+        if cfg.ssd_dir is None:
+            raise ConfigError(
+                "cpu_kv_bytes",
+                f"cpu_kv_bytes: the KV of {self.max_tokens} tokens needs {need} bytes of host memory, the budget "
+                f"is {self.budgets.cpu_kv_bytes}; raise cpu_kv_bytes, set ssd_dir and ssd_kv_bytes to keep the "
+                "rest on an SSD, or shorten the generation",
+            )
+        host_slots = self.budgets.cpu_kv_bytes // block_bytes
+        middle = bpl - self.policy.sink_blocks - self.policy.window_blocks - 1  # blocks that ever leave the GPU
+        ssd_blocks = -(-(HostHome.slots_needed(nl, bpl, 0) + SPILL_SLOTS - host_slots) // max(1, nl - areas))
+        if nl <= areas or ssd_blocks > middle:
+            least = HostHome.slots_needed(nl, bpl, max(0, middle), areas, SPILL_SLOTS) * block_bytes
+            raise ConfigError(
+                "cpu_kv_bytes",
+                f"cpu_kv_bytes: got {self.budgets.cpu_kv_bytes} bytes; with the SSD holding what it can, the host "
+                f"still needs {least} bytes (the sink, the window and staging for {nl} layers); raise cpu_kv_bytes",
+            )
+        ssd_need = nl * ssd_blocks * -(-block_bytes // PAGE) * PAGE
+        if ssd_need > self.budgets.ssd_kv_bytes:
+            raise ConfigError(
+                "ssd_kv_bytes",
+                f"ssd_kv_bytes: the KV beyond the host budget needs {ssd_need} bytes on the SSD, the budget is "
+                f"{self.budgets.ssd_kv_bytes}; raise ssd_kv_bytes or cpu_kv_bytes",
+            )
+        return ssd_blocks
 
     def _store(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write new tokens into GPU blocks; each completed block is copied to its host home."""
@@ -392,15 +436,19 @@ class HeteroCache(Cache):
             slot = layer.gpu_slots.get(block)
             if slot is None:
                 slot = layer.gpu_slots[block] = self._take_gpu_slot()
+                # A block being filled is read, masked, before it is full: stale bytes there may be NaN,
+                # and masking multiplies them by zero, which keeps a NaN.
+                if offset + take < bs:
+                    self._gpu.slab[slot].zero_()
             dst = self._gpu.slab[slot]
             src = slice(pos - start, pos - start + take)
             dst[0, :, :, offset : offset + take] = keys[:, :, src]
             dst[1, :, :, offset : offset + take] = values[:, :, src]
             pos += take
-            if offset + take < bs or self._host is None:
+            if offset + take < bs or self._home is None:
                 continue
-            host = self._host.slab[layer_idx * self.blocks_per_layer + block]
-            self._fences[slot] = self.pipeline.offload(dst, host)
+            fence = self._fences[slot] = self.pipeline.offload(dst, self._home.write_target(layer_idx, block))
+            self._home.written(layer_idx, block, fence)
             if block * bs >= start and self.policy.sink_blocks <= block < window_start:
                 # Completed by this update and already outside the window: no plan reads its slot.
                 del layer.gpu_slots[block]
@@ -418,11 +466,17 @@ class HeteroCache(Cache):
         layer = self._layers[layer_idx]
         self._gpu.free(layer.trim(self.policy))
         # Speculation predicts layer l from layer l - 1's input: layer 0 has none and is fetched whole.
-        speculate = self.speculator is not None and decode and layer_idx > 0 and self._host is not None
+        speculate = self.speculator is not None and decode and layer_idx > 0 and self._home is not None
         share = 0.0 if speculate else self.gpu_share if decode else 1.0
         plan = layer.plan(self.policy, self._ring.blocks_per_buffer, share)
-        base = layer_idx * self.blocks_per_layer
-        tickets = [self._ring.submit(self._host.slab[base + first : base + last]) for first, last in plan.fetch]
+        tickets = []
+        if self._home is not None and (plan.fetch or plan.host):
+            home = self._home
+            home.wait_staged(layer_idx)  # its SSD blocks, read ahead into host memory
+            home.stage((layer_idx + 1) % len(self._layers))  # the next layer's, while this one computes
+            for first, last in plan.fetch:
+                for block, slot, n in home.runs(layer_idx, first, last):
+                    tickets.append((block, self._ring.submit(home.slab[slot : slot + n])))
         if speculate and plan.host is not None:
             self._picks[layer_idx] = self._pick(layer_idx, plan)
         self._plans[layer_idx] = (plan, tickets)
@@ -434,7 +488,8 @@ class HeteroCache(Cache):
         valid_from = self._valid_from
         selected, count = self.speculator.select(layer_idx, self._inputs[layer_idx - 1], plan.length, lo, hi, valid_from)
         buffer = self._gather_buffers[layer_idx % 2][:, :, :, : selected.shape[2]]
-        ready = self.pipeline.gather(gather_tokens, self._host.slab, self._host_table_gpu[layer_idx], selected, count, buffer)
+        table = self._home_tables_gpu[layer_idx, self._home.area_of[layer_idx]]
+        ready = self.pipeline.gather(gather_tokens, self._home.slab, table, selected, count, buffer)
         self._fetched_tokens = count.sum() if self._fetched_tokens is None else self._fetched_tokens + count.sum()
         self._middle_tokens += (hi - lo) * count.numel()
         on_host = self.pipeline.to_host(selected, count) if self.config.cpu_remainder == "all" else None
@@ -465,9 +520,14 @@ class HeteroCache(Cache):
         if self.layout is None:
             return CacheStats()
         gpu = self._gpu.slab.numel() * self._gpu.slab.element_size() + self._ring.bytes
-        host = 0 if self._host is None else len(self._layers) * self.blocks_per_layer * self.layout.block_bytes
+        home = self._home
+        host = 0 if home is None else home.slab.shape[0] * self.layout.block_bytes
+        ssd = (0, 0, 0) if home is None else (home.ssd_bytes, home.bytes_to_ssd, home.bytes_from_ssd)
+        share = None
+        if self._fetched_tokens is not None and self._middle_tokens:
+            share = float(self._fetched_tokens) / self._middle_tokens
         c = self.pipeline.counters
-        return CacheStats(gpu, host, c.to_gpu, c.to_host, self._bytes_read_by_cpu, self._ring.blocks_per_buffer)
+        return CacheStats(gpu, host, c.to_gpu, c.to_host, self._bytes_read_by_cpu, self._ring.blocks_per_buffer, *ssd, share)
 
     def close(self) -> None:
         """Drop queued fetches and wait for transfers in flight."""
@@ -475,6 +535,8 @@ class HeteroCache(Cache):
             self._ring.cancel_pending()
         self.pipeline.synchronize()
         self.pipeline.close()
+        if self._home is not None:
+            self._home.close()
 
 
 @dataclass

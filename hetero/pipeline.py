@@ -34,6 +34,11 @@ class Fence:
     def done(self) -> bool:
         return self.event is None or self.event.query()
 
+    def synchronize(self) -> None:
+        """Block the calling thread until the transfer has landed."""
+        if self.event is not None:
+            self.event.synchronize()
+
 
 @dataclass
 class FetchTicket:
@@ -107,6 +112,26 @@ class Pipeline:
             event.record(self.copy_stream)
         return Fence(event)
 
+    def after(self, fence: Fence, fn, *args) -> Future:
+        """Call `fn(*args)` on a background thread once `fence` has landed (e.g. start a disk write
+        of a block copied from the GPU); returns its future."""
+        if not hasattr(self, "_spiller"):
+            self._spiller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetero-spill")
+
+        def job():
+            fence.synchronize()
+            return fn(*args)
+
+        return self._spiller.submit(job)
+
+    def fence_here(self) -> Fence:
+        """A fence at the end of the compute issued so far."""
+        if not self.cuda:
+            return Fence(None)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return Fence(event)
+
     def run_on_host(self, ready: Fence, fn, *args) -> Future:
         """Run `fn(*args)` on the host worker once `ready` (a fence or several) has landed; returns its future."""
         if not hasattr(self, "_worker"):
@@ -134,8 +159,9 @@ class Pipeline:
         return tuple(moved)
 
     def close(self) -> None:
-        if hasattr(self, "_worker"):
-            self._worker.shutdown(wait=True)
+        for name in ("_worker", "_spiller"):
+            if hasattr(self, name):
+                getattr(self, name).shutdown(wait=True)
 
     def wait(self, fence: Fence | None) -> None:
         """Make the compute stream wait for `fence`."""

@@ -17,6 +17,10 @@ class GenerationStats:
     bytes_to_gpu: int
     bytes_to_host: int
     bytes_read_by_cpu: int
+    ssd_kv_bytes: int = 0
+    bytes_to_ssd: int = 0
+    bytes_from_ssd: int = 0
+    fetched_token_share: float | None = None  # speculative: share of the offloaded middle gathered per step
 
     @classmethod
     def from_run(cls, cache, batch, prompt_tokens, new_tokens, started, finished) -> "GenerationStats":
@@ -33,6 +37,10 @@ class GenerationStats:
             bytes_to_gpu=s.bytes_to_gpu,
             bytes_to_host=s.bytes_to_host,
             bytes_read_by_cpu=s.bytes_read_by_cpu,
+            ssd_kv_bytes=s.ssd_kv_bytes,
+            bytes_to_ssd=s.bytes_to_ssd,
+            bytes_from_ssd=s.bytes_from_ssd,
+            fetched_token_share=s.fetched_token_share,
         )
 
     @property
@@ -56,6 +64,8 @@ class GenerationStats:
             f"prompt {self.prompt_tokens} tok x{self.batch} | prefill {self.prefill_tokens_per_s:,.0f} tok/s "
             f"({self.prefill_seconds:.2f} s) | decode {self.decode_tokens_per_s:,.2f} tok/s "
             f"({self.new_tokens} new) | KV: GPU {_gib(self.gpu_kv_bytes)}, host {_gib(self.host_kv_bytes)}"
+            + (f", SSD {_gib(self.ssd_kv_bytes)}" if self.ssd_kv_bytes else "")
+            + (f" | fetched {self.fetched_token_share:.1%} of the middle" if self.fetched_token_share is not None else "")
         )
 
 
