@@ -521,7 +521,7 @@ class HeteroCache(Cache):
             return CacheStats()
         gpu = self._gpu.slab.numel() * self._gpu.slab.element_size() + self._ring.bytes
         home = self._home
-        host = 0 if home is None else home.slab.shape[0] * self.layout.block_bytes
+        host = 0 if home is None else home.host_slots * self.layout.block_bytes
         ssd = (0, 0, 0) if home is None else (home.ssd_bytes, home.bytes_to_ssd, home.bytes_from_ssd)
         share = None
         if self._fetched_tokens is not None and self._middle_tokens:

@@ -71,6 +71,7 @@ class HostHome:
         self.bytes_to_ssd = 0
         self.bytes_from_ssd = 0
         self.ssd_bytes = len(self._ssd_slots) * store.slot_bytes if ssd_blocks else 0
+        self.host_slots = self.slots_needed(layers, blocks_per_layer, ssd_blocks, areas, spill_slots)
 
     @staticmethod
     def slots_needed(layers: int, blocks_per_layer: int, ssd_blocks: int, areas: int = 3,
