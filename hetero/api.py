@@ -86,7 +86,17 @@ def prepare(model: PreTrainedModel, config: OffloadConfig | dict | str | Path | 
         model.generate = _generate_over_hetero(model, model.generate)
     else:
         model.hetero.config = offload
+    model.hetero.speculator = _speculator(model, offload)
     return model
+
+
+def _speculator(model: PreTrainedModel, config: OffloadConfig):
+    """The speculative mode's predictor, skewed from a calibration prompt now, at load."""
+    if config.mode != "speculative":
+        return None
+    from .speculate import SpeculationSettings, calibrate
+
+    return calibrate(model, settings=SpeculationSettings.from_config(config))
 
 
 def _ready_cpu_kernels(config: OffloadConfig, dtype: torch.dtype) -> None:
@@ -124,12 +134,14 @@ class Runtime:
         self.last_stats: GenerationStats | None = None
         self.progress = None  # called with the tokens stored so far, e.g. by the CLI's progress bar
         self.host_pools = HostPoolReuse()
+        self.speculator = None  # set by `prepare` in the speculative mode
 
     def new_cache(self, max_tokens: int) -> HeteroCache:
         device = self.model.device
         budgets = resolve_budgets(self.config, MachineMemory.probe(device))
         cache = HeteroCache(
-            self.config, budgets, self.model.config.num_hidden_layers, max_tokens, device, self.gpu_share(), self.host_pools
+            self.config, budgets, self.model.config.num_hidden_layers, max_tokens, device, self.gpu_share(),
+            self.host_pools, self.speculator,
         )
         cache.progress = self.progress
         return cache

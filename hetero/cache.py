@@ -69,7 +69,7 @@ class CacheStats:
     ssd_kv_bytes: int = 0
     bytes_to_ssd: int = 0
     bytes_from_ssd: int = 0
-    fetched_token_share: float | None = None  # speculative mode: gathered / candidate middle tokens
+    fetched_token_share: float | None = None  # speculative mode: tokens gathered per layer step / context
 
 
 class HeteroLayer(CacheLayerMixin):
@@ -139,7 +139,7 @@ class HeteroCache(Cache):
         self._inputs: dict[int, torch.Tensor] = {}  # layer -> its attention input of this forward
         self._picks: dict[int, Pick] = {}  # layer -> the tokens gathered for its next decode step
         self._fetched_tokens = None  # device counter of gathered tokens (speculative mode)
-        self._middle_tokens = 0  # tokens the gathers chose from
+        self._context_tokens = 0  # context tokens of the (layer, row, head)s that gathered
         self._valid_from: torch.Tensor | None = None  # [B] first non-padding position, for speculation
         self.policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
         self.blocks_per_layer = -(-max_tokens // config.block_size)
@@ -354,15 +354,17 @@ class HeteroCache(Cache):
         resident_slots = nl * self.policy.slots_per_layer()
         resident_bytes = resident_slots * layout.block_bytes
         ring_buffers = max(2, 2 * cfg.prefetch_layers)
-        spare = self.budgets.gpu_kv_bytes - resident_bytes
+        spare = self.budgets.gpu_kv_bytes - resident_bytes - self._speculation_bytes(layout)
         per_buffer = min(bpl, spare // (ring_buffers * layout.block_bytes))
         if per_buffer < 1:
-            need = resident_bytes + ring_buffers * layout.block_bytes
+            speculation = self._speculation_bytes(layout)
+            need = resident_bytes + speculation + ring_buffers * layout.block_bytes
+            extra = f", the speculative mode's partial keys and gather buffers ({speculation} bytes)" if speculation else ""
             raise ConfigError(
                 "gpu_kv_bytes",
                 f"gpu_kv_bytes: got {self.budgets.gpu_kv_bytes} bytes, expected at least {need} for the sink "
-                f"({cfg.sink_tokens} tokens), window ({cfg.window_tokens} tokens) and {ring_buffers} fetch buffers "
-                f"of one {cfg.block_size}-token block for {nl} layers; raise it or lower window_tokens/block_size",
+                f"({cfg.sink_tokens} tokens), window ({cfg.window_tokens} tokens){extra} and {ring_buffers} fetch "
+                f"buffers of one {cfg.block_size}-token block for {nl} layers; raise it or lower window_tokens/block_size",
             )
         home = self._home = self._make_home(layout)
         self._gpu = GpuPool(resident_slots, layout.block_shape, dtype, self.device)
@@ -374,6 +376,14 @@ class HeteroCache(Cache):
             self._gather_buffers = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(2)]
             self.speculator.begin(batch, self.max_tokens)
         self.layout = layout
+
+    def _speculation_bytes(self, layout: KVLayout) -> int:
+        """GPU memory the speculative mode takes from the KV budget: partial keys and two gather buffers."""
+        if self.speculator is None:
+            return 0
+        partial = self.speculator.partial_key_bytes(layout.batch, self.max_tokens, layout.dtype)
+        width = self.speculator.max_selected(self.max_tokens)
+        return partial + 2 * 2 * layout.batch * layout.kv_heads * width * layout.head_dim * layout.dtype.itemsize
 
     def _make_home(self, layout: KVLayout) -> HostHome:
         """The host pool, and the SSD store for the blocks the host budget cannot hold."""
@@ -491,7 +501,7 @@ class HeteroCache(Cache):
         table = self._home_tables_gpu[layer_idx, self._home.area_of[layer_idx]]
         ready = self.pipeline.gather(gather_tokens, self._home.slab, table, selected, count, buffer)
         self._fetched_tokens = count.sum() if self._fetched_tokens is None else self._fetched_tokens + count.sum()
-        self._middle_tokens += (hi - lo) * count.numel()
+        self._context_tokens += plan.length * count.numel()
         on_host = self.pipeline.to_host(selected, count) if self.config.cpu_remainder == "all" else None
         return Pick(buffer, count, ready, (lo, hi), on_host)
 
@@ -523,11 +533,14 @@ class HeteroCache(Cache):
         home = self._home
         host = 0 if home is None else home.host_slots * self.layout.block_bytes
         ssd = (0, 0, 0) if home is None else (home.ssd_bytes, home.bytes_to_ssd, home.bytes_from_ssd)
-        share = None
-        if self._fetched_tokens is not None and self._middle_tokens:
-            share = float(self._fetched_tokens) / self._middle_tokens
+        share, gathered = None, 0
+        if self._fetched_tokens is not None and self._context_tokens:
+            fetched = int(self._fetched_tokens)
+            share = fetched / self._context_tokens
+            lay = self.layout
+            gathered = fetched * 2 * lay.head_dim * torch.finfo(lay.dtype).bits // 8  # K and V rows over PCIe
         c = self.pipeline.counters
-        return CacheStats(gpu, host, c.to_gpu, c.to_host, self._bytes_read_by_cpu, self._ring.blocks_per_buffer, *ssd, share)
+        return CacheStats(gpu, host, c.to_gpu + gathered, c.to_host, self._bytes_read_by_cpu, self._ring.blocks_per_buffer, *ssd, share)
 
     def close(self) -> None:
         """Drop queued fetches and wait for transfers in flight."""

@@ -22,7 +22,8 @@ import yaml
 from .errors import ConfigError
 
 MODES = ("stream", "split", "speculative")
-IMPLEMENTED_MODES = {"stream", "split"}  # enabling a mode is one line here
+IMPLEMENTED_MODES = {"stream", "split", "speculative"}  # enabling a mode is one line here
+CPU_REMAINDERS = ("none", "all")
 KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
 AUTO_GPU_SHARE = 0.5  # of the GPU memory free once the weights are loaded
 AUTO_CPU_SHARE = 0.8  # of the host memory available
@@ -52,6 +53,11 @@ _DOCS = {
     "prefill_chunk_tokens": "prompt tokens per prefill forward (bounds prefill activations)",
     "io_threads": "threads reading and writing the SSD tier",
     "split_ratio": "split mode: share 0..1 of the offloaded KV the GPU fetches (auto: from PCIe vs CPU bandwidth)",
+    "alpha": "speculative mode: a token is fetched when its predicted score is within alpha of its head's best",
+    "partial_ratio": "speculative mode: share 0..1 of each head's key columns kept for prediction",
+    "min_tokens": "speculative mode: fewest middle tokens fetched per KV head (a count, or a share < 1 of the context)",
+    "max_tokens": "speculative mode: most middle tokens fetched per KV head (a count, or a share < 1 of the context)",
+    "cpu_remainder": "speculative mode: none (ignore tokens not fetched) | all (the CPU attends over them: exact)",
 }
 
 
@@ -73,6 +79,11 @@ class OffloadConfig:
     prefill_chunk_tokens: int = 4096
     io_threads: int = 8
     split_ratio: float | str = "auto"
+    alpha: float = 5.0
+    partial_ratio: float = 0.25
+    min_tokens: int | float = 64
+    max_tokens: int | float = 0.1
+    cpu_remainder: str = "none"
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -106,6 +117,18 @@ class OffloadConfig:
         ratio = self.split_ratio
         if ratio != "auto" and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1):
             raise ConfigError("split_ratio", f'split_ratio: got {_shown(ratio)}, expected "auto" or a number in [0, 1]')
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ConfigError("alpha", f"alpha: got {_shown(self.alpha)}, expected a number > 0 (InfiniGen uses 4-5)")
+        ratio = self.partial_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ConfigError("partial_ratio", f"partial_ratio: got {_shown(ratio)}, expected a number in (0, 1]")
+        for key in ("min_tokens", "max_tokens"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+                isinstance(value, float) and not (value < 1 or value.is_integer())
+            ):
+                raise ConfigError(key, f"{key}: got {_shown(value)}, expected a token count >= 0 or a share of the context in [0, 1)")
+        _choice("cpu_remainder", self.cpu_remainder, CPU_REMAINDERS)
 
     @classmethod
     def from_dict(cls, values: dict) -> "OffloadConfig":

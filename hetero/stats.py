@@ -20,7 +20,7 @@ class GenerationStats:
     ssd_kv_bytes: int = 0
     bytes_to_ssd: int = 0
     bytes_from_ssd: int = 0
-    fetched_token_share: float | None = None  # speculative: share of the offloaded middle gathered per step
+    fetched_token_share: float | None = None  # speculative: tokens gathered per layer and step, as a share of the context
 
     @classmethod
     def from_run(cls, cache, batch, prompt_tokens, new_tokens, started, finished) -> "GenerationStats":
@@ -65,7 +65,7 @@ class GenerationStats:
             f"({self.prefill_seconds:.2f} s) | decode {self.decode_tokens_per_s:,.2f} tok/s "
             f"({self.new_tokens} new) | KV: GPU {_gib(self.gpu_kv_bytes)}, host {_gib(self.host_kv_bytes)}"
             + (f", SSD {_gib(self.ssd_kv_bytes)}" if self.ssd_kv_bytes else "")
-            + (f" | fetched {self.fetched_token_share:.1%} of the middle" if self.fetched_token_share is not None else "")
+            + (f" | fetched {self.fetched_token_share:.1%} of the context per step" if self.fetched_token_share is not None else "")
         )
 
 

@@ -106,7 +106,11 @@ def test_sizes(text, expected):
     ({"gpu_kv_bytes": "0%"}, "gpu_kv_bytes: got '0%', expected a share in (0%, 100%]"),
     # modes: unknown, and known but not available yet
     ({"mode": "fast"}, "mode: got 'fast' (str), expected one of 'stream', 'split', 'speculative'"),
-    ({"mode": "speculative"}, "mode: 'speculative' is not available yet; expected one of 'stream', 'split'"),
+    ({"alpha": 0}, "alpha: got 0"),
+    ({"partial_ratio": 1.5}, "partial_ratio: got 1.5"),
+    ({"max_tokens": -1}, "max_tokens: got -1"),
+    ({"min_tokens": 2.5}, "min_tokens: got 2.5"),
+    ({"cpu_remainder": "some"}, "cpu_remainder: got 'some'"),
     # other values
     ({"kv_dtype": "int8"}, "kv_dtype: got 'int8' (str), expected one of 'auto', 'bfloat16', 'float16', 'float32'"),
     ({"block_size": 100}, "block_size: got 100, expected a power of two >= 16"),
@@ -136,7 +140,7 @@ def test_not_a_table():
 
 
 def test_implemented_modes_gate_the_modes():
-    assert "stream" in IMPLEMENTED_MODES and "speculative" not in IMPLEMENTED_MODES
+    assert {"stream", "split", "speculative"} <= IMPLEMENTED_MODES
     for mode in IMPLEMENTED_MODES:
         assert OffloadConfig(mode=mode).mode == mode
 

@@ -29,7 +29,7 @@ def _run(generate, ids, mask):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("lengths", [[1800], [1500, 777, 1203]])
-@pytest.mark.parametrize("mode,mib_per_row", [("stream", 1), ("split", 1), ("stream", 64)])
+@pytest.mark.parametrize("mode,mib_per_row", [("stream", 1), ("split", 1), ("stream", 64), ("speculative", 1)])
 def test_bf16_matches_transformers(arch, lengths, mode, mib_per_row, tmp_path):
     """1 MiB per row forces most of the KV through the fetch ring (and the CPU, in split mode);
     64 MiB holds it all on the GPU."""
@@ -45,11 +45,13 @@ def test_bf16_matches_transformers(arch, lengths, mode, mib_per_row, tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     ref_tokens, _ = _run(reference.generate, ids, mask)
     config = {**CONFIG, "mode": mode, "gpu_kv_bytes": f"{mib_per_row * len(lengths)}MiB"}
+    if mode == "speculative":
+        config["cpu_remainder"] = "all"  # the CPU attends over what was not fetched: exact
     model = hetero.load(path, config, dtype=torch.bfloat16, device="cuda")
     tokens, logits = _run(model.generate, ids, mask)
     stats = model.hetero.last_stats
     assert (stats.bytes_to_gpu > 0) == (mib_per_row == 1)
-    assert (stats.bytes_read_by_cpu > 0) == (mode == "split")
+    assert (stats.bytes_read_by_cpu > 0) == (mode in ("split", "speculative"))
     # Ground truth: the float32 model on hetero's own tokens, in one full forward. hetero's bf16
     # logits must be as close to it as transformers' bf16 forward is, within a small factor.
     sequence = torch.cat([ids, tokens], dim=1)

@@ -1,0 +1,403 @@
+"""Speculation for the `speculative` mode (InfiniGen, OSDI 2024): which middle tokens a decode step needs.
+
+A decode query attends mostly to a few tokens. InfiniGen predicts them one layer ahead, cheaply, so
+that only their K and V cross PCIe:
+
+1. Skew, once at load (`calibrate`). Over a short calibration prompt, each layer's post-RoPE
+   queries and keys are captured. Per KV head, the eigenvectors of the Gram matrix of its group's
+   stacked queries (the right singular vectors of the query matrix, as InfiniGen) form an orthogonal
+   matrix A, so (qA)·(kA) = q·k exactly while the query's energy piles into few columns. Columns are
+   ranked by sqrt(query energy x key spread across tokens): a column where every key is alike moves
+   every score equally and ranks nothing, hence the keys are centred. The first
+   `partial_ratio` x D columns are kept (P of them; all query heads of a group share them).
+2. Partial keys (`Speculator.append_keys`): every key the cache stores, prefill chunks included, is
+   also kept skewed and cut to its P columns, [B, Hkv, capacity, P] per layer on the model's device.
+3. Select (`Speculator.select`), while layer i-1 computes: layer i-1's attention input (the hidden
+   state after its input norm; consecutive layers' inputs are alike) goes through layer i's own
+   q_proj, RoPE at the decode position, then A[:, :P], and is scored against layer i's partial keys
+   over the middle [lo, hi) of the context. A token is selected when its score is within `alpha` of
+   the best score of some query head of the group (the union over the group, as one fetch serves
+   the whole KV head), between `min_tokens` and `max_tokens` per KV head, best first when clamped.
+
+RoPE sits between the projection and the skew, so the projection cannot be cut to P columns as
+InfiniGen does for OPT: A mixes all D dimensions and RoPE pairs d with d + D/2. The full q_proj of
+layer i is applied to layer i-1's input instead. It costs reading hidden x Hq*D weights once per step
+(32 MiB for an 8B model, ~10 us of HBM), small beside the partial keys (B*Hkv*T*P) and far below the
+PCIe time of the KV it saves; a RoPE-commuting skew (rotations within RoPE's planes) would allow a
+cut projection but concentrates much less.
+
+Layer 0 has no layer before it: the cache fetches its middle whole. Its partial keys are not kept.
+
+Everything in `select` runs on the device with fixed shapes derived from Python ints: no host sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .attention import attention_modules
+from .errors import ConfigError, UnsupportedModelError
+
+SKEWABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+CPU_REMAINDERS = ("none", "all")
+
+
+# Settings --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpeculationSettings:
+    """The knobs of the speculative mode; the same keys and defaults as OffloadConfig.
+
+    `min_tokens` and `max_tokens` are a token count per KV head, or a share < 1 of the context.
+    `cpu_remainder` is the cache's business ("all": the CPU attends over the tokens not selected).
+    """
+
+    alpha: float = 5.0
+    partial_ratio: float = 0.25
+    min_tokens: int | float = 64
+    max_tokens: int | float = 0.1
+    cpu_remainder: str = "none"
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.alpha) or not math.isfinite(self.alpha) or not self.alpha > 0:
+            raise ConfigError("alpha", f"alpha: got {self.alpha!r}, expected a number > 0 (InfiniGen uses 4-5)")
+        if not _is_number(self.partial_ratio) or not 0 < self.partial_ratio <= 1:
+            raise ConfigError("partial_ratio", f"partial_ratio: got {self.partial_ratio!r}, expected a number in (0, 1]")
+        for key in ("min_tokens", "max_tokens"):
+            value = getattr(self, key)
+            if not _is_number(value) or value < 0 or (isinstance(value, float) and not (value < 1 or value.is_integer())):
+                raise ConfigError(key, f"{key}: got {value!r}, expected a token count >= 0 or a share of the context in [0, 1)")
+        if self.cpu_remainder not in CPU_REMAINDERS:
+            raise ConfigError("cpu_remainder", f"cpu_remainder: got {self.cpu_remainder!r}, expected 'none' or 'all'")
+
+    @classmethod
+    def from_config(cls, config) -> "SpeculationSettings":
+        """The settings from anything with these attributes, e.g. an OffloadConfig."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+    def min_count(self, context: int) -> int:
+        return _tokens(self.min_tokens, context)
+
+    def max_count(self, context: int) -> int:
+        return _tokens(self.max_tokens, context)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _tokens(value: int | float, context: int) -> int:
+    return int(value * context) if isinstance(value, float) and value < 1 else int(value)
+
+
+# Skew ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSkew:
+    """One layer's skew: per KV head an orthogonal [D, D] matrix whose first `kept` columns carry most of q·k."""
+
+    rotation: torch.Tensor  # [Hkv, D, D] float32; columns by importance, most important first
+    kept: int
+
+    @property
+    def partial(self) -> torch.Tensor:
+        """[Hkv, D, P]: the kept columns."""
+        return self.rotation[:, :, : self.kept]
+
+
+def fit_skew(queries: torch.Tensor, keys: torch.Tensor, partial_ratio: float) -> LayerSkew:
+    """The skew of one layer from its post-RoPE queries [Hq, N, D] and keys [Hkv, N, D]."""
+    kv_heads, _, dim = keys.shape
+    q = queries.double().reshape(kv_heads, -1, dim)  # query head h serves KV head h // group
+    q_energy, basis = torch.linalg.eigh(q.mT @ q)
+    k = keys.double() - keys.double().mean(1, keepdim=True)
+    k_spread = ((k @ basis) ** 2).sum(1)
+    importance = q_energy.clamp_min(0) * k_spread
+    order = importance.argsort(-1, descending=True)
+    rotation = basis.gather(2, order[:, None, :].expand(-1, dim, -1))
+    return LayerSkew(rotation.float(), max(1, round(partial_ratio * dim)))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as the supported models apply it: x [B, H, L, D], cos/sin [B, L, D]."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def _heads(proj, norm, hidden: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[B, L, hidden] -> [B, H, L, D] through a projection and the optional per-head norm (Qwen3)."""
+    x = proj(hidden).view(*hidden.shape[:-1], -1, head_dim)
+    if norm is not None:
+        x = norm(x)
+    return x.transpose(1, 2)
+
+
+def rotated_query_key(attn: torch.nn.Module, hidden: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention module's post-RoPE queries [B, Hq, L, D] and keys [B, Hkv, L, D] for its input."""
+    q = _heads(attn.q_proj, getattr(attn, "q_norm", None), hidden, attn.head_dim)
+    k = _heads(attn.k_proj, getattr(attn, "k_norm", None), hidden, attn.head_dim)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def calibration_ids(vocab_size: int, tokens: int = 512, tokenizer=None) -> torch.Tensor:
+    """A deterministic calibration prompt [1, tokens].
+
+    With a tokenizer: the start of Python's own argparse source. Without: fixed pseudo-random
+    phrases of ids, repeated in a fixed order, so that attention has something to look back at.
+    """
+    if tokenizer is not None:
+        text = Path(argparse.__file__).read_text(encoding="utf-8")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+        if len(ids) == tokens:
+            return torch.tensor([ids])
+    generator = torch.Generator().manual_seed(0)
+    phrases = torch.randint(min(4, vocab_size - 1), vocab_size, (32, 8), generator=generator)
+    order = torch.randint(0, 32, (-(-tokens // 8),), generator=generator)
+    return phrases[order].reshape(1, -1)[:, :tokens]
+
+
+def check_skewable(model: torch.nn.Module) -> None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SKEWABLE_MODEL_TYPES:
+        raise UnsupportedModelError(
+            "model",
+            f"model: speculation does not support architecture {model_type!r}; "
+            f"expected one of {', '.join(SKEWABLE_MODEL_TYPES)}",
+        )
+
+
+def calibrate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
+              settings: SpeculationSettings | None = None) -> "Speculator":
+    """Skew every layer of a causal LM from one forward over a calibration prompt.
+
+    Args:
+        model: a transformers Llama, Mistral, Qwen2 or Qwen3 `*ForCausalLM` (or its base model).
+        input_ids: [B, L] unpadded prompt; None for `calibration_ids` (512 tokens).
+        settings: the speculative mode's knobs; `partial_ratio` is used here.
+    """
+    check_skewable(model)
+    settings = settings or SpeculationSettings()
+    if input_ids is None:
+        input_ids = calibration_ids(model.config.vocab_size)
+    modules = attention_modules(model)
+    skews: list[LayerSkew | None] = [None] * len(modules)
+
+    def fit(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        q, k = rotated_query_key(module, hidden, *kwargs["position_embeddings"])
+        skews[module.layer_idx] = fit_skew(q.transpose(0, 1).flatten(1, 2), k.transpose(0, 1).flatten(1, 2),
+                                           settings.partial_ratio)
+
+    hooks = [m.register_forward_pre_hook(fit, with_kwargs=True) for m in modules]
+    decoder = getattr(model, "model", model)  # the base model: no logits over the vocabulary
+    try:
+        with torch.no_grad():
+            decoder(input_ids=input_ids.to(modules[0].q_proj.weight.device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return Speculator(model, skews, settings)
+
+
+def _rotary_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            return module
+    raise UnsupportedModelError("model", "model: no rotary embedding module found; speculation needs RoPE")
+
+
+# Speculation -----------------------------------------------------------------------------------
+
+
+class Speculator:
+    """Predicts, from layer i-1's attention input, the middle tokens layer i's decode query needs.
+
+    The cache calls `begin` once it knows the batch, `append_keys` with every layer's new keys, and
+    `select` for layers >= 1 in decode. Layer 0 has no predecessor: fetch its middle whole.
+    """
+
+    def __init__(self, model: torch.nn.Module, skews: list[LayerSkew], settings: SpeculationSettings):
+        self.settings = settings
+        self.skews = skews
+        self._modules = attention_modules(model)
+        self._rotary = _rotary_embedding(model)
+        weight = self._modules[0].q_proj.weight
+        self._partial = [s.partial.to(weight.device, weight.dtype).contiguous() for s in skews]
+        self._keys: list[torch.Tensor | None] = [None] * len(skews)
+        self._lengths = [0] * len(skews)
+        self._batch: int | None = None
+        self._capacity = 0
+
+    @property
+    def kept_columns(self) -> int:
+        return self.skews[0].kept
+
+    def max_selected(self, max_tokens: int) -> int:
+        """The most tokens `select` returns per KV head in a generation of `max_tokens` tokens."""
+        return min(self.settings.max_count(max_tokens), max_tokens)
+
+    def partial_key_bytes(self, batch: int, max_tokens: int, dtype: torch.dtype) -> int:
+        """Device memory `begin(batch, max_tokens)` leads to (layer 0 keeps none)."""
+        kv_heads = self.skews[0].rotation.shape[0]
+        per_layer = batch * kv_heads * max_tokens * self.kept_columns * torch.finfo(dtype).bits // 8
+        return (len(self.skews) - 1) * per_layer
+
+    def begin(self, batch: int, max_tokens: int) -> None:
+        """Start a generation of `batch` rows and at most `max_tokens` tokens: forget the last one's keys."""
+        self._batch, self._capacity = batch, max_tokens
+        self._lengths = [0] * len(self.skews)
+
+    @torch.no_grad()
+    def append_keys(self, layer_idx: int, key_states: torch.Tensor) -> None:
+        """Keep the skewed partial columns of new post-RoPE keys [B, Hkv, L, D] (as Cache.update gets them)."""
+        if self._batch is None:
+            raise RuntimeError("Speculator.append_keys before begin(batch, max_tokens)")
+        start = self._lengths[layer_idx]
+        end = start + key_states.shape[2]
+        if end > self._capacity:
+            raise RuntimeError(f"layer {layer_idx}: {end} tokens, but begin() sized the partial keys for {self._capacity}")
+        self._lengths[layer_idx] = end
+        if layer_idx == 0:
+            return
+        store = self._storage(layer_idx, key_states)
+        store[:, :, start:end] = key_states @ self._partial[layer_idx].to(key_states.dtype)
+
+    def _storage(self, layer_idx: int, key_states: torch.Tensor) -> torch.Tensor:
+        """The layer's partial key buffer, reused across generations of the same shape."""
+        b, kv_heads, _, _ = key_states.shape
+        shape = (b, kv_heads, self._capacity, self.kept_columns)
+        store = self._keys[layer_idx]
+        if store is None or store.shape != shape or store.dtype != key_states.dtype or store.device != key_states.device:
+            store = self._keys[layer_idx] = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
+        return store
+
+    @torch.no_grad()
+    def query(self, layer_idx: int, hidden: torch.Tensor, position: int,
+              valid_from: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer `layer_idx`'s post-RoPE query [B, Hq, D] for the last token of `hidden` [B, Lq, hidden_size].
+
+        transformers' generate numbers positions from the attention mask, so a row's RoPE position
+        is `position - valid_from` (its first valid slot).
+        """
+        attn = self._modules[layer_idx]
+        x = hidden[:, -1:]
+        pos = torch.full((x.shape[0], 1), position, dtype=torch.long, device=x.device)
+        if valid_from is not None:
+            pos = (pos - valid_from.to(pos.device, torch.long)[:, None]).clamp_min(0)
+        cos, sin = self._rotary(x, pos)
+        q = _heads(attn.q_proj, getattr(attn, "q_norm", None), x, attn.head_dim)
+        return apply_rope(q, cos, sin)[:, :, 0]
+
+    @torch.no_grad()
+    def scores(self, layer_idx: int, hidden: torch.Tensor, position: int, lo: int, hi: int,
+               valid_from: torch.Tensor | None = None) -> torch.Tensor:
+        """Speculated attention logits [B, Hq, hi - lo] (float32, scaled) over positions [lo, hi)."""
+        if layer_idx == 0:
+            raise ValueError("layer 0 has no layer before it to speculate from; fetch it whole")
+        if not 0 <= lo < hi <= self._lengths[layer_idx]:
+            raise ValueError(f"layer {layer_idx}: span [{lo}, {hi}) outside the {self._lengths[layer_idx]} keys stored")
+        q = self.query(layer_idx, hidden, position, valid_from)
+        b, hq, d = q.shape
+        partial = self._partial[layer_idx]
+        kv_heads = partial.shape[0]
+        q_partial = q.view(b, kv_heads, hq // kv_heads, d) @ partial.to(q.dtype)
+        keys = self._keys[layer_idx][:, :, lo:hi]
+        logits = (q_partial.to(keys.dtype) @ keys.mT).float() * self._modules[layer_idx].scaling
+        return logits.reshape(b, hq, hi - lo)
+
+    @torch.no_grad()
+    def select(self, layer_idx: int, hidden: torch.Tensor, position: int, lo: int, hi: int,
+               valid_from: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The middle tokens layer `layer_idx`'s decode step should attend to.
+
+        Args:
+            layer_idx: the layer to predict (>= 1).
+            hidden: [B, 1, hidden_size] the attention input of layer `layer_idx - 1` (after its norm).
+            position: the decode token's position (tokens stored before it).
+            lo, hi: the candidate span; the sink before it and the window after are attended anyway.
+            valid_from: [B] each row's first non-padding position, or None.
+
+        Returns:
+            token_idx int32 [B, Hkv, N], absolute positions in [lo, hi), ascending in the first
+            `count` entries, then padding (hi - 1); count int32 [B, Hkv].
+            N = min(max_tokens resolved against `position`, hi - lo).
+        """
+        logits = self.scores(layer_idx, hidden, position, lo, hi, valid_from)
+        kv_heads = self._partial[layer_idx].shape[0]
+        grouped = logits.view(logits.shape[0], kv_heads, -1, hi - lo)
+        s = self.settings
+        return select_tokens(grouped, lo, s.alpha, s.min_count(position), min(s.max_count(position), hi - lo), valid_from)
+
+
+def select_tokens(scores: torch.Tensor, lo: int, alpha: float, min_count: int, width: int,
+                  valid_from: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The alpha rule over scores [B, Hkv, G, L] of positions lo .. lo + L - 1.
+
+    A token is kept when some query head of the group scores it within `alpha` of that head's
+    best; at least `min_count` and at most `width` per KV head (`width` wins; the best first, by
+    the distance to the closest head's best), never a position before `valid_from` [B].
+    Returns (token_idx int32 [B, Hkv, width], count int32 [B, Hkv]) as `Speculator.select`.
+    """
+    length = scores.shape[-1]
+    hi = lo + length
+    valid = None
+    if valid_from is not None:
+        valid = torch.arange(lo, hi, device=scores.device) >= valid_from.to(scores.device)[:, None]
+        scores = scores.masked_fill(~valid[:, None, None, :], -math.inf)
+    best = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)  # a fully padded row stays -inf
+    closeness = (scores - best).amax(2)  # [B, Hkv, L]: 0 at some head's best
+    count = (closeness > -alpha).sum(-1).clamp(min=min(min_count, width), max=width)
+    if valid is not None:
+        count = torch.minimum(count, valid.sum(-1, keepdim=True))
+    ranked = closeness.topk(width, dim=-1).indices
+    kept = torch.arange(width, device=scores.device) < count[..., None]
+    chosen = torch.where(kept, ranked + lo, hi)  # hi sorts past every kept position
+    token_idx = chosen.sort(-1).values.clamp_max(hi - 1)
+    return token_idx.to(torch.int32), count.to(torch.int32)
+
+
+# Stats -----------------------------------------------------------------------------------------
+
+
+def attention_recall(query: torch.Tensor, keys: torch.Tensor, token_idx: torch.Tensor, count: torch.Tensor,
+                     scale: float | None = None, span: tuple[int, int] | None = None,
+                     valid_from: torch.Tensor | None = None) -> torch.Tensor:
+    """The share of each query head's attention over the span that the selection holds, [B, Hq].
+
+    Args:
+        query: [B, Hq, D] the true decode query (post-RoPE).
+        keys: [B, Hkv, T, D] the layer's true keys (post-RoPE).
+        token_idx, count: a selection as `Speculator.select` returns it (positions in the span).
+        scale: the attention scale; None for 1/sqrt(D).
+        span: [lo, hi) the candidates, softmax is taken over them; None for all T keys.
+        valid_from: [B] first non-padding position, or None.
+    """
+    b, hq, d = query.shape
+    kv_heads, total = keys.shape[1], keys.shape[2]
+    lo, hi = span or (0, total)
+    scale = d**-0.5 if scale is None else scale
+    logits = query.float().view(b, kv_heads, hq // kv_heads, d) @ keys[:, :, lo:hi].float().mT * scale
+    if valid_from is not None:
+        pad = torch.arange(lo, hi, device=keys.device) < valid_from.to(keys.device)[:, None]
+        logits = logits.masked_fill(pad[:, None, None, :], -math.inf)
+    probs = logits.softmax(-1)
+    kept = (torch.arange(token_idx.shape[-1], device=keys.device) < count[..., None].to(keys.device)).float()
+    hits = torch.zeros(b, kv_heads, hi - lo, device=keys.device)
+    hits.scatter_add_(-1, (token_idx.to(keys.device).long() - lo).clamp(0, max(0, hi - lo - 1)), kept)
+    return (probs * (hits > 0)[:, :, None]).sum(-1).reshape(b, hq)
+
+
+def selected_share(count: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The mean share of the candidate span [lo, hi) selected per KV head (a 0-dim tensor, no sync)."""
+    return count.float().mean() / max(1, hi - lo)

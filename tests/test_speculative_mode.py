@@ -1,0 +1,39 @@
+"""The speculative mode end to end: exact with cpu_remainder "all", a small fetch with "none"."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _llama_only(model_dir):
+    if "llama" not in str(model_dir):
+        pytest.skip("Triton's interpreter runs the gathers here: slow; the mode does not depend on the architecture")
+
+from test_stream_exact import SMALL, _hetero, _reference, model_dir  # noqa: F401  (fixture)
+
+SPECULATIVE = {**SMALL, "mode": "speculative", "gpu_kv_bytes": "384KiB", "max_tokens": 0.1, "min_tokens": 4}
+
+
+def test_with_the_cpu_attending_over_the_rest_it_is_exact(model_dir):
+    g = torch.Generator().manual_seed(21)
+    lengths = [211, 97, 150]
+    ids = torch.zeros(3, 211, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, 211 - n:] = torch.randint(1, 256, (n,), generator=g)
+        mask[row, 211 - n:] = 1
+    expected = _reference(model_dir, ids, mask, 8)
+    got, model = _hetero(model_dir, ids, mask, 8, {**SPECULATIVE, "cpu_remainder": "all"})
+    assert torch.equal(got, expected)
+    stats = model.hetero.last_stats
+    assert 0 < stats.fetched_token_share <= 0.1 + 1e-6
+    assert stats.bytes_read_by_cpu > 0
+
+
+def test_without_the_rest_it_fetches_a_tenth_and_still_generates(model_dir):
+    ids = torch.randint(1, 256, (2, 300), generator=torch.Generator().manual_seed(22))
+    got, model = _hetero(model_dir, ids, torch.ones_like(ids), 6, SPECULATIVE)
+    assert got.shape == (2, 306)
+    stats = model.hetero.last_stats
+    assert 0 < stats.fetched_token_share <= 0.1 + 1e-6
+    assert stats.bytes_read_by_cpu == 0
