@@ -13,45 +13,12 @@ import json
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.generation.streamers import BaseStreamer
+from transformers import LlamaForCausalLM
 
 import hetero
-
-
-def llama_8b_config(layers: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
-        tie_word_embeddings=False,
-    )
-
-
-def pinned_copy_ceiling(nbytes: int = 1 << 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    for _ in range(2):
-        dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    reps = 5
-    for _ in range(reps):
-        dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    return reps * nbytes / (time.perf_counter() - start)
-
-
-class TokenClock(BaseStreamer):
-    """Time of each token generate emits; the first put() is the prompt itself."""
-
-    def __init__(self):
-        self.times = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
+from suite.ceilings import pinned_h2d_bytes_per_s as pinned_copy_ceiling
+from suite.measure import TokenClock
+from suite.model import llama_8b_config
 
 
 def measure(name, generate, ids, new_tokens, **kwargs):

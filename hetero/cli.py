@@ -1,4 +1,4 @@
-"""The `hetero` command: generate, plan, demo."""
+"""The `hetero` command: generate, plan, demo, bench."""
 
 from __future__ import annotations
 
@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(run=_demo)
+
+    from .bench_cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,65 @@
+"""`hetero bench`: the benchmark suite of a source checkout (bench/suite) from the command line.
+
+The suite is imported only when the command runs: it lives beside the package, not in it."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmark workloads: transformers' caches and each hetero mode side by side")
+    add_arguments(bench)
+    bench.set_defaults(run=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser, workload_required: bool = True) -> None:
+    parser.add_argument("--workload", required=workload_required,
+                        help="fits | small-card | many-sequences | beyond-ram | sweep")
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--quick", action="store_true", help="quarter contexts, at most 8 decode steps and batch 2")
+    scale.add_argument("--tiny", action="store_true", help="a tiny Llama and contexts of a few hundred tokens (CPU)")
+    parser.add_argument("--systems", help="comma-separated subset, e.g. transformers-offloaded,stream "
+                                          "(default: every system); results of earlier calls are kept")
+    parser.add_argument("--out", type=Path, help="results directory (default: bench/results, with quick/ or tiny/ below it)")
+    parser.add_argument("--ssd-dir", help="where beyond-ram's SSD tier writes (default: the temporary directory)")
+    parser.add_argument("--attempt-oom", action="store_true",
+                        help="run transformers' default cache even where its KV is predicted not to fit")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rebuild summary.md and the plots from the JSON under --out")
+
+
+def run(args, workloads: list[str] | None = None, program: str = "hetero bench") -> int:
+    if not (BENCH_DIR / "suite" / "__init__.py").is_file():
+        raise FileNotFoundError(f"hetero bench runs bench/suite of a source checkout (pip install -e .); "
+                                f"none beside {Path(__file__).parent}")
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    from suite.main import run_suite
+
+    run_suite(
+        workloads or ([args.workload] if args.workload else []),
+        scale="tiny" if args.tiny else "quick" if args.quick else "full",
+        systems=args.systems.split(",") if args.systems else None,
+        out=args.out, device=args.device, attempt_oom=args.attempt_oom, ssd_dir=args.ssd_dir,
+        report_only=args.report_only, command=_command_line(program, args, workloads),
+    )
+    return 0
+
+
+def _command_line(program: str, args, workloads: list[str] | None) -> str:
+    """The call as typed, rebuilt from its arguments, for the results' record."""
+    words = ["--all"] if workloads else ["--workload", args.workload] if args.workload else []
+    for flag in ("quick", "tiny", "attempt_oom", "report_only"):
+        if getattr(args, flag):
+            words.append("--" + flag.replace("_", "-"))
+    for option in ("systems", "out", "ssd_dir", "device"):
+        if getattr(args, option) is not None:
+            words += ["--" + option.replace("_", "-"), str(getattr(args, option))]
+    return " ".join([program, *map(shlex.quote, words)])

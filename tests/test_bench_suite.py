@@ -1,0 +1,160 @@
+"""The benchmark suite end to end on a tiny Llama on the CPU: what it writes, not how fast it runs."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from hetero import cli
+from hetero.bench_cli import BENCH_DIR
+
+sys.path.insert(0, str(BENCH_DIR))
+from suite import plots, report, runner, systems  # noqa: E402
+from suite.model import kv_bytes, llama_8b_config  # noqa: E402
+from suite.traffic import PATHS  # noqa: E402
+from suite.workloads import WORKLOADS, scaled  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    """beyond-ram and the sweep, tiny, written by `hetero bench` into one directory."""
+    out = tmp_path_factory.mktemp("results")
+    some = "transformers-default,transformers-offloaded,stream,split"
+    assert cli.main(["bench", "--workload", "beyond-ram", "--tiny", "--systems", some, "--out", str(out)]) == 0
+    assert cli.main(["bench", "--workload", "sweep", "--tiny", "--systems", "stream", "--out", str(out)]) == 0
+    return out
+
+
+def _rows(out, workload):
+    return {(r["system"], r["context"]): r for r in json.loads((out / f"{workload}.json").read_text())["rows"]}
+
+
+def test_a_workload_writes_each_systems_figures(results_dir):
+    result = json.loads((results_dir / "beyond-ram.json").read_text())
+    assert result["scale"] == "tiny" and result["ceilings"]["cpu_stream_gbs"] > 0
+    assert result["command"].startswith("hetero bench --workload beyond-ram --tiny --systems")
+    rows = _rows(results_dir, "beyond-ram")
+    assert set(s for s, _ in rows) == {"transformers-default", "transformers-offloaded", "hetero-stream", "hetero-split"}
+    for system in ("transformers-default", "hetero-stream", "hetero-split"):
+        row = rows[(system, 512)]
+        assert row["status"] == "ok", row.get("reason")
+        assert row["decode_steps"] == 3 and row["batch"] == 2
+        for key in ("prefill_s", "ttft_s", "decode_tok_s", "step_ms", "peak_host_rss_gib"):
+            assert row[key] > 0, key
+        assert set(row["bytes_per_step"]) == set(PATHS)
+        assert "bound" in row and "ratio_to_bound" in row  # None without a GPU's ceilings
+    split = rows[("hetero-split", 512)]
+    assert split["bytes_source"].startswith("measured")
+    assert split["bytes_per_step"]["ssd_read"] > 0 and split["bytes_per_step"]["cpu_read"] > 0
+    assert 0 < split["ssd_share_of_kv"] < 1
+    assert split["agrees_with"] == "transformers-default"
+    assert rows[("transformers-default", 512)]["bytes_source"].startswith("estimated")
+
+
+def test_the_offloaded_cache_is_skipped_with_its_reason_on_the_cpu(results_dir):
+    row = _rows(results_dir, "beyond-ram")[("transformers-offloaded", 512)]
+    assert row["status"] == "skipped" and "CUDA" in row["reason"]
+
+
+def test_markdown_and_plots_cover_every_workload_in_the_directory(results_dir):
+    summary = (results_dir / "summary.md").read_text()
+    assert "### beyond-ram (tiny)" in summary and "### sweep (tiny)" in summary
+    assert "| hetero-split | 512 x 2 | ok |" in summary
+    assert "skipped: transformers' offloaded cache needs CUDA" in summary
+    assert "## The bar" in summary and "beyond-ram | 1.00 | 1 | pass" in summary
+    for name in ("decode_tokens_per_s.png", "sweep_step_time.png"):
+        assert (results_dir / name).read_bytes().startswith(PNG), name
+    assert {c for s, c in _rows(results_dir, "sweep")} == {128, 256}
+
+
+def test_report_only_rebuilds_the_table_from_the_json(results_dir):
+    (results_dir / "summary.md").unlink()
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH_DIR / "run.py")
+    bench_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_run)
+    assert bench_run.main(["--report-only", "--out", str(results_dir)]) == 0
+    assert "### sweep (tiny)" in (results_dir / "summary.md").read_text()
+
+
+def test_a_failing_system_is_a_row_and_the_next_system_still_runs(monkeypatch):
+    real = runner._timed_generate
+
+    def out_of_memory_for_the_default_cache(system, *args):
+        if system == systems.DEFAULT:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+        return real(system, *args)
+
+    monkeypatch.setattr(runner, "_timed_generate", out_of_memory_for_the_default_cache)
+    workload = scaled(WORKLOADS["fits"], "tiny")
+    result = runner.run_workload(workload, [systems.DEFAULT, "hetero-stream"], torch.device("cpu"))
+    default, stream = result["rows"]
+    assert default["status"] == "oom" and "out of GPU memory" in default["reason"]
+    assert stream["status"] == "ok" and "agrees_with" not in stream
+
+
+def test_a_later_call_keeps_the_rows_of_systems_it_did_not_run(tmp_path):
+    def result(rows, date):
+        return {"workload": "fits", "scale": "full", "date": date, "rows": rows}
+
+    runner.write_result(result([{"system": "transformers-offloaded", "status": "ok"},
+                                {"system": "hetero-stream", "status": "error"}], "first"), tmp_path)
+    runner.write_result(result([{"system": "hetero-stream", "status": "ok"}], "second"), tmp_path)
+    later = [{"system": "hetero-stream", "status": "ok"}, {"system": "hetero-split", "status": "ok"}]
+    runner.write_result(result(later, "second"), tmp_path)  # the same call saves again after its next row
+    rows = json.loads((tmp_path / "fits.json").read_text())["rows"]
+    assert [(r["system"], r["status"]) for r in rows] == [
+        ("transformers-offloaded", "ok"), ("hetero-stream", "ok"), ("hetero-split", "ok")]
+    assert rows[0]["from_earlier_call"] == "first" and "from_earlier_call" not in rows[1]
+
+
+def _row(system, tok_s, **extra):
+    bytes_per_step = dict.fromkeys(PATHS, 0) | extra.pop("bytes", {})
+    return {"system": system, "context": 131072, "batch": 1, "status": "ok", "decode_tok_s": tok_s, "ttft_s": 1.0,
+            "bytes_per_step": bytes_per_step, **extra}
+
+
+def test_the_bar_compares_split_and_speculative_with_the_offloaded_cache():
+    small_card = {"rows": [
+        _row("transformers-offloaded", 1.0),
+        _row("hetero-split", 2.0, bytes={"pcie_h2d": 1, "cpu_read": 1}, ratio_to_bound=0.5),
+        _row("hetero-speculative", 12.0),
+    ]}
+    found = {(c["check"].split(" (")[0], c["workload"]): c for c in report.checks({"small-card": small_card})}
+    assert found[("split decode vs transformers offloaded", "small-card")]["result"] == "pass"
+    assert found[("split decode / its", "small-card")]["result"] == "fail"
+    assert found[("speculative decode vs transformers offloaded", "small-card")]["value"] == 12.0
+    assert found[("split decode vs transformers offloaded", "many-sequences")]["result"] == "not measured"
+
+
+def test_the_workloads_are_the_issues():
+    config = llama_8b_config()
+    assert kv_bytes(config, 1, 131072) == 16 * GiB
+    small = WORKLOADS["small-card"]
+    assert (small.context, small.batch, small.gpu_card_bytes) == (131072, 1, 24 * 10**9)
+    assert systems.offload_config("split", small, small.context, config, False, None)["gpu_kv_bytes"] == 4 * GiB
+    many, beyond = WORKLOADS["many-sequences"], WORKLOADS["beyond-ram"]
+    assert (many.context, many.batch, many.gpu_kv_share) == (131072, 4, None)
+    assert (beyond.context, beyond.batch, beyond.host_kv_share) == (131072, 8, 0.75)
+    quick = scaled(small, "quick")
+    assert (quick.context, quick.decode_steps, quick.gpu_kv_share) == (32768, 8, 0.25)
+    assert systems.select_systems(["stream", "transformers-default"]) == ["transformers-default", "hetero-stream"]
+    with pytest.raises(ValueError, match="unknown hetero-nope"):
+        systems.select_systems(["nope"])
+
+
+def test_plots_without_matplotlib_are_still_pngs(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails: the standard-library canvas draws
+    bound = {"seconds": 0.01, "limited_by": "pcie"}
+    results = {
+        "fits": {"rows": [_row("transformers-default", 30.0), {"system": "hetero-split", "context": 131072,
+                                                              "status": "oom"}]},
+        "sweep": {"rows": [_row("hetero-stream", 10.0, context=c, step_ms=c / 1000, bound=bound) for c in (4096, 65536)]},
+    }
+    paths = plots.write_plots(results, tmp_path)
+    assert [p.name for p in paths] == ["decode_tokens_per_s.png", "sweep_step_time.png"]
+    assert all(p.read_bytes().startswith(PNG) for p in paths)
