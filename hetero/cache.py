@@ -225,12 +225,15 @@ class HeteroCache(Cache):
         if self.speculator is not None and lq == 1:
             self._prefetch_after(layer_idx, decode=True)  # the next layer's gather overlaps this one's compute
         merger = PartialMerger()
+        picked = []
         if pick is not None:
             self.pipeline.wait(pick.ready)
-            merger.add(*gpu_decode.attend_segments(query, [pick.segment], scale))
+            picked = [pick.segment]
         if gpu_decode.applies(query, key_valid, sliding_window):
-            self._attend_on_gpu(layer_idx, plan, tickets, query, scale, merger)
+            self._attend_on_gpu(layer_idx, plan, tickets, query, scale, merger, picked)
         else:
+            if picked:
+                merger.add(*gpu_decode.attend_segments(query, picked, scale))
             self._attend_by_pieces(plan, tickets, query, key_new, value_new, key_valid, scale, sliding_window, merger)
         self._prefetch_after(layer_idx, decode=lq == 1)
         if host_job is not None:
@@ -240,12 +243,12 @@ class HeteroCache(Cache):
         out, _ = merger.result()
         return out.to(query.dtype)
 
-    def _attend_on_gpu(self, layer_idx, plan, tickets, query, scale, merger) -> None:
+    def _attend_on_gpu(self, layer_idx, plan, tickets, query, scale, merger, picked=()) -> None:
         """A decode step through the Triton kernel: the resident blocks in place (the new token is
-        already stored in one of them), then the fetched buffers."""
+        already stored in one of them), the tokens speculation gathered, then the fetched buffers."""
         resident = self._resident_after_store(layer_idx, plan)
         table = self._slot_table(layer_idx, resident)
-        segments = [gpu_decode.pool_segment(self._gpu.slab, table, self._resident_tokens(resident, plan.length + 1))]
+        segments = [*picked, gpu_decode.pool_segment(self._gpu.slab, table, self._resident_tokens(resident, plan.length + 1))]
         pending = [ticket for _, ticket in tickets]
         while True:
             # Every ticket that already holds a buffer joins this call; the rest wait for the release.
@@ -278,10 +281,13 @@ class HeteroCache(Cache):
             # Python-side indexing: building index tensors on the GPU would sync with the host.
             kv = torch.stack([self._gpu.slab[s] for _, s in plan.resident])
             key_pos = torch.cat([self._positions(b * bs, bs, query.device) for b, _ in plan.resident])
-            valid = (key_pos < past)[None, :]
-            if key_valid is not None:
-                valid = valid & key_valid[:, key_pos.clamp_max(past - 1)]
-            merger.add(*attend(query, *_as_kv(kv), scale, key_pos, window_q_pos, valid, sliding_window))
+            # Only the last block may be partly filled: cut its empty tail rather than mask it, so
+            # that the unmasked (flash) path applies.
+            valid_tokens = self._resident_tokens(plan.resident, past)
+            keys, values = (t[:, :, :valid_tokens] for t in _as_kv(kv))
+            key_pos = key_pos[:valid_tokens]
+            valid = None if key_valid is None else key_valid[:, key_pos]
+            merger.add(*attend(query, keys, values, scale, key_pos, window_q_pos, valid, sliding_window))
         for first, ticket in tickets:
             kv = self._ring.acquire(ticket)
             key_pos = self._positions(first * bs, kv.shape[0] * bs, query.device)
