@@ -351,7 +351,9 @@ class HeteroCache(Cache):
         layout = KVLayout(len(self._layers), batch, kv_heads, head_dim, cfg.block_size, dtype)
         nl, bpl = layout.num_layers, self.blocks_per_layer
         if self.budgets.gpu_kv_bytes >= nl * (bpl + 2) * layout.block_bytes:
-            # Everything fits the GPU budget: every block stays resident and nothing moves.
+            # Everything fits the GPU budget: every block stays resident and nothing moves (nor is
+            # there anything to speculate about).
+            self.speculator = None
             self.policy = ResidencyPolicy(cfg.block_size, sink_blocks=bpl, window_blocks=0)
             self._gpu = GpuPool(nl * self.policy.slots_per_layer(), layout.block_shape, dtype, self.device)
             self._ring = self.pipeline.fetch_ring(1, 1, layout.block_shape, dtype)

@@ -37,3 +37,12 @@ def test_without_the_rest_it_fetches_a_tenth_and_still_generates(model_dir):
     stats = model.hetero.last_stats
     assert 0 < stats.fetched_token_share <= 0.1 + 1e-6
     assert stats.bytes_read_by_cpu == 0
+
+
+def test_a_cache_that_fits_the_gpu_budget_needs_no_speculation(model_dir):
+    ids = torch.randint(1, 256, (1, 120), generator=torch.Generator().manual_seed(23))
+    mask = torch.ones_like(ids)
+    expected = _reference(model_dir, ids, mask, 4)
+    got, model = _hetero(model_dir, ids, mask, 4, {**SPECULATIVE, "gpu_kv_bytes": "64MiB"})
+    assert torch.equal(got, expected)
+    assert model.hetero.last_stats.bytes_to_gpu == 0
