@@ -32,12 +32,13 @@ def gpu_card(device: torch.device, card_bytes: int | None):
     if card_bytes is None or device.type != "cuda":
         yield
         return
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, card_bytes / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, card_bytes / total), index)
     try:
         yield
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
 
 
 def run_workload(workload: Workload, system_names: list[str], device: torch.device, *, attempt_oom: bool = False,
