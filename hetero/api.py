@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -138,7 +139,11 @@ class Runtime:
 
     def new_cache(self, max_tokens: int) -> HeteroCache:
         device = self.model.device
-        budgets = resolve_budgets(self.config, MachineMemory.probe(device))
+        machine = MachineMemory.probe(device)
+        # The pinned pool kept from the last generation is this cache's to reuse: count it as available.
+        held = self.host_pools.held_bytes
+        machine = replace(machine, host_available_bytes=machine.host_available_bytes + held)
+        budgets = resolve_budgets(self.config, machine)
         cache = HeteroCache(
             self.config, budgets, self.model.config.num_hidden_layers, max_tokens, device, self.gpu_share(),
             self.host_pools, self.speculator,

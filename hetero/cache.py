@@ -581,6 +581,11 @@ class HostPoolReuse:
     def __init__(self):
         self._pool: HostPool | None = None
 
+    @property
+    def held_bytes(self) -> int:
+        """Host memory the kept pool holds."""
+        return 0 if self._pool is None else self._pool.budget
+
     def __call__(self, n_slots: int, block_shape, dtype: torch.dtype, pin: bool) -> HostPool:
         if self._pool is None or not self._pool.fits(n_slots, block_shape, dtype, pin):
             if self._pool is not None:

@@ -257,6 +257,18 @@ class Speculator:
         """Start a generation of `batch` rows and at most `max_tokens` tokens: forget the last one's keys."""
         self._batch, self._capacity = batch, max_tokens
         self._lengths = [0] * len(self.skews)
+        self._rope_table(max_tokens)
+
+    @torch.no_grad()
+    def _rope_table(self, max_tokens: int) -> None:
+        """RoPE's cos and sin for every position of the generation, computed once: a decode step
+        then reads its row instead of launching the rotary module's kernels in every layer."""
+        if getattr(self, "_cos", None) is not None and self._cos.shape[1] >= max_tokens:
+            return
+        weight = self._modules[0].q_proj.weight
+        probe = torch.empty(1, 1, 1, dtype=weight.dtype, device=weight.device)
+        positions = torch.arange(max_tokens, device=weight.device)[None]
+        self._cos, self._sin = self._rotary(probe, positions)  # [1, max_tokens, D]
 
     @torch.no_grad()
     def append_keys(self, layer_idx: int, key_states: torch.Tensor) -> None:
@@ -292,10 +304,13 @@ class Speculator:
         """
         attn = self._modules[layer_idx]
         x = hidden[:, -1:]
-        pos = torch.full((x.shape[0], 1), position, dtype=torch.long, device=x.device)
-        if valid_from is not None:
-            pos = (pos - valid_from.to(pos.device, torch.long)[:, None]).clamp_min(0)
-        cos, sin = self._rotary(x, pos)
+        if getattr(self, "_cos", None) is None or position >= self._cos.shape[1]:
+            self._rope_table(position + 1)
+        if valid_from is None:
+            cos, sin = self._cos[:, position : position + 1], self._sin[:, position : position + 1]
+        else:
+            rows = (position - valid_from.to(x.device, torch.long)).clamp_min(0)
+            cos, sin = self._cos[0, rows][:, None], self._sin[0, rows][:, None]
         q = _heads(attn.q_proj, getattr(attn, "q_norm", None), x, attn.head_dim)
         return apply_rope(q, cos, sin)[:, :, 0]
 
