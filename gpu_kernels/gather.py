@@ -126,7 +126,13 @@ def gather_blocks(pool, slots, out, *, chunk=_BLOCK_CHUNK, num_warps=4):
     return out
 
 
+_PINNED: set[int] = set()  # host addresses already seen pinned: asking CUDA costs time on every call
+
+
 def _check_pool_readable(pool: torch.Tensor) -> None:
     # Pageable host memory is not mapped for the GPU; the launcher would fail with a vaguer error.
-    if pool.device.type == "cpu" and torch.cuda.is_available() and not pool.is_pinned():
+    if pool.device.type != "cpu" or not torch.cuda.is_available() or pool.data_ptr() in _PINNED:
+        return
+    if not pool.is_pinned():
         raise ValueError("a host pool must be pinned (torch.empty(..., pin_memory=True)) for the GPU to read it")
+    _PINNED.add(pool.data_ptr())

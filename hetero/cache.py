@@ -138,7 +138,7 @@ class HeteroCache(Cache):
         self.speculator = speculator
         self._inputs: dict[int, torch.Tensor] = {}  # layer -> its attention input of this forward
         self._picks: dict[int, Pick] = {}  # layer -> the tokens gathered for its next decode step
-        self._fetched_tokens = None  # device counter of gathered tokens (speculative mode)
+        self._counts: list[torch.Tensor] = []  # tokens gathered per (row, head), each layer step (speculative mode)
         self._context_tokens = 0  # context tokens of the (layer, row, head)s that gathered
         self._valid_from: torch.Tensor | None = None  # [B] first non-padding position, for speculation
         self.policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
@@ -504,13 +504,15 @@ class HeteroCache(Cache):
         bs = self.config.block_size
         lo, hi = plan.host[0] * bs, plan.host[1] * bs
         valid_from = self._valid_from
-        selected, count = self.speculator.select(layer_idx, self._inputs[layer_idx - 1], plan.length, lo, hi, valid_from)
+        exact = self.config.cpu_remainder == "all"  # the CPU's ranges between the selected need them in order
+        selected, count = self.speculator.select(layer_idx, self._inputs[layer_idx - 1], plan.length, lo, hi,
+                                                 valid_from, ordered=exact)
         buffer = self._gather_buffers[layer_idx % 2][:, :, :, : selected.shape[2]]
         table = self._home_tables_gpu[layer_idx, self._home.area_of[layer_idx]]
         ready = self.pipeline.gather(gather_tokens, self._home.slab, table, selected, count, buffer)
-        self._fetched_tokens = count.sum() if self._fetched_tokens is None else self._fetched_tokens + count.sum()
+        self._counts.append(count)  # summed when stats are read: no kernel per layer and step
         self._context_tokens += plan.length * count.numel()
-        on_host = self.pipeline.to_host(selected, count) if self.config.cpu_remainder == "all" else None
+        on_host = self.pipeline.to_host(selected, count) if exact else None
         return Pick(buffer, count, ready, (lo, hi), on_host)
 
     def observe_input(self, layer_idx: int, hidden: torch.Tensor, key_valid: torch.Tensor | None) -> None:
@@ -542,8 +544,8 @@ class HeteroCache(Cache):
         host = 0 if home is None else home.host_slots * self.layout.block_bytes
         ssd = (0, 0, 0) if home is None else (home.ssd_bytes, home.bytes_to_ssd, home.bytes_from_ssd)
         share, gathered = None, 0
-        if self._fetched_tokens is not None and self._context_tokens:
-            fetched = int(self._fetched_tokens)
+        if self._counts and self._context_tokens:
+            fetched = int(torch.stack(self._counts).sum(dtype=torch.int64))
             share = fetched / self._context_tokens
             lay = self.layout
             gathered = fetched * 2 * lay.head_dim * torch.finfo(lay.dtype).bits // 8  # K and V rows over PCIe

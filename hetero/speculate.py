@@ -234,6 +234,8 @@ class Speculator:
         self._rotary = _rotary_embedding(model)
         weight = self._modules[0].q_proj.weight
         self._partial = [s.partial.to(weight.device, weight.dtype).contiguous() for s in skews]
+        # The query side carries the attention scale, which saves a kernel per layer and step.
+        self._query_partial = [(p * m.scaling).contiguous() for p, m in zip(self._partial, self._modules)]
         self._keys: list[torch.Tensor | None] = [None] * len(skews)
         self._lengths = [0] * len(skews)
         self._batch: int | None = None
@@ -324,16 +326,16 @@ class Speculator:
             raise ValueError(f"layer {layer_idx}: span [{lo}, {hi}) outside the {self._lengths[layer_idx]} keys stored")
         q = self.query(layer_idx, hidden, position, valid_from)
         b, hq, d = q.shape
-        partial = self._partial[layer_idx]
+        partial = self._query_partial[layer_idx]
         kv_heads = partial.shape[0]
         q_partial = q.view(b, kv_heads, hq // kv_heads, d) @ partial.to(q.dtype)
         keys = self._keys[layer_idx][:, :, lo:hi]
-        logits = (q_partial.to(keys.dtype) @ keys.mT).float() * self._modules[layer_idx].scaling
+        logits = (q_partial.to(keys.dtype) @ keys.mT).float()
         return logits.reshape(b, hq, hi - lo)
 
     @torch.no_grad()
     def select(self, layer_idx: int, hidden: torch.Tensor, position: int, lo: int, hi: int,
-               valid_from: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               valid_from: torch.Tensor | None = None, ordered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The middle tokens layer `layer_idx`'s decode step should attend to.
 
         Args:
@@ -352,17 +354,20 @@ class Speculator:
         kv_heads = self._partial[layer_idx].shape[0]
         grouped = logits.view(logits.shape[0], kv_heads, -1, hi - lo)
         s = self.settings
-        return select_tokens(grouped, lo, s.alpha, s.min_count(position), min(s.max_count(position), hi - lo), valid_from)
+        width = min(s.max_count(position), hi - lo)
+        return select_tokens(grouped, lo, s.alpha, s.min_count(position), width, valid_from, ordered)
 
 
 def select_tokens(scores: torch.Tensor, lo: int, alpha: float, min_count: int, width: int,
-                  valid_from: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  valid_from: torch.Tensor | None = None, ordered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The alpha rule over scores [B, Hkv, G, L] of positions lo .. lo + L - 1.
 
     A token is kept when some query head of the group scores it within `alpha` of that head's
     best; at least `min_count` and at most `width` per KV head (`width` wins; the best first, by
     the distance to the closest head's best), never a position before `valid_from` [B].
-    Returns (token_idx int32 [B, Hkv, width], count int32 [B, Hkv]) as `Speculator.select`.
+    Returns (token_idx int32 [B, Hkv, width], count int32 [B, Hkv]) as `Speculator.select`;
+    `ordered=False` leaves the first `count` positions best first and the rest unspecified (but in
+    [lo, hi)), which saves the kernels that sort them, for callers that need no order.
     """
     length = scores.shape[-1]
     hi = lo + length
@@ -375,7 +380,9 @@ def select_tokens(scores: torch.Tensor, lo: int, alpha: float, min_count: int, w
     count = (closeness > -alpha).sum(-1).clamp(min=min(min_count, width), max=width)
     if valid is not None:
         count = torch.minimum(count, valid.sum(-1, keepdim=True))
-    ranked = closeness.topk(width, dim=-1).indices
+    ranked = closeness.sort(-1, descending=True).indices[..., :width]
+    if not ordered:
+        return (ranked + lo).to(torch.int32), count.to(torch.int32)
     kept = torch.arange(width, device=scores.device) < count[..., None]
     chosen = torch.where(kept, ranked + lo, hi)  # hi sorts past every kept position
     token_idx = chosen.sort(-1).values.clamp_max(hi - 1)

@@ -44,11 +44,11 @@ def stepwise_logits(model, ids, prefix, sel):
 
 
 def manual_window_attention(q, k, v, q_pos, sink, window, fetch, scale):
-    """Plain reference: each row attends to [0, sink) and the last window + fetch tokens up to itself."""
+    """Plain reference: each row attends to [0, sink), the window + fetch tokens before it and itself."""
     group = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, group), repeat_kv(v, group)
     k_pos = torch.arange(k.shape[2])
-    keep = (k_pos[None] < sink) | (k_pos[None] > q_pos[:, None] - window - fetch)
+    keep = (k_pos[None] < sink) | (k_pos[None] >= q_pos[:, None] - window - fetch)
     keep &= k_pos[None] <= q_pos[:, None]
     scores = (q.double() @ k.double().transpose(-1, -2)) * scale
     return torch.softmax(scores.masked_fill(~keep, float("-inf")), -1) @ v.double()
@@ -73,10 +73,21 @@ def main() -> None:
 
         q, k, v = (torch.randn(2, 4, 5, 8), torch.randn(2, 2, 90, 8), torch.randn(2, 2, 90, 8))
         q_pos = torch.arange(85, 90)
-        out, recall = selection._attend_rows(q, k, v, q_pos, 8**-0.5, Selection("window", 3, 10, 7))
+        out, recall, middle = selection._attend_rows(q, k, v, q_pos, 8**-0.5, Selection("window", 3, 10, 7))
         ref = manual_window_attention(q, k, v, q_pos, 3, 10, 7, 8**-0.5)
         assert torch.allclose(out.double(), ref, atol=1e-5), (out.double() - ref).abs().max()
         assert recall.shape == (2, 4, 5) and bool((recall > 0).all() and (recall < 1).all())
+        assert bool((middle < recall).all()), "the middle recall leaves out the sink and window"
+        # Blocks: the sink and window are whole blocks, as hetero's cache keeps them.
+        lo, hi = Selection("window", 3, 10, 7, block=8).middle(q_pos)
+        assert lo == 8 and hi.tolist() == [64, 64, 64, 72, 72], (lo, hi)
+        out_b, _, _ = selection._attend_rows(q, k, v, q_pos, 8**-0.5, Selection("window", 8, 16, 7, block=8))
+        keep = [(k_pos < 8) | (k_pos >= h - 7) for h, k_pos in zip(hi.tolist(), [torch.arange(90)] * 5)]
+        for row, kept in enumerate(keep):
+            kept &= torch.arange(90) <= q_pos[row]
+            scores = (q[:, :, row : row + 1].double() @ repeat_kv(k, 2).double().transpose(-1, -2)) * 8**-0.5
+            want = torch.softmax(scores.masked_fill(~kept, float("-inf")), -1) @ repeat_kv(v, 2).double()
+            assert torch.allclose(out_b[:, :, row : row + 1].double(), want, atol=1e-5), row
 
         recalls = {}
         for policy in ("window", "random", "oracle"):
