@@ -4,10 +4,11 @@ For each setting of settings.py, on held-out documents (other files and keys tha
 - retrieval accuracy: the greedy answer to a planted question is exactly right (per kind and mean);
 - next-token loss (nats per byte) on the last `scored` tokens of plain held-out text, those tokens
   run through the setting's decode path (teacher-forced) after an exact prefill of the rest;
-- attention-mass recall per layer, for the selection rows.
+- attention-mass recall per layer, for the selection rows and (spec_recall.py) hetero's speculation;
+- for the speculative rows, the share of the context hetero actually fetched per layer and step.
 Writes fidelity.json, fidelity.md and fidelity.png under --out.
 
-    python bench/fidelity/evaluate.py --ckpt /tmp/fidelity_ckpt --out results/     # H100, ~1-2 min
+    python bench/fidelity/evaluate.py --ckpt /tmp/fidelity_ckpt --out results/     # H100, ~3 min
     python bench/fidelity/evaluate.py --tiny --ckpt /tmp/fidelity_tiny --out results/
 """
 
@@ -26,10 +27,11 @@ from transformers.utils import logging as hf_logging
 
 import report
 import selection
+import spec_recall
 import tasks
 from byte_tokenizer import check_tokenizer
 from corpus import load_corpus
-from settings import Residency, Setting, build_settings
+from settings import Residency, Setting, build_settings, speculation_settings
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,16 @@ class EvalPlan:
     kv_pairs: int = 8
     notes: int = 4
     short_context: int = 1024  # the reference is also probed this short: did training teach retrieval at all?
+    recall_text_positions: int = 64  # teacher-forced text positions the speculation recall is measured at
 
 
+# The sink and window are whole blocks of hetero's (Residency checks), so that hetero's residency and
+# the baselines' are the same tokens. The time limit keeps the run inside one 10-minute call on an
+# H100 (training <= 5.5 min); of the speculative rows, which come last, the default one runs first.
 PLANS = {
-    "gpu": EvalPlan(8192, 64, 16, 256, Residency(sink=16, window=256, block=64), 140.0, kv_pairs=16, notes=4),
-    # hetero keeps whole blocks: 64-token blocks keep its per-block work small on a CPU
-    "tiny": EvalPlan(1024, 8, 4, 128, Residency(sink=4, window=32, block=64), 75.0, kv_pairs=4, notes=2,
+    "gpu": EvalPlan(8192, 64, 16, 256, Residency(sink=64, window=256, block=64), 200.0, kv_pairs=16, notes=4),
+    # 32-token blocks: a whole-block sink and window stay small beside the 1K context
+    "tiny": EvalPlan(1024, 8, 4, 128, Residency(sink=32, window=64, block=32), 120.0, kv_pairs=4, notes=2,
                      short_context=512),
 }
 
@@ -163,15 +169,23 @@ def run_select(model, data: EvalData, plan: EvalPlan, setting: Setting, prefills
     if setting.selection.policy != "full":
         row["recall_by_layer_answers"] = answers_meter.by_layer()
         row["recall_by_layer_text"] = text_meter.by_layer()
+        row["recall_middle_by_layer_answers"] = answers_meter.middle_by_layer()
+        row["recall_middle_by_layer_text"] = text_meter.middle_by_layer()
     return row
 
 
-def run_hetero(ckpt: str, data: EvalData, plan: EvalPlan, setting: Setting) -> dict:
-    """`hetero.load(ckpt, config=...)`: generate() over hetero's cache; the text loss through its cache too."""
+def run_hetero(ckpt: str, data: EvalData, plan: EvalPlan, setting: Setting, text_gpu_kv_bytes: int) -> dict:
+    """`hetero.load(ckpt, config=...)`: generate() over hetero's cache; the text loss through its cache too.
+
+    The speculative mode speculates in decode steps only (a forward of several tokens attends over
+    everything), so its text loss runs the scored tokens one decode step each; the exact modes take
+    them in one forward. `text_gpu_kv_bytes` is the GPU budget for the text batch (hetero must offload
+    there too)."""
     import hetero
 
     model = hetero.load(ckpt, config=setting.hetero_config)
     row = {"accuracy": {}, "wrong": {}, "correct": {}, "hetero_stats": {}}
+    offloaded, shares = [], []
     with torch.no_grad():
         for kind, probes in data.probes.items():
             ids = data.prompts(kind, model.device)
@@ -179,18 +193,28 @@ def run_hetero(ckpt: str, data: EvalData, plan: EvalPlan, setting: Setting) -> d
             record(row, kind, probes, out[:, ids.shape[1]:])
             stats = getattr(getattr(model, "hetero", None), "last_stats", None)  # optional: what hetero moved
             row["hetero_stats"][kind] = stats.to_dict() if hasattr(stats, "to_dict") else None
+            offloaded.append(bool(getattr(stats, "host_kv_bytes", 0)))
+            shares.append(getattr(stats, "fetched_token_share", None))
+        model.hetero.config = replace(model.hetero.config, gpu_kv_bytes=text_gpu_kv_bytes)
         try:
-            row["text_loss"] = _hetero_text_loss(model, data, plan)
+            row["text_loss"], text_stats = _hetero_text_loss(model, data, plan, stepwise=setting.speculative)
+            offloaded.append(bool(text_stats.host_kv_bytes))
+            row["fetched_share_text"] = text_stats.fetched_token_share
         except Exception as exc:  # noqa: BLE001 - the loss through hetero's cache is optional; say why it is absent
             row["text_loss"] = None
             row["text_loss_error"] = f"{type(exc).__name__}: {exc}"
+    row["offloaded"] = all(offloaded)  # False: the KV fit the GPU budget, nothing was fetched (nor speculated)
+    if setting.speculative:
+        measured = [s for s in shares if s is not None]
+        row["fetched_share"] = float(np.mean(measured)) if measured else None  # answers' decode steps
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row
 
 
-def _hetero_text_loss(model, data: EvalData, plan: EvalPlan) -> float:
+def _hetero_text_loss(model, data: EvalData, plan: EvalPlan, stepwise: bool = False):
+    """Loss of the scored tail after a chunked prefill of the rest, through hetero's cache; and its CacheStats."""
     texts = data.texts.to(model.device)
     prefix, tail = texts[:, : -plan.scored], texts[:, -plan.scored:]
     cache = model.hetero.new_cache(plan.context)
@@ -199,22 +223,85 @@ def _hetero_text_loss(model, data: EvalData, plan: EvalPlan) -> float:
         chunk = model.hetero.config.prefill_chunk_tokens
         for start in range(0, prefix.shape[1], chunk):
             model(input_ids=prefix[:, start : start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = model(input_ids=tail, past_key_values=cache, use_cache=True).logits
+        if stepwise:  # one decode step per token, teacher-forced; the last token predicts nothing scored
+            logits = torch.cat([model(input_ids=tail[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+                                for t in range(tail.shape[1] - 1)], dim=1)
+        else:
+            logits = model(input_ids=tail, past_key_values=cache, use_cache=True).logits[:, :-1]
+        stats = cache.stats
     finally:
         cache.close()
-    return text_loss(logits[:, :-1], tail[:, 1:])
+    return text_loss(logits, tail[:, 1:]), stats
+
+
+def measure_speculation_recall(model, data: EvalData, plan: EvalPlan, settings: list[Setting]) -> dict[str, dict]:
+    """Per speculative setting that leaves tokens out: recall per layer (whole context and middle) at the
+    answers' decode steps (the true answers, teacher-forced) and at spread text positions."""
+    named = {s.name: speculation_settings(s.hetero_config) for s in settings}
+    if not named:
+        return {}
+    res = plan.residency
+    meter = spec_recall.SpeculationRecall(model, named, res.sink, res.window, res.block)
+    layers = model.config.num_hidden_layers
+    answers = {name: selection.RecallMeter(layers) for name in named}
+    texts = {name: selection.RecallMeter(layers) for name in named}
+    shares: dict[str, list] = {}
+    model.set_attn_implementation("sdpa")
+    selection.use(None)
+    for kind, probes in data.probes.items():
+        steps = min(len(p.answer) for p in probes)
+        if steps < 2:
+            continue
+        ids = np.stack([np.concatenate([p.prompt, p.answer[: steps - 1]]) for p in probes])
+        meter.measure(torch.from_numpy(ids).to(model.device), spec_recall.answer_positions(plan.context, steps),
+                      answers, shares)
+    positions = spec_recall.text_positions(plan.context, plan.scored, plan.recall_text_positions)
+    meter.measure(data.texts.to(model.device), positions, texts)
+    return {name: {"recall_by_layer_answers": answers[name].by_layer(),
+                   "recall_middle_by_layer_answers": answers[name].middle_by_layer(),
+                   "recall_by_layer_text": texts[name].by_layer(),
+                   "recall_middle_by_layer_text": texts[name].middle_by_layer(),
+                   "recall_selected_share": float(torch.stack(shares[name]).mean()) if shares.get(name) else None}
+            for name in named}
 
 
 # Driver ----------------------------------------------------------------------------------------
 
 
-def gpu_kv_budget(model_config, plan: EvalPlan, batch: int, dtype: torch.dtype) -> int:
-    """A GPU KV budget well below the batch's KV (a quarter), so that hetero must stream."""
-    per_token = 2 * model_config.num_hidden_layers * model_config.num_key_value_heads * model_config.head_dim
-    per_token *= torch.finfo(dtype).bits // 8
+def gpu_kv_budget(model_config, plan: EvalPlan, batch: int, dtype: torch.dtype, max_share: float = 0.1,
+                  extra_tokens: int = 64) -> int:
+    """A GPU KV budget (bytes) for `batch` sequences of the plan's context that forces hetero to offload.
+
+    A quarter of the batch's KV, or, when more, what hetero takes besides fetched blocks: the resident
+    sink and window slots, the speculative mode's partial keys and gather buffers (for a `max_share`
+    cap) and a few fetch buffers. Raises if that would hold the whole KV (nothing would be offloaded)."""
+    layers, kv_heads = model_config.num_hidden_layers, model_config.num_key_value_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    size = torch.finfo(dtype).bits // 8
     res = plan.residency
-    resident = (res.sink + 2 * res.window + 4 * res.block) * per_token * batch
-    return max(plan.context * per_token * batch // 4, 2 * resident)
+    tokens = plan.context + extra_tokens  # prompt and answer: what hetero sizes its cache for
+    block_bytes = 2 * batch * kv_heads * res.block * head_dim * size
+    resident = layers * (res.sink // res.block + 2 * res.window // res.block + 2) * block_bytes  # slots_per_layer
+    kept_columns = max(1, round(0.25 * head_dim))  # hetero's default partial_ratio
+    partial_keys = (layers - 1) * batch * kv_heads * tokens * kept_columns * size
+    gather = 2 * 2 * batch * kv_heads * int(max_share * tokens) * head_dim * size
+    need = resident + partial_keys + gather + 2 * 4 * block_bytes  # two fetch buffers of >= 4 blocks
+    budget = max(plan.context * 2 * layers * kv_heads * head_dim * size * batch // 4, need + need // 8)
+    whole = layers * (-(-tokens // res.block) + 2) * block_bytes  # what hetero keeps all on the GPU with
+    if budget >= whole:
+        raise ValueError(f"a GPU KV budget of {budget} bytes would hold the whole KV ({whole}) of {batch} x "
+                         f"{plan.context} tokens: hetero would not offload; lengthen the context or shrink the window")
+    return budget
+
+
+def all_layers_share(share: float | None, plan: EvalPlan, layers: int) -> float | None:
+    """The fetched share averaged over every layer: speculation's `share` in layers 1+, and layer 0,
+    which hetero fetches whole (its middle at the first decode step)."""
+    if share is None:
+        return None
+    res = plan.residency
+    lo, hi = spec_recall.middle_span(res.sink, res.window, res.block, plan.context)
+    return ((layers - 1) * share + (hi - lo) / plan.context) / layers
 
 
 def evaluate(ckpt: str, plan: EvalPlan, seed: int, oracle: bool = True, results: dict | None = None,
@@ -228,12 +315,14 @@ def evaluate(ckpt: str, plan: EvalPlan, seed: int, oracle: bool = True, results:
     data = make_data(plan, seed)
     check_tokenizer(ckpt, bytes(data.probes["copy"][0].prompt[1:200].tolist()).decode("utf-8", "replace"))
     selection.register()
-    batch = max(plan.probes_per_kind, plan.text_seqs)
-    settings = build_settings(plan.context, plan.residency, gpu_kv_budget(model.config, plan, batch, model.dtype),
-                              oracle=oracle)
+    probes_gpu_kv_bytes = gpu_kv_budget(model.config, plan, plan.probes_per_kind, model.dtype)
+    settings = build_settings(plan.context, plan.residency, probes_gpu_kv_bytes, oracle=oracle)
+    text_gpu_kv_bytes = gpu_kv_budget(model.config, plan, plan.text_seqs, model.dtype)
     prefills = None
+    spec_recalls = None  # measured for every speculative row at once, when the first one runs
     results.update({
         "plan": asdict(plan), "seed": seed, "ckpt": ckpt, "device": str(device),
+        "gpu_kv_bytes": {"probes": probes_gpu_kv_bytes, "text": text_gpu_kv_bytes},
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "dtype": str(model.dtype), "parameters": sum(p.numel() for p in model.parameters()),
         "depth_range": tasks.PROBE_DEPTH, "rows": [],
@@ -266,7 +355,18 @@ def evaluate(ckpt: str, plan: EvalPlan, seed: int, oracle: bool = True, results:
                 prefills = prefills or Prefills(model, data, plan)
                 row.update(run_select(model, data, plan, setting, prefills, seed))
             else:
-                row.update(run_hetero(ckpt, data, plan, setting))
+                if setting.approximate and spec_recalls is None:
+                    t_recall = time.perf_counter()
+                    spec_recalls = measure_speculation_recall(model, data, plan, [s for s in settings if s.approximate
+                                                                                   and s.skip_reason is None])
+                    results["speculation_recall_seconds"] = round(time.perf_counter() - t_recall, 2)
+                    print(f"speculation recall measured for {len(spec_recalls)} settings in "
+                          f"{results['speculation_recall_seconds']:.1f} s", flush=True)
+                row.update(run_hetero(ckpt, data, plan, setting, text_gpu_kv_bytes))
+                row.update((spec_recalls or {}).get(setting.name, {}))
+                if setting.speculative:
+                    row["fetched_share_all_layers"] = all_layers_share(row.get("fetched_share"), plan,
+                                                                       model.config.num_hidden_layers)
         except Exception as exc:  # noqa: BLE001 - a row that fails is reported and the others still run
             rows.append({**row, "skipped": f"{type(exc).__name__}: {exc}"})
             print(f"{setting.name:40s} failed: {type(exc).__name__}: {exc}", flush=True)

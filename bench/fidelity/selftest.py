@@ -1,12 +1,15 @@
-"""Checks of the selection attention on a random small Llama, in float32 on the CPU (a few seconds).
+"""Checks of the selection attention, and of the speculation recall meter against what hetero's
+speculative mode really selects, on random small Llamas, in float32 on the CPU (seconds).
 
     python bench/fidelity/selftest.py
 """
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import repeat_kv
 
 import selection
@@ -100,6 +103,68 @@ def main() -> None:
         b = continuation_logits(model, ids, prefix, Selection("random", 4, 16, 20), seed=5)
         assert torch.equal(a, b), "random selection must be reproducible from its seed"
     print(f"selection self-test passed; recall per layer {recalls}")
+    check_speculation_recall()
+
+
+def check_speculation_recall() -> None:
+    """spec_recall asks hetero's Speculator what hetero's cache asks it, at the same steps: with
+    cpu_remainder "all" (exact attention, so the same hidden states) the selections must agree."""
+    import hetero
+    import spec_recall
+    from settings import speculation_settings
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=67, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    sink, window, block = 16, 32, 16
+    offload = {"mode": "speculative", "gpu_kv_bytes": "256KiB", "block_size": block, "sink_tokens": sink,
+               "window_tokens": window, "cpu_remainder": "all", "min_tokens": 0, "max_tokens": 0.1}
+    ids = torch.randint(3, 67, (2, 230), generator=torch.Generator().manual_seed(2))
+    with tempfile.TemporaryDirectory() as ckpt, torch.no_grad():
+        LlamaForCausalLM(config).eval().save_pretrained(ckpt)
+        model = hetero.load(ckpt, config=offload, device="cpu")
+        seen = {}
+        select = model.hetero.speculator.select
+
+        def recording(layer, hidden, position, lo, hi, *args, **kwargs):
+            idx, count = select(layer, hidden, position, lo, hi, *args, **kwargs)
+            seen[(layer, position)] = (lo, hi, idx.clone(), count.clone())
+            return idx, count
+
+        model.hetero.speculator.select = recording
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        assert model.hetero.last_stats.host_kv_bytes > 0, "the cache must offload for speculation to run"
+
+        plain = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        meter = spec_recall.SpeculationRecall(plain, {"x": speculation_settings(offload)}, sink, window, block)
+        measured = {}
+        spec = meter.speculators["x"]
+        inner = spec.select
+
+        def recording_meter(layer, hidden, position, lo, hi, *args, **kwargs):
+            idx, count = inner(layer, hidden, position, lo, hi, *args, **kwargs)
+            measured[(layer, position)] = (lo, hi, idx.clone(), count.clone())
+            return idx, count
+
+        spec.select = recording_meter
+        positions = spec_recall.answer_positions(ids.shape[1], 6)
+        meters = {"x": selection.RecallMeter(3)}
+        meter.measure(out[:, :-1], positions, meters)
+    assert set(seen) == set(measured) and seen, (sorted(seen), sorted(measured))
+    same = total = 0
+    for key, (lo, hi, idx, count) in seen.items():
+        m_lo, m_hi, m_idx, m_count = measured[key]
+        assert (lo, hi) == (m_lo, m_hi), (key, lo, hi, m_lo, m_hi)
+        assert torch.equal(count, m_count), (key, count, m_count)
+        for (b, h), n in zip(((b, h) for b in range(count.shape[0]) for h in range(count.shape[1])), count.flatten()):
+            got, want = set(idx[b, h, :n].tolist()), set(m_idx[b, h, :n].tolist())
+            same += len(got & want)
+            total += int(n)
+    assert same >= 0.98 * total, f"the meter's selections differ from hetero's: {same}/{total} positions agree"
+    middle = meters["x"].middle_by_layer()
+    assert middle[0] is None and all(0 < m < 1 for m in middle[1:]), middle
+    print(f"speculation recall self-test passed: {len(seen)} selections agree ({same}/{total} tokens); "
+          f"middle recall per layer {middle}")
 
 
 if __name__ == "__main__":
