@@ -117,18 +117,7 @@ class OffloadConfig:
         ratio = self.split_ratio
         if ratio != "auto" and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1):
             raise ConfigError("split_ratio", f'split_ratio: got {_shown(ratio)}, expected "auto" or a number in [0, 1]')
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ConfigError("alpha", f"alpha: got {_shown(self.alpha)}, expected a number > 0 (InfiniGen uses 4-5)")
-        ratio = self.partial_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-            raise ConfigError("partial_ratio", f"partial_ratio: got {_shown(ratio)}, expected a number in (0, 1]")
-        for key in ("min_tokens", "max_tokens"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                isinstance(value, float) and not (value < 1 or value.is_integer())
-            ):
-                raise ConfigError(key, f"{key}: got {_shown(value)}, expected a token count >= 0 or a share of the context in [0, 1)")
-        _choice("cpu_remainder", self.cpu_remainder, CPU_REMAINDERS)
+        check_speculation_keys(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "OffloadConfig":
@@ -216,6 +205,24 @@ class MachineMemory:
         if self.gpu_free_bytes is None:
             return replace(self, host_available_bytes=max(0, self.host_available_bytes - weight_bytes))
         return replace(self, gpu_free_bytes=max(0, self.gpu_free_bytes - weight_bytes))
+
+
+def check_speculation_keys(values) -> None:
+    """Validate the speculative mode's keys of `values` (an OffloadConfig or SpeculationSettings)."""
+    alpha, ratio = values.alpha, values.partial_ratio
+    if not _is_number(alpha) or not math.isfinite(alpha) or not alpha > 0:
+        raise ConfigError("alpha", f"alpha: got {_shown(alpha)}, expected a number > 0 (InfiniGen uses 4-5)")
+    if not _is_number(ratio) or not 0 < ratio <= 1:
+        raise ConfigError("partial_ratio", f"partial_ratio: got {_shown(ratio)}, expected a number in (0, 1]")
+    for key in ("min_tokens", "max_tokens"):
+        value = getattr(values, key)
+        if not _is_number(value) or value < 0 or (isinstance(value, float) and not (value < 1 or value.is_integer())):
+            raise ConfigError(key, f"{key}: got {_shown(value)}, expected a token count >= 0 or a share of the context in [0, 1)")
+    _choice("cpu_remainder", values.cpu_remainder, CPU_REMAINDERS)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

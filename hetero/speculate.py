@@ -41,10 +41,10 @@ from pathlib import Path
 import torch
 
 from .attention import attention_modules
-from .errors import ConfigError, UnsupportedModelError
+from .config import check_speculation_keys
+from .errors import UnsupportedModelError
 
 SKEWABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-CPU_REMAINDERS = ("none", "all")
 
 
 # Settings --------------------------------------------------------------------------------------
@@ -65,16 +65,7 @@ class SpeculationSettings:
     cpu_remainder: str = "none"
 
     def __post_init__(self) -> None:
-        if not _is_number(self.alpha) or not math.isfinite(self.alpha) or not self.alpha > 0:
-            raise ConfigError("alpha", f"alpha: got {self.alpha!r}, expected a number > 0 (InfiniGen uses 4-5)")
-        if not _is_number(self.partial_ratio) or not 0 < self.partial_ratio <= 1:
-            raise ConfigError("partial_ratio", f"partial_ratio: got {self.partial_ratio!r}, expected a number in (0, 1]")
-        for key in ("min_tokens", "max_tokens"):
-            value = getattr(self, key)
-            if not _is_number(value) or value < 0 or (isinstance(value, float) and not (value < 1 or value.is_integer())):
-                raise ConfigError(key, f"{key}: got {value!r}, expected a token count >= 0 or a share of the context in [0, 1)")
-        if self.cpu_remainder not in CPU_REMAINDERS:
-            raise ConfigError("cpu_remainder", f"cpu_remainder: got {self.cpu_remainder!r}, expected 'none' or 'all'")
+        check_speculation_keys(self)
 
     @classmethod
     def from_config(cls, config) -> "SpeculationSettings":
@@ -86,10 +77,6 @@ class SpeculationSettings:
 
     def max_count(self, context: int) -> int:
         return _tokens(self.max_tokens, context)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _tokens(value: int | float, context: int) -> int:
