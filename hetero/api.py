@@ -12,10 +12,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from . import attention
 from .cache import HeteroCache, HostPoolReuse
-
 from .config import MachineMemory, OffloadConfig, resolve_budgets
-from .plan import Ceilings
 from .errors import ModelPathError, PromptTooLongError, UnsupportedModelError
+from .plan import Ceilings
 from .stats import GenerationStats
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")

@@ -511,6 +511,8 @@ class HeteroCache(Cache):
         table = self._home_tables_gpu[layer_idx, self._home.area_of[layer_idx]]
         ready = self.pipeline.gather(gather_tokens, self._home.slab, table, selected, count, buffer)
         self._counts.append(count)  # summed when stats are read: no kernel per layer and step
+        if len(self._counts) >= 4096:  # a long generation: fold them, so the list stays short
+            self._counts = [torch.stack(self._counts).sum(dim=0, dtype=torch.int64)]
         self._context_tokens += plan.length * count.numel()
         on_host = self.pipeline.to_host(selected, count) if exact else None
         return Pick(buffer, count, ready, (lo, hi), on_host)

@@ -141,8 +141,7 @@ class Pipeline:
 
         def job():
             for fence in fences:
-                if fence.event is not None:
-                    fence.event.synchronize()
+                fence.synchronize()
             return fn(*args)
 
         return self._worker.submit(job)
