@@ -6,10 +6,10 @@ from typing import Sequence
 
 import torch
 
-from .tier import Pending, Tier
+from .tier import SlabTier
 
 
-class GpuPool(Tier):
+class GpuPool(SlabTier):
     """`n_slots` blocks in one device tensor `slab` [n_slots, *block_shape].
 
     `write` and `read_into` copy synchronously (they wait for the copy); the pipeline, which owns
@@ -25,22 +25,6 @@ class GpuPool(Tier):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.slab = torch.empty((n_slots, *self.block_shape), dtype=dtype, device=self.device)
-
-    def view(self, slot: int) -> torch.Tensor:
-        """The block in `slot`, a view of the slab (no copy)."""
-        return self.slab[slot]
-
-    def write(self, slot: int, src: torch.Tensor) -> Pending:
-        """Copy `src` into `slot`; done when it returns."""
-        self._check_block("src", src)
-        self.slab[self._check_slot(slot)].copy_(src)
-        return Pending.done_now()
-
-    def read_into(self, slot: int, dst: torch.Tensor) -> Pending:
-        """Copy `slot` into `dst`; done when it returns."""
-        self._check_block("dst", dst)
-        dst.copy_(self.slab[self._check_slot(slot)])
-        return Pending.done_now()
 
     def close(self) -> None:
         """Drop the slab (views handed out keep their memory alive)."""

@@ -20,14 +20,14 @@ from typing import Sequence
 
 import torch
 
-from .tier import PAGE, Pending, Tier, block_bytes_of, round_up
+from .tier import PAGE, SlabTier, block_bytes_of, round_up
 
 # cudaHostRegisterPortable | cudaHostRegisterMapped: pinned for every context, and mapped so that
 # GPU kernels can read it in place (UVA).
 _REGISTER_FLAGS = 1 | 2
 
 
-class HostPool(Tier):
+class HostPool(SlabTier):
     """`n_slots` blocks in host memory, pinned when CUDA is present.
 
     Args:
@@ -75,26 +75,10 @@ class HostPool(Tier):
         # Unregister before the memory can be freed: the finalizer holds the memory until then.
         self._finalizer = weakref.finalize(self, _release, raw, raw.data_ptr() if self.pinned else None)
 
-    def view(self, slot: int) -> torch.Tensor:
-        """The block in `slot`, a contiguous view of the slab (no copy)."""
-        return self.slab[slot]
-
     def fits(self, n_slots: int, block_shape: Sequence[int], dtype: torch.dtype, pin: bool) -> bool:
         """Whether this pool can serve a request for that many slots of that shape (for reuse)."""
         return (self._finalizer.alive and n_slots <= self.n_slots and tuple(block_shape) == self.block_shape
                 and dtype == self.dtype and bool(pin) == self.pinned)
-
-    def write(self, slot: int, src: torch.Tensor) -> Pending:
-        """Copy `src` (host or GPU) into `slot`; done when it returns."""
-        self._check_block("src", src)
-        self.slab[self._check_slot(slot)].copy_(src)
-        return Pending.done_now()
-
-    def read_into(self, slot: int, dst: torch.Tensor) -> Pending:
-        """Copy `slot` into `dst` (host or GPU); done when it returns."""
-        self._check_block("dst", dst)
-        dst.copy_(self.slab[self._check_slot(slot)])
-        return Pending.done_now()
 
     def close(self) -> None:
         """Unpin and drop the slab. Views handed out stay valid memory, no longer pinned."""

@@ -192,3 +192,26 @@ class Tier(ABC):
         if not self._free.is_used(slot):
             raise ValueError(f"{self.name} tier: slot {slot} is not allocated")
         return slot
+
+
+class SlabTier(Tier):
+    """A tier whose slots are the rows of one tensor `slab` [n_slots, *block_shape] (GPU or host
+    memory): its copies are synchronous, done when they return."""
+
+    slab: torch.Tensor
+
+    def view(self, slot: int) -> torch.Tensor:
+        """The block in `slot`, a view of the slab (no copy)."""
+        return self.slab[slot]
+
+    def write(self, slot: int, src: torch.Tensor) -> Pending:
+        """Copy `src` (host or GPU) into `slot`; done when it returns."""
+        self._check_block("src", src)
+        self.slab[self._check_slot(slot)].copy_(src)
+        return Pending.done_now()
+
+    def read_into(self, slot: int, dst: torch.Tensor) -> Pending:
+        """Copy `slot` into `dst` (host or GPU); done when it returns."""
+        self._check_block("dst", dst)
+        dst.copy_(self.slab[self._check_slot(slot)])
+        return Pending.done_now()
