@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from .attention import attention_modules
-from .config import check_speculation_keys
+from .config import OffloadConfig, check_speculation_keys
 from .errors import UnsupportedModelError
 
 SKEWABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -58,11 +58,11 @@ class SpeculationSettings:
     `cpu_remainder` is the cache's business ("all": the CPU attends over the tokens not selected).
     """
 
-    alpha: float = 5.0
-    partial_ratio: float = 0.25
-    min_tokens: int | float = 64
-    max_tokens: int | float = 0.1
-    cpu_remainder: str = "none"
+    alpha: float = OffloadConfig.alpha
+    partial_ratio: float = OffloadConfig.partial_ratio
+    min_tokens: int | float = OffloadConfig.min_tokens
+    max_tokens: int | float = OffloadConfig.max_tokens
+    cpu_remainder: str = OffloadConfig.cpu_remainder
 
     def __post_init__(self) -> None:
         check_speculation_keys(self)
