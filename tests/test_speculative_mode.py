@@ -46,3 +46,14 @@ def test_a_cache_that_fits_the_gpu_budget_needs_no_speculation(model_dir):
     got, model = _hetero(model_dir, ids, mask, 4, {**SPECULATIVE, "gpu_kv_bytes": "64MiB"})
     assert torch.equal(got, expected)
     assert model.hetero.last_stats.bytes_to_gpu == 0
+
+
+@pytest.mark.parametrize("remainder,compiled", [("all", True), ("none", False)])
+def test_cpu_kernels_are_compiled_at_load_when_the_cpu_attends(model_dir, monkeypatch, remainder, compiled):
+    import hetero
+    from hetero import cpu_kernels
+
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "warmup", lambda dtypes: calls.append(dtypes))
+    hetero.load(model_dir, {**SPECULATIVE, "cpu_remainder": remainder}, device="cpu")
+    assert bool(calls) == compiled
