@@ -14,7 +14,7 @@ from . import attention
 from .cache import HeteroCache, HostPoolReuse
 from .config import MachineMemory, OffloadConfig, resolve_budgets
 from .errors import ModelPathError, PromptTooLongError, UnsupportedModelError
-from .plan import Ceilings
+from .split_tuner import SplitTuner, balanced_share, ceiling_share
 from .stats import GenerationStats
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -84,10 +84,26 @@ def prepare(model: PreTrainedModel, config: OffloadConfig | dict | str | Path | 
     if not hasattr(model, "hetero"):
         model.hetero = Runtime(model, offload)
         model.generate = _generate_over_hetero(model, model.generate)
-    else:
+    elif model.hetero.config != offload:
         model.hetero.config = offload
+        model.hetero.split_probe = model.hetero.split_share_refined = None  # measured for another config
     model.hetero.speculator = _speculator(model, offload)
+    if model.hetero.split_probe is None and model.hetero.splits_auto():
+        model.hetero.split_probe = _probe_split(model, offload)
     return model
+
+
+def _probe_split(model: PreTrainedModel, config: OffloadConfig):
+    """PCIe and CPU attention bandwidths for the split mode's "auto" share; None without CUDA."""
+    from .bandwidth_probe import KVShape, probe
+
+    if model.device.type != "cuda":
+        return None
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_dtype = model.dtype if config.kv_dtype == "auto" else getattr(torch, config.kv_dtype)
+    shape = KVShape(c.num_attention_heads, c.num_key_value_heads, head_dim, config.block_size, kv_dtype)
+    return probe(model.device, shape)
 
 
 def _speculator(model: PreTrainedModel, config: OffloadConfig):
@@ -135,6 +151,11 @@ class Runtime:
         self.progress = None  # called with the tokens stored so far, e.g. by the CLI's progress bar
         self.host_pools = HostPoolReuse()
         self.speculator = None  # set by `prepare` in the speculative mode
+        # split_ratio "auto": the bandwidths probed at load (CUDA only), then the share the first
+        # decode steps of the last generation refined, which the next generation starts from.
+        self.split_probe = None  # hetero.bandwidth_probe.Bandwidths | None
+        self.split_share_refined: float | None = None
+        self.refine_split: bool | None = None  # None: refine on CUDA only (timings of a CPU device mean little)
 
     def new_cache(self, max_tokens: int) -> HeteroCache:
         device = self.model.device
@@ -143,23 +164,42 @@ class Runtime:
         held = self.host_pools.held_bytes
         machine = replace(machine, host_available_bytes=machine.host_available_bytes + held)
         budgets = resolve_budgets(self.config, machine)
+        share = self.gpu_share()
+        refine = self.refine_split if self.refine_split is not None else device.type == "cuda"
+        tuner = SplitTuner(share) if refine and self.splits_auto() else None
         cache = HeteroCache(
-            self.config, budgets, self.model.config.num_hidden_layers, max_tokens, device, self.gpu_share(),
-            self.host_pools, self.speculator,
+            self.config, budgets, self.model.config.num_hidden_layers, max_tokens, device, share,
+            self.host_pools, self.speculator, tuner,
         )
         cache.progress = self.progress
         return cache
 
-
     def gpu_share(self) -> float:
-        """Share of each layer's offloaded blocks fetched to the GPU in decode; the CPU takes the rest."""
+        """Share of each layer's offloaded blocks fetched to the GPU in decode; the CPU takes the rest.
+
+        With split_ratio "auto": the last generation's refined share, else the probed bandwidths'
+        balance, else (no CUDA) the balance of the nominal ceilings."""
         if self.config.mode != "split" or getattr(self.model.config, "sliding_window", None) is not None:
             return 1.0  # the host kernels know no sliding window: such models stream
         ratio = self.config.split_ratio
-        if ratio == "auto":
-            ceilings = Ceilings()
-            return ceilings.pcie_h2d / (ceilings.pcie_h2d + ceilings.cpu_stream)
-        return float(ratio)
+        if ratio != "auto":
+            return float(ratio)
+        if self.split_share_refined is not None:
+            return self.split_share_refined
+        if self.split_probe is not None:
+            return balanced_share(self.split_probe.pcie_h2d, self.split_probe.cpu_attention)
+        return ceiling_share()
+
+    def splits_auto(self) -> bool:
+        """Whether the split mode's share is this runtime's to choose (split_ratio "auto")."""
+        return (self.config.mode == "split" and self.config.split_ratio == "auto"
+                and getattr(self.model.config, "sliding_window", None) is None)
+
+    def remember_split(self, cache: HeteroCache) -> None:
+        """Keep the share a generation refined, for the next one to start from."""
+        tuner = cache.split_tuner
+        if tuner is not None and tuner.refined_steps:
+            self.split_share_refined = tuner.share
 
 
 def _generate_over_hetero(model: PreTrainedModel, original):
@@ -183,6 +223,7 @@ def _generate_over_hetero(model: PreTrainedModel, original):
             output = original(inputs, *args, **kwargs)
         finally:
             cache.close()
+        runtime.remember_split(cache)
         finished = time.perf_counter()
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         runtime.last_stats = GenerationStats.from_run(

@@ -27,6 +27,7 @@ from .host_attention import attend_host_blocks, attend_host_unselected
 from .gpu_kernels import Segment, gather_tokens
 from .host_home import SPILL_SLOTS, HostHome
 from .storage import PAGE, GpuPool, HostPool, NvmeStore
+from .token_sets import missing_tokens
 from .partial_attention import PartialMerger, attend
 from .pipeline import Pipeline
 from .residency import LayerPlan, LayerResidency, ResidencyPolicy
@@ -70,6 +71,9 @@ class CacheStats:
     bytes_to_ssd: int = 0
     bytes_from_ssd: int = 0
     fetched_token_share: float | None = None  # speculative mode: tokens gathered per layer step / context
+    split_share_start: float | None = None  # split mode: the GPU share the generation began with
+    split_share: float | None = None  # split mode: the GPU share it ended with (refined, with "auto")
+    verified_token_share: float | None = None  # speculative, verify: of the context, the tokens the own query added
 
 
 class HeteroLayer(CacheLayerMixin):
@@ -114,6 +118,8 @@ class HeteroCache(Cache):
             (`HostPoolReuse`).
         speculator: in `speculative` mode, predicts which middle tokens each layer's decode step
             attends to (hetero.speculate); only those are gathered to the GPU.
+        split_tuner: in `split` mode with "auto", refines `gpu_share` from the first decode steps'
+            timings (hetero.split_tuner.SplitTuner); None keeps it fixed.
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class HeteroCache(Cache):
         gpu_share: float = 1.0,
         host_pools=None,
         speculator=None,
+        split_tuner=None,
     ):
         self._layers = [LayerResidency() for _ in range(num_layers)]
         super().__init__(layers=[HeteroLayer(r) for r in self._layers])
@@ -134,16 +141,22 @@ class HeteroCache(Cache):
         self.max_tokens = max_tokens
         self.device = torch.device(device)
         self.gpu_share = gpu_share
+        self._split_share_start = gpu_share
+        self.split_tuner = split_tuner
         self._host_pools = host_pools or HostPoolReuse()
         self.speculator = speculator
         self._inputs: dict[int, torch.Tensor] = {}  # layer -> its attention input of this forward
         self._picks: dict[int, Pick] = {}  # layer -> the tokens gathered for its next decode step
         self._counts: list[torch.Tensor] = []  # tokens gathered per (row, head), each layer step (speculative mode)
+        self._verified: list[torch.Tensor] = []  # of them, those the layer's own query added (verify)
+        self._verifying = speculator is not None and config.verify and config.cpu_remainder != "all"
         self._context_tokens = 0  # context tokens of the (layer, row, head)s that gathered
         self._valid_from: torch.Tensor | None = None  # [B] first non-padding position, for speculation
         self.policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
         self.blocks_per_layer = -(-max_tokens // config.block_size)
         self.pipeline = Pipeline(self.device)
+        if split_tuner is not None:
+            self.pipeline.time_work()
         self.layout: KVLayout | None = None
         self._plans: dict[int, tuple[LayerPlan, list]] = {}  # layer -> its next plan and fetch tickets
         self._fences: dict[int, object] = {}  # GPU slot -> offload fence of the last block it held
@@ -222,13 +235,15 @@ class HeteroCache(Cache):
             host_job = self._start_unselected_part(layer_idx, pick, query, key_valid, past, scale)
         elif plan.host is not None:
             host_job = self._start_host_part(layer_idx, plan.host, query, key_valid, past, scale)
+        added = self._verify(layer_idx, pick, past) if pick is not None and self._verifying else None
         if self.speculator is not None and lq == 1:
             self._prefetch_after(layer_idx, decode=True)  # the next layer's gather overlaps this one's compute
         merger = PartialMerger()
         picked = []
-        if pick is not None:
-            self.pipeline.wait(pick.ready)
-            picked = [pick.segment]
+        for part in (pick, added):
+            if part is not None:
+                self.pipeline.wait(part.ready)
+                picked.append(part.segment)
         if gpu_decode.applies(query, key_valid, sliding_window):
             self._attend_on_gpu(layer_idx, plan, tickets, query, scale, merger, picked)
         else:
@@ -335,7 +350,8 @@ class HeteroCache(Cache):
         (q_host, valid_host), ready = self.pipeline.to_host(query, valid_from)
         table = self._home.tables[layer_idx]
         return self.pipeline.run_on_host(
-            ready, attend_host_blocks, q_host, self._home.slab, table, first, end, scale, valid_host
+            ready, attend_host_blocks, q_host, self._home.slab, table, first, end, scale, valid_host,
+            work_bytes=(end - first) * self.layout.block_bytes,
         )
 
     @staticmethod
@@ -382,6 +398,8 @@ class HeteroCache(Cache):
             width = self.speculator.max_selected(self.max_tokens)
             shape = (2, batch, kv_heads, width, head_dim)
             self._gather_buffers = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(2)]
+            # One more for the tokens a layer's own query adds: they are gathered while it waits.
+            self._verify_buffer = torch.empty(shape, dtype=dtype, device=self.device) if self._verifying else None
             self.speculator.begin(batch, self.max_tokens)
         self.layout = layout
 
@@ -391,7 +409,8 @@ class HeteroCache(Cache):
             return 0
         partial = self.speculator.partial_key_bytes(layout.batch, self.max_tokens, layout.dtype)
         width = self.speculator.max_selected(self.max_tokens)
-        return partial + 2 * 2 * layout.batch * layout.kv_heads * width * layout.head_dim * layout.dtype.itemsize
+        buffers = 3 if self._verifying else 2
+        return partial + buffers * 2 * layout.batch * layout.kv_heads * width * layout.head_dim * layout.dtype.itemsize
 
     def _make_home(self, layout: KVLayout) -> HostHome:
         """The host pool, and the SSD store for the blocks the host budget cannot hold."""
@@ -485,6 +504,8 @@ class HeteroCache(Cache):
         self._gpu.free(layer.trim(self.policy))
         # Speculation predicts layer l from layer l - 1's input: layer 0 has none and is fetched whole.
         speculate = self.speculator is not None and decode and layer_idx > 0 and self._home is not None
+        if decode and layer_idx == 0 and self.split_tuner is not None:
+            self._retune_split()  # a step boundary: every layer of the step plans with one share
         share = 0.0 if speculate else self.gpu_share if decode else 1.0
         plan = layer.plan(self.policy, self._ring.blocks_per_buffer, share)
         tickets = []
@@ -499,6 +520,12 @@ class HeteroCache(Cache):
             self._picks[layer_idx] = self._pick(layer_idx, plan)
         self._plans[layer_idx] = (plan, tickets)
 
+    def _retune_split(self) -> None:
+        """Fold the work measured since the last step boundary into the GPU share (split, "auto")."""
+        self.gpu_share = self.split_tuner.observe(self.pipeline.take_work_times())
+        if self.split_tuner.done:
+            self.pipeline.time_work(False)
+
     def _pick(self, layer_idx: int, plan: LayerPlan) -> "Pick":
         """Select the middle tokens layer `layer_idx` will attend to and gather them from host memory."""
         bs = self.config.block_size
@@ -510,12 +537,25 @@ class HeteroCache(Cache):
         buffer = self._gather_buffers[layer_idx % 2][:, :, :, : selected.shape[2]]
         table = self._home_tables_gpu[layer_idx, self._home.area_of[layer_idx]]
         ready = self.pipeline.gather(gather_tokens, self._home.slab, table, selected, count, buffer)
-        self._counts.append(count)  # summed when stats are read: no kernel per layer and step
-        if len(self._counts) >= 4096:  # a long generation: fold them, so the list stays short
-            self._counts = [torch.stack(self._counts).sum(dim=0, dtype=torch.int64)]
+        self._counts = _tally(self._counts, count)
         self._context_tokens += plan.length * count.numel()
         on_host = self.pipeline.to_host(selected, count) if exact else None
-        return Pick(buffer, count, ready, (lo, hi), on_host)
+        return Pick(buffer, count, ready, (lo, hi), on_host, selected)
+
+    def _verify(self, layer_idx: int, pick: "Pick", position: int) -> "Pick":
+        """Select again with the layer's own query, now that its input is known, and gather the tokens
+        speculation (from the layer before) missed, best first, while `max_tokens` allows."""
+        lo, hi = pick.span
+        wanted, wanted_count = self.speculator.select(layer_idx, self._inputs[layer_idx], position, lo, hi,
+                                                      self._valid_from, ordered=False)
+        missing, count = missing_tokens(wanted, wanted_count, pick.selected, pick.count, lo, hi)
+        count = torch.minimum(count, wanted.shape[-1] - pick.count)  # max_tokens bounds the two fetches together
+        buffer = self._verify_buffer[:, :, :, : missing.shape[2]]
+        table = self._home_tables_gpu[layer_idx, self._home.area_of[layer_idx]]
+        ready = self.pipeline.gather(gather_tokens, self._home.slab, table, missing, count, buffer)
+        self._counts = _tally(self._counts, count)
+        self._verified = _tally(self._verified, count)
+        return Pick(buffer, count, ready, pick.span, None, missing)
 
     def observe_input(self, layer_idx: int, hidden: torch.Tensor, key_valid: torch.Tensor | None) -> None:
         """Called before layer `layer_idx`'s attention with its input: speculation reads it."""
@@ -551,8 +591,12 @@ class HeteroCache(Cache):
             share = fetched / self._context_tokens
             lay = self.layout
             gathered = fetched * 2 * lay.head_dim * torch.finfo(lay.dtype).bits // 8  # K and V rows over PCIe
+        verified = None
+        if self._verifying and self._context_tokens:
+            verified = int(torch.stack(self._verified).sum(dtype=torch.int64)) / self._context_tokens if self._verified else 0.0
         c = self.pipeline.counters
-        return CacheStats(gpu, host, c.to_gpu + gathered, c.to_host, self._bytes_read_by_cpu, self._ring.blocks_per_buffer, *ssd, share)
+        split = (self._split_share_start, self.gpu_share) if self.config.mode == "split" else (None, None)
+        return CacheStats(gpu, host, c.to_gpu + gathered, c.to_host, self._bytes_read_by_cpu, self._ring.blocks_per_buffer, *ssd, share, *split, verified)
 
     def close(self) -> None:
         """Drop queued fetches and wait for transfers in flight."""
@@ -573,6 +617,7 @@ class Pick:
     ready: object  # fence of the gather
     span: tuple[int, int]  # [lo, hi): the middle positions selected from
     on_host: tuple | None  # ((selected, count) in host memory, fence) when the CPU attends over the rest
+    selected: torch.Tensor  # int32 [B, Hkv, N]: the positions, the first `count` of each row
 
     @property
     def segment(self) -> Segment:
@@ -601,6 +646,15 @@ class HostPoolReuse:
             align = PAGE if block_bytes % PAGE == 0 else 1
             self._pool = HostPool(n_slots, block_shape, dtype, pin, slot_align=align)
         return self._pool
+
+
+def _tally(counts: list[torch.Tensor], count: torch.Tensor) -> list[torch.Tensor]:
+    """Keep a layer step's token counts, summed only when stats are read: no kernel per layer and step;
+    a long generation folds them so that the list stays short."""
+    counts.append(count)
+    if len(counts) >= 4096:
+        counts = [torch.stack(counts).sum(dim=0, dtype=torch.int64)]
+    return counts
 
 
 def _as_kv(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,6 +58,8 @@ _DOCS = {
     "min_tokens": "speculative mode: fewest middle tokens fetched per KV head (a count, or a share < 1 of the context)",
     "max_tokens": "speculative mode: most middle tokens fetched per KV head (a count, or a share < 1 of the context)",
     "cpu_remainder": "speculative mode: none (ignore tokens not fetched) | all (the CPU attends over them: exact)",
+    "verify": "speculative mode: once a layer's own query is known, select again with it and fetch what the "
+              "prediction from the layer before missed (false: the prediction alone, as InfiniGen)",
 }
 
 
@@ -84,6 +86,7 @@ class OffloadConfig:
     min_tokens: int | float = 64
     max_tokens: int | float = 0.1
     cpu_remainder: str = "none"
+    verify: bool = True
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -118,6 +121,8 @@ class OffloadConfig:
         if ratio != "auto" and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1):
             raise ConfigError("split_ratio", f'split_ratio: got {_shown(ratio)}, expected "auto" or a number in [0, 1]')
         check_speculation_keys(self)
+        if not isinstance(self.verify, bool):
+            raise ConfigError("verify", f"verify: got {_shown(self.verify)}, expected true or false")
 
     @classmethod
     def from_dict(cls, values: dict) -> "OffloadConfig":

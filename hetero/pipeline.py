@@ -8,6 +8,8 @@ in order, so the same callers work unchanged and are testable without a GPU.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +23,41 @@ class TransferCounters:
 
     to_gpu: int = 0
     to_host: int = 0
+
+
+@dataclass
+class WorkTimes:
+    """Bytes each side of the `split` mode worked through and the seconds it spent on them: the copy
+    engine on the ring's host-to-GPU fetches, the host worker on its attention jobs."""
+
+    copy_bytes: int = 0
+    copy_seconds: float = 0.0
+    host_bytes: int = 0
+    host_seconds: float = 0.0
+
+
+class _WorkClock:
+    """Collects copy and host-job durations while `Pipeline.time_work` is on."""
+
+    def __init__(self):
+        self.copies: deque = deque()  # (start event or None, end event or seconds, bytes), in copy order
+        self.host: list[tuple[int, float]] = []  # (bytes, seconds) of finished host jobs
+        self.lock = threading.Lock()
+
+    def take(self) -> WorkTimes:
+        times = WorkTimes()
+        while self.copies:
+            start, end, nbytes = self.copies[0]
+            if start is not None and not end.query():
+                break  # copies land in order: the rest are still in flight, left for the next call
+            self.copies.popleft()
+            times.copy_bytes += nbytes
+            times.copy_seconds += end if start is None else start.elapsed_time(end) / 1e3
+        with self.lock:
+            host, self.host = self.host, []
+        times.host_bytes = sum(b for b, _ in host)
+        times.host_seconds = sum(s for _, s in host)
+        return times
 
 
 class Fence:
@@ -64,6 +101,7 @@ class Pipeline:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.counters = TransferCounters()
+        self._clock: _WorkClock | None = None
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.offload_stream = torch.cuda.Stream(self.device)
@@ -132,17 +170,25 @@ class Pipeline:
         event.record(torch.cuda.current_stream(self.device))
         return Fence(event)
 
-    def run_on_host(self, ready: Fence, fn, *args) -> Future:
-        """Run `fn(*args)` on the host worker once `ready` (a fence or several) has landed; returns its future."""
+    def run_on_host(self, ready: Fence, fn, *args, work_bytes: int = 0) -> Future:
+        """Run `fn(*args)` on the host worker once `ready` (a fence or several) has landed; returns its
+        future. `work_bytes`: the KV it reads, for `take_work_times`."""
         if not hasattr(self, "_worker"):
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetero-host")
 
         fences = ready if isinstance(ready, (list, tuple)) else [ready]
+        clock = self._clock
 
         def job():
             for fence in fences:
                 fence.synchronize()
-            return fn(*args)
+            if clock is None:
+                return fn(*args)
+            started = time.perf_counter()
+            result = fn(*args)
+            with clock.lock:
+                clock.host.append((work_bytes, time.perf_counter() - started))
+            return result
 
         return self._worker.submit(job)
 
@@ -170,6 +216,39 @@ class Pipeline:
     def synchronize(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
+
+    def time_work(self, on: bool = True) -> None:
+        """Start (or stop) timing the fetch ring's copies and the host jobs, for `take_work_times`."""
+        self._clock = _WorkClock() if on else None
+
+    def take_work_times(self) -> WorkTimes:
+        """The copies that have landed and the host jobs that have finished since the last call (not
+        blocking: copies still in flight count in a later call); zeros when timing is off."""
+        return WorkTimes() if self._clock is None else self._clock.take()
+
+    def time_copy(self, dst: torch.Tensor, src: torch.Tensor, repeats: int = 2) -> float:
+        """Seconds of the fastest of `repeats` copies of `src` into `dst` (after one untimed copy): a probe."""
+        if not self.cuda:
+            dst.copy_(src)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                dst.copy_(src)
+                times.append(time.perf_counter() - started)
+            return min(times)
+        stream = self.copy_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        marks = []
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                dst.copy_(src, non_blocking=True)
+                end.record(stream)
+                marks.append((start, end))
+        stream.synchronize()
+        return min(start.elapsed_time(end) for start, end in marks) / 1e3
 
     def fetch_ring(self, buffers: int, blocks_per_buffer: int, block_shape, dtype) -> "FetchRing":
         return FetchRing(self, buffers, blocks_per_buffer, block_shape, dtype)
@@ -238,9 +317,14 @@ class FetchRing:
             ticket.buffer = self._free.popleft()
             buf = self._buffers[ticket.buffer]
             dst = buf.data[: ticket.blocks]
-            pipeline.counters.to_gpu += ticket.source.numel() * ticket.source.element_size()
+            nbytes = ticket.source.numel() * ticket.source.element_size()
+            pipeline.counters.to_gpu += nbytes
+            clock = pipeline._clock
             if not pipeline.cuda:
+                started = time.perf_counter()
                 dst.copy_(ticket.source)
+                if clock is not None:
+                    clock.copies.append((None, time.perf_counter() - started, nbytes))
                 continue
             stream = pipeline.copy_stream
             if buf.released is not None:
@@ -248,6 +332,12 @@ class FetchRing:
             # Host blocks still being written back by the offload stream must land first.
             stream.wait_stream(pipeline.offload_stream)
             with torch.cuda.stream(stream):
+                # Timed from when the stream reaches the copy (its waits are over) to when it lands.
+                start = None if clock is None else torch.cuda.Event(enable_timing=True)
+                if start is not None:
+                    start.record(stream)
                 dst.copy_(ticket.source, non_blocking=True)
-                ticket.ready = torch.cuda.Event()
+                ticket.ready = torch.cuda.Event(enable_timing=start is not None)
                 ticket.ready.record(stream)
+            if start is not None:
+                clock.copies.append((start, ticket.ready, nbytes))

@@ -21,6 +21,9 @@ class GenerationStats:
     bytes_to_ssd: int = 0
     bytes_from_ssd: int = 0
     fetched_token_share: float | None = None  # speculative: tokens gathered per layer and step, as a share of the context
+    split_share_start: float | None = None  # split: the GPU share of the offloaded KV the decode began with
+    split_share: float | None = None  # split: the share it ended with (refined from the first steps, with "auto")
+    verified_token_share: float | None = None  # speculative, verify: of that, what the layer's own query added
 
     @classmethod
     def from_run(cls, cache, batch, prompt_tokens, new_tokens, started, finished) -> "GenerationStats":
@@ -41,6 +44,9 @@ class GenerationStats:
             bytes_to_ssd=s.bytes_to_ssd,
             bytes_from_ssd=s.bytes_from_ssd,
             fetched_token_share=s.fetched_token_share,
+            split_share_start=s.split_share_start,
+            split_share=s.split_share,
+            verified_token_share=s.verified_token_share,
         )
 
     @property
@@ -66,7 +72,13 @@ class GenerationStats:
             f"({self.new_tokens} new) | KV: GPU {_gib(self.gpu_kv_bytes)}, host {_gib(self.host_kv_bytes)}"
             + (f", SSD {_gib(self.ssd_kv_bytes)}" if self.ssd_kv_bytes else "")
             + (f" | fetched {self.fetched_token_share:.1%} of the context per step" if self.fetched_token_share is not None else "")
+            + (f" ({self.verified_token_share:.1%} by verification)" if self.verified_token_share is not None else "")
+            + (f" | GPU share {_share_change(self.split_share_start, self.split_share)}" if self.split_share is not None else "")
         )
+
+
+def _share_change(start: float, end: float) -> str:
+    return f"{end:.0%}" if round(start, 2) == round(end, 2) else f"{start:.0%} -> {end:.0%}"
 
 
 def _gib(n: int) -> str:

@@ -57,3 +57,36 @@ def test_cpu_kernels_are_compiled_at_load_when_the_cpu_attends(model_dir, monkey
     monkeypatch.setattr(cpu_kernels, "warmup", lambda dtypes: calls.append(dtypes))
     hetero.load(model_dir, {**SPECULATIVE, "cpu_remainder": remainder}, device="cpu")
     assert bool(calls) == compiled
+
+
+def test_verification_fetches_what_speculation_missed(model_dir, monkeypatch):
+    """Speculation made blind (it hands over nothing): the layer's own query, selecting every middle
+    token here, must fetch them all, so the output equals transformers'."""
+    import dataclasses
+
+    from hetero.cache import HeteroCache
+
+    pick = HeteroCache._pick
+    monkeypatch.setattr(HeteroCache, "_speculation_bytes", lambda self, layout: 0)  # buffers as wide as the middle
+
+    def blind(self, *args):
+        picked = pick(self, *args)
+        return dataclasses.replace(picked, count=torch.zeros_like(picked.count))
+
+    monkeypatch.setattr(HeteroCache, "_pick", blind)
+    g = torch.Generator().manual_seed(24)
+    ids = torch.randint(1, 256, (2, 300), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0
+    expected = _reference(model_dir, ids, mask, 6)
+    everything = {**SPECULATIVE, "alpha": 1e9, "max_tokens": 0.99}
+    got, model = _hetero(model_dir, ids, mask, 6, everything)
+    assert torch.equal(got, expected)
+    assert model.hetero.last_stats.verified_token_share > 0
+
+
+def test_without_verification_nothing_is_added(model_dir):
+    ids = torch.randint(1, 256, (2, 300), generator=torch.Generator().manual_seed(25))
+    _, model = _hetero(model_dir, ids, torch.ones_like(ids), 4, {**SPECULATIVE, "verify": False})
+    stats = model.hetero.last_stats
+    assert stats.verified_token_share is None and 0 < stats.fetched_token_share <= 0.1 + 1e-6

@@ -1,0 +1,94 @@
+"""Measure, at load, the two bandwidths the `split` mode divides each layer's offloaded KV by.
+
+PCIe: pinned host memory copied to the GPU, as the fetch ring copies it. CPU: the (already compiled)
+Numba decode attention kernel scanning a host pool of the model's KV layout, with the configured
+threads. Both over fresh buffers of a size that outgrows the caches, a couple of repeats each; the
+whole probe takes well under a second on the GPU machine. Mechanism only: hetero.split_tuner turns
+the two figures into a share.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .cpu_kernels import host_decode_attention
+from .pipeline import Pipeline
+from .storage import HostPool
+
+COPY_BYTES = 192 << 20  # host -> GPU per timed copy
+SCAN_BYTES = 96 << 20  # KV the CPU kernel scans per timed pass
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """What the probe measured, bytes/s."""
+
+    pcie_h2d: float  # pinned host -> GPU copy
+    cpu_attention: float  # KV scanned by the host attention kernel
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """The per-token layout the probe's host pool takes from the model: one sequence."""
+
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    def block_shape(self) -> tuple[int, ...]:
+        return (2, 1, self.kv_heads, self.block_size, self.head_dim)
+
+    def block_bytes(self) -> int:
+        return 2 * self.kv_heads * self.block_size * self.head_dim * self.dtype.itemsize
+
+
+def probe(device: torch.device, shape: KVShape, copy_bytes: int = COPY_BYTES, scan_bytes: int = SCAN_BYTES,
+          repeats: int = 2) -> Bandwidths | None:
+    """Both bandwidths on `device`; None without CUDA (a copy to the CPU measures nothing useful)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return Bandwidths(pcie_h2d(device, copy_bytes, repeats), cpu_attention(shape, scan_bytes, repeats))
+
+
+def pcie_h2d(device: torch.device, nbytes: int = COPY_BYTES, repeats: int = 2) -> float:
+    """Bytes/s of a pinned host -> `device` copy of `nbytes` (the fastest of `repeats`)."""
+    pool = HostPool(1, (nbytes,), torch.uint8, pin=True, slot_align=1)
+    try:
+        src = pool.slab[0]
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        pipeline = Pipeline(device)
+        seconds = pipeline.time_copy(dst, src, repeats)
+        del dst
+        torch.cuda.empty_cache()  # the probe's buffer must not shrink the "auto" GPU budget
+    finally:
+        pool.close()
+    return nbytes / seconds
+
+
+def cpu_attention(shape: KVShape, nbytes: int = SCAN_BYTES, repeats: int = 2) -> float:
+    """Bytes/s of KV the host decode attention kernel reads, over `repeats` pools of about `nbytes`
+    each, all written before the first is timed (so that little of them is still cached)."""
+    slots = max(1, nbytes // shape.block_bytes())
+    tokens = slots * shape.block_size
+    block = torch.empty(shape.block_shape(), dtype=shape.dtype).uniform_(-1, 1)
+    # Written afresh (random values in every block): filling each whole pool by the random generator
+    # would take longer than the probe itself.
+    pools = [torch.empty((slots, *shape.block_shape()), dtype=shape.dtype).copy_(block) for _ in range(repeats)]
+    query = torch.randn(1, shape.q_heads, shape.head_dim)
+    table = np.arange(slots, dtype=np.int32)
+    ranges = np.zeros((1, shape.kv_heads, 1, 2), np.int32)
+    ranges[..., 1] = tokens
+    scale = shape.head_dim ** -0.5
+    seconds = 0.0
+    for pool in pools:
+        started = time.perf_counter()
+        host_decode_attention(query, pool, table, ranges, scale)
+        seconds += time.perf_counter() - started
+    return repeats * slots * shape.block_bytes() / seconds

@@ -1,0 +1,80 @@
+"""The `split` mode's GPU share r: which share of each layer's offloaded blocks the GPU fetches.
+
+A decode step ends when the slower side does: the GPU fetching r of the offloaded KV over PCIe at P
+bytes/s, or the CPU attending over the other 1 - r where it lies at C bytes/s. Both finish together
+when r = P / (P + C). `split_ratio = "auto"` starts from the bandwidths probed at load
+(hetero.bandwidth_probe) or, without CUDA, from the ceilings of LIMITS.md, and `SplitTuner` refines
+r from what the first decode steps measured, then holds it. A number in the config is used as is.
+
+Policy only: the pipeline measures, the cache applies r at a step boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Sequence
+
+from .pipeline import WorkTimes
+from .plan import Ceilings
+
+
+def balanced_share(pcie_bytes_per_s: float, cpu_bytes_per_s: float) -> float:
+    """The GPU share at which fetching and CPU attention take equally long."""
+    return pcie_bytes_per_s / (pcie_bytes_per_s + cpu_bytes_per_s)
+
+
+def ceiling_share(ceilings: Ceilings = Ceilings()) -> float:
+    """The GPU share the nominal ceilings give: what "auto" means where nothing was measured."""
+    return balanced_share(ceilings.pcie_h2d, ceilings.cpu_stream)
+
+
+def measured_share(times: WorkTimes) -> float | None:
+    """The balanced share from one window of measured work, or None when it does not tell: a side
+    that did no work, or a time that is not a positive finite number."""
+    values = (times.copy_bytes, times.copy_seconds, times.host_bytes, times.host_seconds)
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
+        return None
+    return balanced_share(times.copy_bytes / times.copy_seconds, times.host_bytes / times.host_seconds)
+
+
+def refine_share(start: float, windows: Sequence[WorkTimes]) -> float:
+    """The share the measured windows point to, within [0, 1]: the median of `start` and each
+    window's balance (`measured_share`; a window that does not tell is left out). One window moves
+    the share halfway; later ones outvote an odd one, which a mean of few would follow."""
+    votes = [start, *(s for s in map(measured_share, windows) if s is not None)]
+    return min(1.0, max(0.0, statistics.median(votes)))
+
+
+class SplitTuner:
+    """Refines one generation's GPU share from its first decode steps, then holds it.
+
+    `observe` is called once per decode step, at its start, with the work measured since the last
+    call: the first `skip` windows (the prefill, the first step and its warm-up) are ignored; after
+    each of the next `steps`, the share is `refine_share` of the start and the windows so far.
+    """
+
+    def __init__(self, share: float, skip: int = 2, steps: int = 4):
+        self.start = share
+        self.share = share
+        self.windows: list[WorkTimes] = []
+        self._skip = skip
+        self._steps = steps
+
+    @property
+    def done(self) -> bool:
+        return len(self.windows) == self._steps
+
+    @property
+    def refined_steps(self) -> int:
+        """Windows whose measurement counted."""
+        return sum(measured_share(w) is not None for w in self.windows)
+
+    def observe(self, times: WorkTimes) -> float:
+        """Fold one step's measured work in; returns the share for the next step."""
+        if self._skip:
+            self._skip -= 1
+        elif not self.done:
+            self.windows.append(times)
+            self.share = refine_share(self.start, self.windows)
+        return self.share

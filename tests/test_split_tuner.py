@@ -1,0 +1,230 @@
+"""The `split` mode's GPU share: probed at load, refined from the first decode steps, or fixed."""
+
+import math
+
+import pytest
+import torch
+
+from hetero.pipeline import Pipeline, WorkTimes
+from hetero.split_tuner import SplitTuner, ceiling_share, measured_share, refine_share
+
+from test_stream_exact import SMALL, _hetero, _reference, model_dir  # noqa: F401  (fixture)
+
+
+def _times(gpu_bytes, gpu_s, cpu_bytes, cpu_s):
+    return WorkTimes(copy_bytes=gpu_bytes, copy_seconds=gpu_s, host_bytes=cpu_bytes, host_seconds=cpu_s)
+
+
+def test_refine_moves_toward_the_balance_the_timings_measured():
+    # The GPU moved 40 bytes in 1 s (40 B/s), the CPU 60 bytes in 3 s (20 B/s): balanced at 2/3.
+    skewed = _times(40, 1.0, 60, 3.0)
+    assert measured_share(skewed) == pytest.approx(2 / 3)
+    one = refine_share(0.4, [skewed])
+    assert one == pytest.approx((0.4 + 2 / 3) / 2), "one window moves the share halfway"
+    assert refine_share(0.4, [skewed, skewed]) == pytest.approx(2 / 3)
+    # At the balance both sides take equally long: nothing moves.
+    assert refine_share(2 / 3, [_times(2, 1.0, 1, 1.0)]) == pytest.approx(2 / 3)
+    assert refine_share(0.4, []) == 0.4
+
+
+def test_refine_is_not_thrown_by_one_odd_window():
+    skewed = _times(40, 1.0, 60, 3.0)  # 2/3
+    odd = _times(1, 1.0, 1000, 1.0)  # a stalled copy: ~0.001
+    assert refine_share(0.4, [skewed, odd, skewed, skewed]) == pytest.approx(2 / 3)
+
+
+def test_refine_clamps_to_a_share():
+    assert refine_share(1.5, [_times(100, 1.0, 1, 100.0)]) == 1.0
+    assert refine_share(-0.5, [_times(1, 100.0, 100, 1.0)]) == 0.0
+    assert 0.0 <= refine_share(1.0, [_times(1, 1.0, 1, 1.0)] * 3) <= 1.0
+
+
+@pytest.mark.parametrize("times", [
+    _times(0, 0.0, 60, 3.0),  # the GPU fetched nothing (share 0, or its copies still in flight)
+    _times(40, 1.0, 0, 0.0),  # the CPU attended over nothing
+    _times(40, 0.0, 60, 3.0),  # a zero time
+    _times(40, -1.0, 60, 3.0),
+    _times(40, math.nan, 60, 3.0),
+    _times(40, 1.0, 60, math.inf),
+])
+def test_refine_ignores_timings_that_do_not_tell(times):
+    assert measured_share(times) is None
+    assert refine_share(0.37, [times]) == 0.37
+    assert refine_share(0.37, [times, _times(1, 1.0, 1, 1.0)]) == pytest.approx((0.37 + 0.5) / 2)
+
+
+def test_tuner_skips_the_first_steps_then_refines_a_few_then_holds():
+    tuner = SplitTuner(0.4, skip=2, steps=3)
+    skewed = _times(40, 1.0, 60, 3.0)  # balance at 2/3
+    assert tuner.observe(_times(1, 1.0, 1000, 1.0)) == 0.4  # prefill and the first step: ignored
+    assert tuner.observe(_times(1, 1.0, 1000, 1.0)) == 0.4
+    shares = [tuner.observe(skewed) for _ in range(3)]
+    assert 0.4 < shares[0] < 2 / 3 and shares[-1] == pytest.approx(2 / 3)
+    assert tuner.done and tuner.refined_steps == 3
+    assert tuner.observe(_times(1000, 1.0, 1, 1.0)) == shares[-1]  # fixed from now on
+    assert tuner.start == 0.4 and tuner.share == shares[-1]
+
+
+def test_tuner_counts_steps_whose_timings_do_not_tell_without_moving():
+    tuner = SplitTuner(0.5, skip=0, steps=2)
+    assert tuner.observe(WorkTimes()) == 0.5
+    assert tuner.observe(WorkTimes()) == 0.5
+    assert tuner.done and tuner.refined_steps == 0
+
+
+def test_pipeline_times_the_rings_copies_and_the_host_jobs():
+    pipeline = Pipeline("cpu")
+    assert pipeline.take_work_times() == WorkTimes()  # timing off: nothing measured
+    pipeline.time_work()
+    ring = pipeline.fetch_ring(2, 4, (2, 1, 2, 16, 8), torch.float32)
+    source = torch.randn(3, 2, 1, 2, 16, 8)
+    ring.release(ring.submit(source))
+    job = pipeline.run_on_host(pipeline.fence_here(), lambda: (torch.ones(1),), work_bytes=1234)
+    pipeline.host_result(job)
+    times = pipeline.take_work_times()
+    assert times.copy_bytes == source.numel() * 4 and times.copy_seconds > 0
+    assert times.host_bytes == 1234 and times.host_seconds > 0
+    assert pipeline.take_work_times() == WorkTimes()  # taken: the next window starts empty
+    pipeline.close()
+
+
+def _split_config(ratio):
+    return {**SMALL, "gpu_kv_bytes": "384KiB", "mode": "split", "split_ratio": ratio}
+
+
+def _left_padded():
+    g = torch.Generator().manual_seed(3)
+    lengths = [211, 97, 150]
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(1, 256, (n,), generator=g)
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+def test_auto_without_cuda_takes_the_ceilings_balance(tmp_path):
+    import hetero
+    from hetero.demo import save_random_model
+
+    path = save_random_model(tmp_path, "llama", seed=1, layers=2, hidden=64, heads=4, kv_heads=2, vocab=256)
+    model = hetero.load(path, _split_config("auto"), device="cpu")
+    assert model.hetero.split_probe is None, "no probe without CUDA"
+    assert model.hetero.gpu_share() == pytest.approx(ceiling_share()) == pytest.approx(54 / (54 + 76))
+    cache = model.hetero.new_cache(64)
+    assert cache.split_tuner is None, "without CUDA the share is not refined unless asked"
+    cache.close()
+
+
+def test_a_fixed_ratio_is_never_changed(model_dir):
+    ids, mask = _left_padded()
+    got, model = _hetero(model_dir, ids, mask, 10, _split_config(0.5))
+    model.hetero.refine_split = True  # even when refinement is asked for
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, min_new_tokens=10, pad_token_id=0)
+    stats = model.hetero.last_stats
+    assert stats.split_share_start == stats.split_share == 0.5
+    assert model.hetero.split_share_refined is None and model.hetero.gpu_share() == 0.5
+
+
+def test_refined_split_matches_transformers_and_is_remembered(model_dir):
+    ids, mask = _left_padded()
+    expected = _reference(model_dir, ids, mask, 10)
+    import hetero
+
+    model = hetero.load(model_dir, _split_config("auto"), device="cpu")
+    model.hetero.refine_split = True  # a CPU device: refine from its timings all the same
+    runtime = model.hetero
+    for run in range(2):
+        start = runtime.gpu_share()
+        with torch.no_grad():
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                 min_new_tokens=10, pad_token_id=0)
+        assert torch.equal(got, expected), f"generation {run}"
+        stats = runtime.last_stats
+        if getattr(model.config, "sliding_window", None) is not None:
+            assert stats.split_share == 1.0  # such models stream
+            return
+        assert stats.split_share_start == pytest.approx(start)
+        assert 0.0 <= stats.split_share <= 1.0
+        if run == 0:
+            assert stats.bytes_read_by_cpu > 0, "the CPU must have attended over part of the KV"
+        assert runtime.split_share_refined == stats.split_share, "the next generation starts from it"
+    assert "GPU share" in stats.summary()
+
+
+class _ScriptedTuner:
+    """Changes the share at every step boundary, wherever the timings point: exactness must hold."""
+
+    shares = [0.0, 1.0, 0.3, 0.8, 0.5, 0.0, 0.6]
+
+    def __init__(self, share):
+        self.start = self.share = share
+        self.refined_steps = 0
+        self.done = False
+        self.seen = []
+
+    def observe(self, times):
+        self.seen.append(times)
+        self.share = self.shares[len(self.seen) % len(self.shares)]
+        self.refined_steps += 1
+        return self.share
+
+
+def test_share_changing_every_step_still_matches_transformers(model_dir, monkeypatch):
+    import hetero
+    import hetero.api
+
+    monkeypatch.setattr(hetero.api, "SplitTuner", _ScriptedTuner)
+    ids, mask = _left_padded()
+    expected = _reference(model_dir, ids, mask, 10)
+    model = hetero.load(model_dir, _split_config("auto"), device="cpu")
+    model.hetero.refine_split = True
+    if not model.hetero.splits_auto():
+        pytest.skip("a sliding-window model streams")
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                             min_new_tokens=10, pad_token_id=0)
+    assert torch.equal(got, expected)
+    assert model.hetero.last_stats.bytes_read_by_cpu > 0
+    assert model.hetero.split_share_refined in _ScriptedTuner.shares
+
+
+@pytest.mark.gpu
+def test_probe_gives_a_share_between_the_two_sides():
+    import time
+
+    from hetero import cpu_kernels
+    from hetero.bandwidth_probe import KVShape, probe
+    from hetero.split_tuner import balanced_share
+
+    cpu_kernels.warmup((torch.bfloat16,))
+    started = time.perf_counter()
+    found = probe(torch.device("cuda"), KVShape(32, 8, 128, 16, torch.bfloat16))
+    seconds = time.perf_counter() - started
+    assert found is not None and found.pcie_h2d > 1e9 and found.cpu_attention > 1e8
+    assert 0.0 < balanced_share(found.pcie_h2d, found.cpu_attention) < 1.0
+    assert seconds < 3.0, f"the probe took {seconds:.2f} s"
+
+
+@pytest.mark.gpu
+def test_split_on_cuda_probes_at_load_and_refines(tmp_path):
+    import hetero
+    from hetero.demo import save_random_model
+
+    path = save_random_model(tmp_path, "llama", seed=7, layers=4, hidden=256, heads=8, kv_heads=2, vocab=256)
+    config = {"mode": "split", "block_size": 64, "sink_tokens": 64, "window_tokens": 128, "gpu_kv_bytes": "2MiB",
+              "cpu_kv_bytes": "1GiB", "split_ratio": "auto"}
+    model = hetero.load(path, config, dtype=torch.bfloat16, device="cuda")
+    runtime = model.hetero
+    assert runtime.split_probe is not None
+    probed = runtime.gpu_share()
+    assert 0.0 < probed < 1.0
+    ids = torch.randint(1, 256, (2, 1800), generator=torch.Generator().manual_seed(8)).cuda()
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    stats = runtime.last_stats
+    assert stats.split_share_start == pytest.approx(probed)
+    assert 0.0 <= stats.split_share <= 1.0 and stats.bytes_read_by_cpu > 0
+    assert runtime.split_share_refined == stats.split_share
