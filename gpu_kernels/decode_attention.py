@@ -6,10 +6,11 @@ G query heads of its KV head and writes a partial (out, lse). One merge over eve
 every segment gives the result: by default done by the last program of each (b, KV head) of the
 last launch (one launch per segment, nothing more), or by a separate merge kernel.
 
-Measured on the H100 (bench/bench_gpu_kernels.py): the fused merge saves ~70 us of host time
-per call (111 vs 181 us at B=1) and costs up to ~6% of GPU time at B=1, 128K (its merge runs
-in one program per KV head); under CUDA graphs, where host time vanishes, prefer
-DecodeLaunch(fused_merge=False).
+Host time per call counts as much as GPU time here (one call per layer per decode step, and a
+slow host): launch parameters are cached per geometry, the kernel compiled for it is launched
+directly (Triton's argument binding skipped), the partials and both results take one allocation
+each, and the arrival counters of the fused merge live across calls (the last program of each
+row resets its own), so no memset runs per call.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.compiler import CompiledKernel
+from triton.runtime import driver
 
 from . import reference
-from ._dispatch import INTERPRET, next_pow2, use_triton
+from ._dispatch import INTERPRET, next_pow2
 from .merge import merge_partials, merge_rows
 from .segment import Segment
 
@@ -33,28 +37,40 @@ _LOG2E = 1.4426950408889634
 class DecodeLaunch:
     """Launch shape of the split kernel.
 
-    block_n: tokens per tile; programs_per_sm: how many programs to aim for per SM;
-    min_split: fewest tokens a program takes (a multiple of block_n), so short rows stay unsplit;
-    fused_merge: the last program of each (b, KV head) merges the partials, instead of a second
-    kernel (one launch fewer: less host time per call).
+    block_n: tokens per tile; programs_per_sm: programs to aim for per SM (the split count per
+    row is rounded down, so that the grid is at most that many programs per SM: a partial second
+    wave would cost as much as a full one); min_split: fewest tokens a program takes (a multiple
+    of block_n), so short rows stay unsplit; fused_merge: the last program of each (b, KV head)
+    merges the partials, instead of a second kernel (one launch fewer: less host time per call).
     """
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    programs_per_sm: int = 2
+    programs_per_sm: float = 2
     min_split: int = 256
     fused_merge: bool = True
 
 
-_DEFAULT_LAUNCH = DecodeLaunch()
+# Tuned on an H200 (.scratch sweep, 2026-11-30): merging in the last program costs ~10% of GPU time
+# but saves a launch, ~65 us of host time on the GPU machine; small calls, whose GPU time is below
+# that, are host-bound and merge fused, large ones launch the merge kernel.
+_SMALL_LAUNCH = DecodeLaunch(block_n=128, num_warps=4, num_stages=3, programs_per_sm=2, fused_merge=True)
+_LARGE_LAUNCH = DecodeLaunch(block_n=64, num_warps=4, num_stages=2, programs_per_sm=4, fused_merge=False)
+_LARGE_ROW_TOKENS = 256 * 1024  # batch x tokens from which a call is GPU-bound
+DEFAULT_LAUNCHES = (_SMALL_LAUNCH, _LARGE_LAUNCH)  # what a caller compiles ahead
+
+
+def default_launch(batch: int, tokens: int) -> DecodeLaunch:
+    """The launch shape for `batch` rows over about `tokens` KV tokens each."""
+    return _LARGE_LAUNCH if batch * tokens >= _LARGE_ROW_TOKENS else _SMALL_LAUNCH
 
 
 # Runtime sizes change as a context grows: specializing on them (Triton's default, by divisibility)
 # would recompile the kernel in the middle of a generation.
 @triton.jit(do_not_specialize=["B", "Hkv", "cap", "split_tokens", "split_offset", "P"])
 def _decode_split_kernel(
-    q, k, v, table, length, start, o_part, l_part, arrivals, out, lse,
+    q, k, v, table, length, start, work, arrivals, out, lse,
     q_b, q_h, q_d,
     k_b, k_h, k_blk, k_tok, k_d,
     v_b, v_h, v_blk, v_tok, v_d,
@@ -85,7 +101,10 @@ def _decode_split_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     mask_g = offs_g < G
-    mask_d = offs_d < D
+    if BLOCK_D == D:  # an all-true constant: the loads and stores go unmasked along D
+        mask_d = tl.full((BLOCK_D,), 1, tl.int1)
+    else:
+        mask_d = offs_d < D
     q_rows = q + b.to(tl.int64) * q_b + (h * G + offs_g[:, None]) * q_h + offs_d[None, :] * q_d
     qt = tl.load(q_rows, mask=mask_g[:, None] & mask_d[None, :], other=0.0)
     if QK_F32:
@@ -132,8 +151,10 @@ def _decode_split_kernel(
     has = l_i > 0
     acc_out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
     acc_lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    # Partials are contiguous [P, R, D] and [P, R], R = B * Hq rows of (b, query head).
+    # `work` holds the partials: out [P, R, D] then lse [P, R], R = B * Hq rows of (b, query head).
     R = B * Hkv * G
+    o_part = work
+    l_part = work + P.to(tl.int64) * R * D
     rows = (split_offset + split).to(tl.int64) * R + bh * G + offs_g
     tl.store(o_part + rows[:, None] * D + offs_d[None, :], acc_out, mask=mask_g[:, None] & mask_d[None, :])
     tl.store(l_part + rows, acc_lse, mask=mask_g)
@@ -146,6 +167,8 @@ def _decode_split_kernel(
         arrived = tl.atomic_add(arrivals + bh, 1, sem="acq_rel", scope="gpu")
         if arrived == tl.num_programs(0) - 1:
             merge_rows(o_part, l_part, out, lse, P, R, bh * G, G, D, BLOCK_D, MERGE_R, MERGE_P)
+            # Every program of this row has arrived: the counter is free for the next call.
+            tl.store(arrivals + bh, 0)
 
 
 def decode_attention(q: torch.Tensor, segments: list[Segment], scale: float,
@@ -164,41 +187,149 @@ def decode_attention(q: torch.Tensor, segments: list[Segment], scale: float,
     """
     B, Hq, D = q.shape
     for seg in segments:
-        if seg.k.shape[0] != B or Hq % seg.k.shape[1] or seg.k.shape[-1] != D:
-            raise ValueError(f"segment k {tuple(seg.k.shape)} does not fit q {tuple(q.shape)}")
-    tensors = [q] + [t for s in segments for t in (s.k, s.v, s.length, s.start, s.block_table) if t is not None]
-    if not use_triton(*tensors) or B == 0 or not segments:
+        shape = seg.k.shape
+        if shape[0] != B or Hq % shape[1] or shape[-1] != D:
+            raise ValueError(f"segment k {tuple(shape)} does not fit q {tuple(q.shape)}")
+    if B == 0 or not segments or not (INTERPRET or _all_cuda(q, segments)):
         return reference.decode_attention(q, segments if B else [], scale)
-    launch = launch or _DEFAULT_LAUNCH
-    block_n = launch.block_n if D <= 128 else min(launch.block_n, 32)
-    splits = [_split_count(s, block_n, launch, q.device) for s in segments]
-    P = sum(n for n, _ in splits)
-    o_part = torch.empty(P, B, Hq, D, dtype=torch.float32, device=q.device)
-    l_part = torch.empty(P, B, Hq, dtype=torch.float32, device=q.device)
-    fused = None
-    if launch.fused_merge:
+    launch = launch or default_launch(B, sum(seg.capacity for seg in segments))
+    fused = launch.fused_merge
+    device = None if INTERPRET else driver.active.get_current_device()
+    last = len(segments) - 1
+    plans = [_plan(q, seg, launch, fused and i == last, device) for i, seg in enumerate(segments)]
+    sms = _sm_count(q.device)
+    caps, splits, P = [], [], 0
+    for seg, plan in zip(segments, plans):
+        cap = seg.capacity
+        if plan.int_length:
+            cap = max(0, min(cap, seg.length))
+        n_splits, split_tokens = _split_count(cap, B * plan.hkv, plan.block_n, launch, sms)
+        caps.append(cap)
+        splits.append((n_splits, split_tokens))
+        P += n_splits
+    R = B * Hq
+    work = torch.empty(P * R * (D + 1), dtype=torch.float32, device=q.device)
+    stream = None if INTERPRET else driver.active.get_current_stream(device)
+    if fused:
         out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
-        fused = (torch.zeros(B * segments[-1].k.shape[1], dtype=torch.int32, device=q.device), out, lse)
+        arrivals = _arrivals(q.device, device, stream, B * plans[-1].hkv)
+    else:
+        out = lse = arrivals = work  # stand-ins, never touched without MERGE
+    scale_log2 = scale * _LOG2E
     offset = 0
-    for i, (seg, (n_splits, split_tokens)) in enumerate(zip(segments, splits)):
-        merge = fused if i == len(segments) - 1 else None
-        _launch_segment(q, seg, scale, o_part, l_part, offset, P, n_splits, split_tokens, block_n, launch, merge)
+    for seg, plan, cap, (n_splits, split_tokens) in zip(segments, plans, caps, splits):
+        length = seg.length
+        args = (q, seg.k, seg.v,
+                work if seg.block_table is None else seg.block_table,
+                work if length is None or plan.int_length else length,
+                work if seg.start is None else seg.start,
+                work, arrivals, out, lse, *plan.strides,
+                B, plan.hkv, cap, split_tokens, offset, P, scale_log2, *plan.constexprs)
+        _launch(plan, (n_splits, B * plan.hkv, 1), stream, args)
         offset += n_splits
-    if fused is not None:
-        return fused[1], fused[2]
-    return merge_partials(o_part, l_part)
+    if fused:
+        return out, lse
+    return merge_partials(work[:P * R * D].view(P, B, Hq, D), work[P * R * D:].view(P, B, Hq))
 
 
-def _split_count(seg: Segment, block_n: int, launch: DecodeLaunch, device) -> tuple[int, int]:
-    """(programs per row, tokens per program) for one segment."""
-    B, Hkv = seg.k.shape[:2]
-    tiles = max(1, triton.cdiv(seg.capacity, block_n))
-    want = triton.cdiv(launch.programs_per_sm * _sm_count(device), max(1, B * Hkv))
-    most = max(1, seg.capacity // max(launch.min_split, block_n))
-    n_splits = max(1, min(want, most, tiles))
-    split_tokens = triton.cdiv(tiles, n_splits) * block_n
-    return triton.cdiv(max(1, seg.capacity), split_tokens), split_tokens
+def _all_cuda(q: torch.Tensor, segments: list[Segment]) -> bool:
+    if not q.is_cuda:
+        return False
+    for seg in segments:
+        if not (seg.k.is_cuda and seg.v.is_cuda):
+            return False
+        for t in (seg.length, seg.start, seg.block_table):
+            if isinstance(t, torch.Tensor) and not t.is_cuda:
+                return False
+    return True
+
+
+class _Plan:
+    """What one kind of segment needs for a launch, apart from the sizes that change per call."""
+
+    __slots__ = ("hkv", "block_n", "int_length", "strides", "constexprs", "num_warps", "num_stages", "kernel")
+
+    def __init__(self, q, seg: Segment, launch: DecodeLaunch, merge: bool):
+        _, Hq, D = q.shape
+        k, v = seg.k, seg.v
+        self.hkv = Hkv = k.shape[1]
+        G = Hq // Hkv
+        self.block_n = block_n = launch.block_n if D <= 128 else min(launch.block_n, 32)
+        if seg.blocked:
+            k_strides, v_strides, bs = k.stride(), v.stride(), k.shape[3]
+        else:  # a dense segment: no block axis
+            k_strides = (k.stride(0), k.stride(1), 0, k.stride(2), k.stride(3))
+            v_strides = (v.stride(0), v.stride(1), 0, v.stride(2), v.stride(3))
+            bs = 0
+        length = seg.length
+        self.int_length = isinstance(length, int)
+        has_len = length is not None and not self.int_length
+        len_strides = (0, 0)
+        if has_len:
+            len_strides = (length.stride(0), 0) if length.dim() == 1 else tuple(length.stride())
+        self.strides = (*q.stride(), *k_strides, *v_strides, *len_strides)
+        block_d = max(16, next_pow2(D))
+        merge_r = next_pow2(G)
+        # Triton 3.6's interpreter multiplies bf16 operands of tl.dot as raw bits; there, bf16 goes in fp32.
+        half = (torch.float16,) if INTERPRET else (torch.float16, torch.bfloat16)
+        self.constexprs = (
+            G, max(16, next_pow2(G)), D, block_d, block_n, bs,
+            seg.block_table is not None, has_len, seg.start is not None,
+            not (q.dtype == k.dtype and k.dtype in half), v.dtype not in half,
+            merge, merge_r, max(2, min(16, 4096 // (merge_r * block_d))),
+        )
+        self.num_warps, self.num_stages = launch.num_warps, launch.num_stages
+        self.kernel = None  # the compiled kernel, once Triton has chosen it for these arguments
+
+
+_plans: dict = {}
+
+
+def _plan(q, seg: Segment, launch: DecodeLaunch, merge: bool, device) -> _Plan:
+    """The cached plan for this segment's kind. The key holds everything Triton specializes the
+    kernel on (dtypes, strides, 16-byte alignment of the pointers), so that the kernel compiled
+    for one call is the one Triton would pick for every call of the same key."""
+    k, v, length, start, table = seg.k, seg.v, seg.length, seg.start, seg.block_table
+    ptrs = q.data_ptr() | k.data_ptr() | v.data_ptr()
+    if isinstance(length, torch.Tensor):
+        ptrs |= length.data_ptr()
+        length_key = (length.dtype, length.stride())
+    else:
+        length_key = length is None
+    if start is not None:
+        ptrs |= start.data_ptr()
+    if table is not None:
+        ptrs |= table.data_ptr()
+    key = (device, launch, merge, q.dtype, q.shape[1:], q.stride(), k.dtype, v.dtype, k.shape[1:2], k.shape[3:],
+           k.stride(), v.stride(), length_key, None if start is None else start.dtype,
+           None if table is None else table.dtype, ptrs & 15 == 0)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _Plan(q, seg, launch, merge)
+    return plan
+
+
+def _launch(plan: _Plan, grid, stream, args) -> None:
+    kernel = plan.kernel
+    if kernel is None:
+        kernel = _decode_split_kernel[grid](*args, num_warps=plan.num_warps, num_stages=plan.num_stages)
+        if isinstance(kernel, CompiledKernel):  # not in the interpreter
+            plan.kernel = kernel
+        return
+    hook = knobs.runtime.launch_enter_hook
+    metadata = None if hook is None else kernel.launch_metadata(grid, stream, *args)
+    kernel.run(grid[0], grid[1], 1, stream, kernel.function, kernel.packed_metadata, metadata, hook,
+               knobs.runtime.launch_exit_hook, *args)
+
+
+def _split_count(cap: int, rows: int, block_n: int, launch: DecodeLaunch, sms: int) -> tuple[int, int]:
+    """(programs per row, tokens per program) for a segment of `cap` tokens and `rows` (b, KV head) rows."""
+    tiles = max(1, -(-cap // block_n))
+    want = max(1, int(launch.programs_per_sm * sms) // rows)
+    most = max(1, cap // max(launch.min_split, block_n))
+    split_tokens = -(-tiles // min(want, most, tiles)) * block_n
+    return -(-max(1, cap) // split_tokens), split_tokens
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,39 +339,16 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch_segment(q, seg, scale, o_part, l_part, offset, P, n_splits, split_tokens, block_n, launch, merge):
-    """One split kernel over one segment; `merge` = (arrivals, out, lse) when it also merges."""
-    B, Hq, D = q.shape
-    Hkv = seg.k.shape[1]
-    G = Hq // Hkv
-    k, v = seg.k, seg.v
-    if seg.blocked:
-        k_strides, v_strides, bs = k.stride(), v.stride(), k.shape[3]
-    else:  # a dense segment: no block axis
-        k_strides = (k.stride(0), k.stride(1), 0, k.stride(2), k.stride(3))
-        v_strides = (v.stride(0), v.stride(1), 0, v.stride(2), v.stride(3))
-        bs = 0
-    length = seg.length
-    len_strides = (0, 0)
-    if length is not None:
-        len_strides = (length.stride(0), 0) if length.dim() == 1 else tuple(length.stride())
-    dummy = o_part  # stands in for absent pointer arguments; never read
-    arrivals, out, lse = merge if merge is not None else (dummy, dummy, dummy)
-    block_d = max(16, next_pow2(D))
-    merge_r = next_pow2(G)
-    # Triton 3.6's interpreter multiplies bf16 operands of tl.dot as raw bits; there, bf16 goes in fp32.
-    half = (torch.float16,) if INTERPRET else (torch.float16, torch.bfloat16)
-    _decode_split_kernel[(n_splits, B * Hkv)](
-        q, k, v,
-        seg.block_table if seg.block_table is not None else dummy,
-        length if length is not None else dummy,
-        seg.start if seg.start is not None else dummy,
-        o_part, l_part, arrivals, out, lse,
-        *q.stride(), *k_strides, *v_strides, *len_strides,
-        B, Hkv, seg.capacity, split_tokens, offset, P, scale * _LOG2E,
-        G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=block_d, BLOCK_N=block_n, BS=bs,
-        HAS_TABLE=seg.block_table is not None, HAS_LEN=length is not None, HAS_START=seg.start is not None,
-        QK_F32=not (q.dtype == k.dtype and k.dtype in half), PV_F32=v.dtype not in half,
-        MERGE=merge is not None, MERGE_R=merge_r, MERGE_P=max(2, min(16, 4096 // (merge_r * block_d))),
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
-    )
+_arrival_counters: dict = {}
+
+
+def _arrivals(where, device, stream, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, at least n, for the fused merge on this stream: kept across calls,
+    since every launch leaves them at zero. Calls on one stream run in order, so one set per
+    stream; a call being captured into a CUDA graph gets its own, zeroed within the graph."""
+    if not INTERPRET and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=where)
+    counters = _arrival_counters.get((device, stream))
+    if counters is None or counters.numel() < n:
+        counters = _arrival_counters[(device, stream)] = torch.zeros(max(n, 1024), dtype=torch.int32, device=where)
+    return counters

@@ -15,7 +15,8 @@ class Segment:
         k, v: dense [B, Hkv, L, D] or blocked [B, Hkv, n, bs, D], any strides (e.g. the view
             `pool[:, 0].permute(1, 2, 0, 3, 4)` of a pool [n_slots, 2, B, Hkv, bs, D]).
         length: int32 [B] or [B, Hkv]: the end (exclusive) of each row's valid tokens, counted
-            from the segment's first logical token; None means the whole segment.
+            from the segment's first logical token; an int: the same end for every row (no
+            tensor to make per call); None means the whole segment.
         start: int32 [B]: the first valid token of each row (left padding); None means 0.
         block_table: int32 [n_blk]: logical block j is index block_table[j] along the n axis;
             None means blocks in order. Only for blocked k, v.
@@ -23,7 +24,7 @@ class Segment:
 
     k: torch.Tensor
     v: torch.Tensor
-    length: torch.Tensor | None = None
+    length: torch.Tensor | int | None = None
     start: torch.Tensor | None = None
     block_table: torch.Tensor | None = None
 
@@ -31,6 +32,8 @@ class Segment:
         if self.k.dim() not in (4, 5) or self.k.shape != self.v.shape:
             raise ValueError(f"k, v: expected equal shapes [B, Hkv, L, D] or [B, Hkv, n, bs, D], "
                              f"got {tuple(self.k.shape)} and {tuple(self.v.shape)}")
+        if self.length is not None and not isinstance(self.length, torch.Tensor):
+            self.length = int(self.length)  # a numpy integer too
         if self.block_table is not None and not self.blocked:
             raise ValueError("block_table needs blocked k, v [B, Hkv, n, bs, D]")
 
@@ -67,7 +70,9 @@ class Segment:
         B, Hkv = self.k.shape[:2]
         pos = torch.arange(self.capacity, device=self.k.device)
         mask = torch.ones(B, Hkv, self.capacity, dtype=torch.bool, device=self.k.device)
-        if self.length is not None:
+        if isinstance(self.length, int):
+            mask &= pos < self.length
+        elif self.length is not None:
             length = self.length.to(self.k.device).long()
             length = length[:, None] if length.dim() == 1 else length
             mask &= pos < length[..., None]

@@ -17,7 +17,6 @@ import torch
 
 from .cpu_kernels import host_decode_attention
 from .pipeline import Pipeline
-from .storage import HostPool
 
 COPY_BYTES = 192 << 20  # host -> GPU per timed copy
 SCAN_BYTES = 96 << 20  # KV the CPU kernel scans per timed pass
@@ -59,16 +58,11 @@ def probe(device: torch.device, shape: KVShape, copy_bytes: int = COPY_BYTES, sc
 
 def pcie_h2d(device: torch.device, nbytes: int = COPY_BYTES, repeats: int = 2) -> float:
     """Bytes/s of a pinned host -> `device` copy of `nbytes` (the fastest of `repeats`)."""
-    pool = HostPool(1, (nbytes,), torch.uint8, pin=True, slot_align=1)
-    try:
-        src = pool.slab[0]
-        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        pipeline = Pipeline(device)
-        seconds = pipeline.time_copy(dst, src, repeats)
-        del dst
-        torch.cuda.empty_cache()  # the probe's buffer must not shrink the "auto" GPU budget
-    finally:
-        pool.close()
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    seconds = Pipeline(device).time_copy(dst, src, repeats)
+    del dst, src
+    torch.cuda.empty_cache()  # the probe's buffer must not shrink the "auto" GPU budget
     return nbytes / seconds
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .gpu_kernels import Segment, decode_attention
+from .gpu_kernels import DEFAULT_LAUNCHES, Segment, decode_attention
 
 # Tests set this to run the kernel path on the CPU, in Triton's interpreter.
 ON_CPU = False
@@ -23,10 +23,9 @@ def applies(query: torch.Tensor, key_valid, sliding_window) -> bool:
 def pool_segment(slab: torch.Tensor, table: torch.Tensor, valid_tokens: int) -> Segment:
     """The blocks `table` lists of the pool `slab` [n_slots, 2, B, Hkv, bs, D], in that order, of
     which the first `valid_tokens` tokens are attended."""
-    k = slab[:, 0].permute(1, 2, 0, 3, 4)
-    v = slab[:, 1].permute(1, 2, 0, 3, 4)
-    length = torch.full((slab.shape[2],), valid_tokens, dtype=torch.int32, device=slab.device)
-    return Segment(k, v, length=length, block_table=table)
+    # The length as an int: the same for every row, and no tensor (nor fill kernel) per call.
+    return Segment(slab[:, 0].permute(1, 2, 0, 3, 4), slab[:, 1].permute(1, 2, 0, 3, 4), length=valid_tokens,
+                   block_table=table)
 
 
 def blocks_segment(blocks: torch.Tensor) -> Segment:
@@ -34,9 +33,10 @@ def blocks_segment(blocks: torch.Tensor) -> Segment:
     return Segment(blocks[:, 0].permute(1, 2, 0, 3, 4), blocks[:, 1].permute(1, 2, 0, 3, 4))
 
 
-def attend_segments(query: torch.Tensor, segments: list[Segment], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attend_segments(query: torch.Tensor, segments: list[Segment], scale: float,
+                    launch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of `query` [B, Hq, 1, D] over the segments: (out [B, Hq, 1, D], lse [B, Hq, 1]) float32."""
-    out, lse = decode_attention(query[:, :, 0], segments, scale)
+    out, lse = decode_attention(query[:, :, 0], segments, scale, launch)
     return out[:, :, None], lse[:, :, None]
 
 
@@ -49,5 +49,6 @@ def warmup(device, query_dtype: torch.dtype, kv_dtype: torch.dtype, q_heads: int
     query = torch.randn(1, 1, q_heads, head_dim, device=device).to(query_dtype).transpose(1, 2)
     table = torch.tensor([0, 2], dtype=torch.int32, device=device)
     resident = pool_segment(pool, table, block_size + 1)
-    attend_segments(query, [resident], 1.0)
-    attend_segments(query, [resident, blocks_segment(pool[1:])], 1.0)
+    for launch in DEFAULT_LAUNCHES:  # short and long contexts launch differently
+        attend_segments(query, [resident], 1.0, launch)
+        attend_segments(query, [resident, blocks_segment(pool[1:])], 1.0, launch)

@@ -157,6 +157,30 @@ def test_decode_attention_splits_long_rows(poisoned_empty):
     _check_attention(q, [seg], D**-0.5, atol=2e-3)
 
 
+def test_decode_attention_int_length_and_counters_left_at_zero(poisoned_empty):
+    """A segment's length as an int (one end for every row) matches the tensor form; the fused
+    merge's arrival counters, kept across calls, are back at zero after every call."""
+    import importlib
+    module = importlib.import_module("hetero.gpu_kernels.decode_attention")
+    torch.manual_seed(7)
+    B, Hkv, G, D, bs = 2, 2, 4, 64, 8
+    pool = _pool(9, B, Hkv, bs, D, torch.bfloat16)
+    table = torch.randperm(9)[:6].int().to(DEV)
+    k, v = pool[:, 0].permute(1, 2, 0, 3, 4), pool[:, 1].permute(1, 2, 0, 3, 4)
+    q = torch.randn(B, Hkv * G, D).to(torch.bfloat16).to(DEV)
+    launch = DecodeLaunch(block_n=16, min_split=16, programs_per_sm=8)
+    for n in (6 * bs - 3, 100, 0, 1):
+        seg = Segment(k, v, length=n, block_table=table)
+        as_tensor = Segment(k, v, length=torch.full((B,), n, dtype=torch.int32, device=DEV), block_table=table)
+        out, lse = decode_attention(q, [seg], D**-0.5, launch)
+        ref_out, ref_lse = decode_attention(q, [as_tensor], D**-0.5, launch)
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+        assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
+        _check_attention(q, [seg], D**-0.5, atol=2e-3, launch=launch)
+        for counters in module._arrival_counters.values():
+            assert not counters.any()
+
+
 def test_merge_partials_is_exact_and_neg_inf_safe(poisoned_empty):
     torch.manual_seed(6)
     P, B, Hq, D = 19, 2, 3, 80
