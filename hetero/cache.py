@@ -149,7 +149,7 @@ class HeteroCache(Cache):
         self._picks: dict[int, Pick] = {}  # layer -> the tokens gathered for its next decode step
         self._counts: list[torch.Tensor] = []  # tokens gathered per (row, head), each layer step (speculative mode)
         self._verified: list[torch.Tensor] = []  # of them, those the layer's own query added (verify)
-        self._verifying = speculator is not None and config.verify and config.cpu_remainder != "all"
+        self._verifying = speculator is not None and config.verify_share > 0 and config.cpu_remainder != "all"
         self._context_tokens = 0  # context tokens of the (layer, row, head)s that gathered
         self._valid_from: torch.Tensor | None = None  # [B] first non-padding position, for speculation
         self.policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
@@ -532,8 +532,9 @@ class HeteroCache(Cache):
         lo, hi = plan.host[0] * bs, plan.host[1] * bs
         valid_from = self._valid_from
         exact = self.config.cpu_remainder == "all"  # the CPU's ranges between the selected need them in order
+        ahead = 1 - self.config.verify_share if self._verifying else 1.0  # the rest is the own query's
         selected, count = self.speculator.select(layer_idx, self._inputs[layer_idx - 1], plan.length, lo, hi,
-                                                 valid_from, ordered=exact)
+                                                 valid_from, ordered=exact, budget=ahead)
         buffer = self._gather_buffers[layer_idx % 2][:, :, :, : selected.shape[2]]
         table = self._home_tables_gpu[layer_idx, self._home.area_of[layer_idx]]
         ready = self.pipeline.gather(gather_tokens, self._home.slab, table, selected, count, buffer)

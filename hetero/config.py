@@ -58,8 +58,9 @@ _DOCS = {
     "min_tokens": "speculative mode: fewest middle tokens fetched per KV head (a count, or a share < 1 of the context)",
     "max_tokens": "speculative mode: most middle tokens fetched per KV head (a count, or a share < 1 of the context)",
     "cpu_remainder": "speculative mode: none (ignore tokens not fetched) | all (the CPU attends over them: exact)",
-    "verify": "speculative mode: once a layer's own query is known, select again with it and fetch what the "
-              "prediction from the layer before missed (false: the prediction alone, as InfiniGen)",
+    "verify_share": "speculative mode: share [0, 1) of max_tokens kept for the layer's own query, which once known "
+                    "selects again and fetches what the prediction from the layer before missed (0: the prediction "
+                    "alone, as InfiniGen)",
 }
 
 
@@ -83,10 +84,10 @@ class OffloadConfig:
     split_ratio: float | str = "auto"
     alpha: float = 5.0
     partial_ratio: float = 0.25
-    min_tokens: int | float = 64
+    min_tokens: int | float = 0.1
     max_tokens: int | float = 0.1
     cpu_remainder: str = "none"
-    verify: bool = True
+    verify_share: float = 0.25
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -121,8 +122,8 @@ class OffloadConfig:
         if ratio != "auto" and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1):
             raise ConfigError("split_ratio", f'split_ratio: got {_shown(ratio)}, expected "auto" or a number in [0, 1]')
         check_speculation_keys(self)
-        if not isinstance(self.verify, bool):
-            raise ConfigError("verify", f"verify: got {_shown(self.verify)}, expected true or false")
+        if not _is_number(self.verify_share) or not 0 <= self.verify_share < 1:
+            raise ConfigError("verify_share", f"verify_share: got {_shown(self.verify_share)}, expected a number in [0, 1)")
 
     @classmethod
     def from_dict(cls, values: dict) -> "OffloadConfig":

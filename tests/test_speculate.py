@@ -296,7 +296,7 @@ def test_settings_defaults_match_the_offload_config():
     assert sp.SpeculationSettings.from_config(OffloadConfig()) == sp.SpeculationSettings()
     s = sp.SpeculationSettings(min_tokens=0.05, max_tokens=300.0)
     assert (s.min_count(1000), s.max_count(1000)) == (50, 300)
-    assert (sp.SpeculationSettings().min_count(7), sp.SpeculationSettings().max_count(1001)) == (64, 100)
+    assert (sp.SpeculationSettings().min_count(1001), sp.SpeculationSettings().max_count(1001)) == (100, 100)
 
 
 @pytest.mark.parametrize("key,value,expected", [

@@ -87,6 +87,6 @@ def test_verification_fetches_what_speculation_missed(model_dir, monkeypatch):
 
 def test_without_verification_nothing_is_added(model_dir):
     ids = torch.randint(1, 256, (2, 300), generator=torch.Generator().manual_seed(25))
-    _, model = _hetero(model_dir, ids, torch.ones_like(ids), 4, {**SPECULATIVE, "verify": False})
+    _, model = _hetero(model_dir, ids, torch.ones_like(ids), 4, {**SPECULATIVE, "verify_share": 0})
     stats = model.hetero.last_stats
     assert stats.verified_token_share is None and 0 < stats.fetched_token_share <= 0.1 + 1e-6

@@ -134,8 +134,8 @@ def build_settings(context: int, residency: Residency, gpu_kv_bytes: int, budget
     # The bar first: if the time limit bites, it is the last budgeted rows that go.
     rows.append(Setting("speculative default", "speculative-default", "hetero", default_max_share(),
                         hetero_config=speculative_config(None, residency, gpu_kv_bytes), skip_reason=why_not))
-    rows.append(Setting("speculative default, verify off", "speculative-unverified", "hetero", default_max_share(),
-                        hetero_config={**speculative_config(None, residency, gpu_kv_bytes), "verify": False},
+    rows.append(Setting("speculative default, no verify", "speculative-unverified", "hetero", default_max_share(),
+                        hetero_config={**speculative_config(None, residency, gpu_kv_bytes), "verify_share": 0},
                         skip_reason=why_not))
     for budget in budgets:
         rows.append(Setting(f"speculative {budget:.0%}", "speculative", "hetero", budget,
