@@ -533,8 +533,6 @@ class HeteroCache(Cache):
         valid_from = self._valid_from
         exact = self.config.cpu_remainder == "all"  # the CPU's ranges between the selected need them in order
         ahead = 1 - self.config.verify_share if self._verifying else 1.0  # the rest is the own query's
-        if self._verifying and layer_idx == 1:
-            ahead = 0.0  # layer 0's input is the raw embedding, a poor predictor: layer 1's own query picks
         selected, count = self.speculator.select(layer_idx, self._inputs[layer_idx - 1], plan.length, lo, hi,
                                                  valid_from, ordered=exact, budget=ahead)
         buffer = self._gather_buffers[layer_idx % 2][:, :, :, : selected.shape[2]]
