@@ -60,6 +60,10 @@ class Setting:
         return self.speculative and self.hetero_config.get("cpu_remainder", "none") == "none"
 
 
+# The default row's verify_share against others: none (InfiniGen's prediction alone) and larger shares.
+VERIFY_SHARES = (0.0, 0.5, 0.75)
+
+
 def hetero_config(mode: str, residency: Residency, gpu_kv_bytes: int) -> dict:
     """The offload configuration of a hetero row (exactly the keys of the issue's call)."""
     return {"mode": mode, "gpu_kv_bytes": gpu_kv_bytes, "block_size": residency.block,
@@ -134,9 +138,12 @@ def build_settings(context: int, residency: Residency, gpu_kv_bytes: int, budget
     # The issue's bar first: if the time limit bites, it is the last budgeted rows that go.
     rows.append(Setting("speculative default", "speculative-default", "hetero", default_max_share(),
                         hetero_config=speculative_config(None, residency, gpu_kv_bytes), skip_reason=why_not))
-    rows.append(Setting("speculative default, no verify", "speculative-unverified", "hetero", default_max_share(),
-                        hetero_config={**speculative_config(None, residency, gpu_kv_bytes), "verify_share": 0},
-                        skip_reason=why_not))
+    for share in VERIFY_SHARES:
+        name = "no verify" if share == 0 else f"verify_share {share}"
+        rows.append(Setting(f"speculative default, {name}", "speculative-unverified" if share == 0 else "speculative-verify",
+                            "hetero", default_max_share(),
+                            hetero_config={**speculative_config(None, residency, gpu_kv_bytes), "verify_share": share},
+                            skip_reason=why_not))
     for budget in budgets:
         rows.append(Setting(f"speculative {budget:.0%}", "speculative", "hetero", budget,
                             hetero_config=speculative_config(budget, residency, gpu_kv_bytes), skip_reason=why_not))
