@@ -77,7 +77,7 @@ def prepare(model: PreTrainedModel, config: OffloadConfig | dict | str | Path | 
     offload = OffloadConfig.coerce(config)
     resolve_budgets(offload, MachineMemory.probe(model.device))  # a budget the machine lacks fails here
     attention.install(model)
-    if offload.mode == "split" or (offload.mode == "speculative" and offload.cpu_remainder == "all"):
+    if offload.mode == "split" or (offload.mode == "speculative" and offload.cpu_attends_remainder):
         _ready_cpu_kernels(offload, model.dtype)  # these modes have the CPU attend
     if model.device.type == "cuda":
         _ready_gpu_kernels(offload, model)

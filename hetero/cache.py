@@ -74,6 +74,11 @@ class CacheStats:
     split_share_start: float | None = None  # split mode: the GPU share the generation began with
     split_share: float | None = None  # split mode: the GPU share it ended with (refined, with "auto")
     verified_token_share: float | None = None  # speculative, verify: of the context, the tokens the own query added
+    # speculation_debug: the share of each head's attention over the middle the fetched tokens hold (mean,
+    # and per layer), and the share of the selected tokens the layer selected the step before too.
+    fetched_attention_share: float | None = None
+    fetched_attention_share_by_layer: dict[int, float] | None = None
+    reselected_share: float | None = None
 
 
 class HeteroLayer(CacheLayerMixin):
@@ -149,7 +154,11 @@ class HeteroCache(Cache):
         self._picks: dict[int, Pick] = {}  # layer -> the tokens gathered for its next decode step
         self._counts: list[torch.Tensor] = []  # tokens gathered per (row, head), each layer step (speculative mode)
         self._verified: list[torch.Tensor] = []  # of them, those the layer's own query added (verify)
-        self._verifying = speculator is not None and config.verify_share > 0 and config.cpu_remainder != "all"
+        self._verifying = speculator is not None and config.verify_share > 0 and not config.cpu_attends_remainder
+        self._debugging = speculator is not None and config.speculation_debug
+        self._attention_shares: list[tuple[int, torch.Tensor]] = []  # debug: (layer, share the fetched tokens hold)
+        self._reuse: list[tuple[torch.Tensor, torch.Tensor]] = []  # debug: (tokens selected the step before too, selected)
+        self._last_selected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # debug: layer -> its last selection
         self._context_tokens = 0  # context tokens of the (layer, row, head)s that gathered
         self._valid_from: torch.Tensor | None = None  # [B] first non-padding position, for speculation
         self.policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
@@ -244,6 +253,9 @@ class HeteroCache(Cache):
             if part is not None:
                 self.pipeline.wait(part.ready)
                 picked.append(part.segment)
+        selected_lse = None
+        if pick is not None and self._debugging:  # the fetched tokens' own log-sum-exp, to weigh them
+            _, selected_lse = gpu_decode.attend_segments(query, [pick.segment], scale)
         if gpu_decode.applies(query, key_valid, sliding_window):
             self._attend_on_gpu(layer_idx, plan, tickets, query, scale, merger, picked)
         else:
@@ -252,7 +264,10 @@ class HeteroCache(Cache):
             self._attend_by_pieces(plan, tickets, query, key_new, value_new, key_valid, scale, sliding_window, merger)
         self._prefetch_after(layer_idx, decode=lq == 1)
         if host_job is not None:
-            merger.add(*self.pipeline.host_result(host_job))
+            rest = self.pipeline.host_result(host_job)
+            merger.add(*rest)
+            if selected_lse is not None:
+                self._attention_shares.append((layer_idx, _mass_share(selected_lse, rest[1])))
         if self._home is not None and self._home.ssd_blocks:
             self._home.read_by(layer_idx, self.pipeline.fence_here())
         out, _ = merger.result()
@@ -531,7 +546,7 @@ class HeteroCache(Cache):
         bs = self.config.block_size
         lo, hi = plan.host[0] * bs, plan.host[1] * bs
         valid_from = self._valid_from
-        exact = self.config.cpu_remainder == "all"  # the CPU's ranges between the selected need them in order
+        exact = self.config.cpu_attends_remainder  # the CPU's ranges between the selected need them in order
         ahead = 1 - self.config.verify_share if self._verifying else 1.0  # the rest is the own query's
         selected, count = self.speculator.select(layer_idx, self._inputs[layer_idx - 1], plan.length, lo, hi,
                                                  valid_from, ordered=exact, budget=ahead)
@@ -541,7 +556,18 @@ class HeteroCache(Cache):
         self._counts = _tally(self._counts, count)
         self._context_tokens += plan.length * count.numel()
         on_host = self.pipeline.to_host(selected, count) if exact else None
+        if self._debugging:
+            self._note_reuse(layer_idx, selected, count, lo, hi)
         return Pick(buffer, count, ready, (lo, hi), on_host, selected)
+
+    def _note_reuse(self, layer_idx: int, selected: torch.Tensor, count: torch.Tensor, lo: int, hi: int) -> None:
+        """Debug: how many of the tokens selected now the layer also selected at the step before."""
+        last = self._last_selected.get(layer_idx)
+        self._last_selected[layer_idx] = (selected, count)
+        if last is not None:
+            _, new = missing_tokens(selected, count, *last, lo, hi)  # the step before's all lie in [lo, hi)
+            total = count.sum(dtype=torch.int64)
+            self._reuse.append((total - new.sum(dtype=torch.int64), total))
 
     def _verify(self, layer_idx: int, pick: "Pick", position: int) -> "Pick":
         """Select again with the layer's own query, now that its input is known, and gather the tokens
@@ -597,7 +623,22 @@ class HeteroCache(Cache):
             verified = int(torch.stack(self._verified).sum(dtype=torch.int64)) / self._context_tokens if self._verified else 0.0
         c = self.pipeline.counters
         split = (self._split_share_start, self.gpu_share) if self.config.mode == "split" else (None, None)
-        return CacheStats(gpu, host, c.to_gpu + gathered, c.to_host, self._bytes_read_by_cpu, self._ring.blocks_per_buffer, *ssd, share, *split, verified)
+        stats = CacheStats(gpu, host, c.to_gpu + gathered, c.to_host, self._bytes_read_by_cpu, self._ring.blocks_per_buffer, *ssd, share, *split, verified)
+        return self._debug_stats(stats) if self._debugging else stats
+
+    def _debug_stats(self, stats: CacheStats) -> CacheStats:
+        """speculation_debug's figures, added to `stats`."""
+        if self._attention_shares:
+            by_layer: dict[int, list[torch.Tensor]] = {}
+            for layer, share in self._attention_shares:
+                by_layer.setdefault(layer, []).append(share)
+            means = {layer: float(torch.stack(v).mean()) for layer, v in sorted(by_layer.items())}
+            stats.fetched_attention_share = float(torch.stack([s for _, s in self._attention_shares]).mean())
+            stats.fetched_attention_share_by_layer = means
+        if self._reuse:
+            again, total = (int(torch.stack(v).sum()) for v in zip(*self._reuse))
+            stats.reselected_share = again / total if total else None
+        return stats
 
     def close(self) -> None:
         """Drop queued fetches and wait for transfers in flight."""
@@ -647,6 +688,13 @@ class HostPoolReuse:
             align = PAGE if block_bytes % PAGE == 0 else 1
             self._pool = HostPool(n_slots, block_shape, dtype, pin, slot_align=align)
         return self._pool
+
+
+def _mass_share(lse: torch.Tensor, rest_lse: torch.Tensor) -> torch.Tensor:
+    """The mean share of each head's attention that the tokens of `lse` hold beside those of `rest_lse`
+    (softmax masses exp(lse)); a head with neither holds all of it."""
+    share = torch.sigmoid(lse.float() - rest_lse.float())
+    return torch.where(torch.isnan(share), torch.ones_like(share), share).mean()
 
 
 def _tally(counts: list[torch.Tensor], count: torch.Tensor) -> list[torch.Tensor]:

@@ -58,6 +58,9 @@ _DOCS = {
     "min_tokens": "speculative mode: fewest middle tokens fetched per KV head (a count, or a share < 1 of the context)",
     "max_tokens": "speculative mode: most middle tokens fetched per KV head (a count, or a share < 1 of the context)",
     "cpu_remainder": "speculative mode: none (ignore tokens not fetched) | all (the CPU attends over them: exact)",
+    "speculation_debug": "speculative mode, debug: the CPU also attends over the tokens not fetched (the output is then "
+                         "exact, as with cpu_remainder all, and slower), so that the stats report the share of each "
+                         "head's attention the fetched tokens hold, and how many of them the layer fetched the step before",
     "verify_share": "speculative mode: share [0, 1) of max_tokens kept for the layer's own query, which once known "
                     "selects again and fetches what the prediction from the layer before missed (0: the prediction "
                     "alone, as InfiniGen)",
@@ -88,6 +91,7 @@ class OffloadConfig:
     max_tokens: int | float = 0.1
     cpu_remainder: str = "none"
     verify_share: float = 0.25
+    speculation_debug: bool = False
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -122,8 +126,15 @@ class OffloadConfig:
         if ratio != "auto" and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1):
             raise ConfigError("split_ratio", f'split_ratio: got {_shown(ratio)}, expected "auto" or a number in [0, 1]')
         check_speculation_keys(self)
+        if not isinstance(self.speculation_debug, bool):
+            raise ConfigError("speculation_debug", f"speculation_debug: got {_shown(self.speculation_debug)}, expected true or false")
         if not _is_number(self.verify_share) or not 0 <= self.verify_share < 1:
             raise ConfigError("verify_share", f"verify_share: got {_shown(self.verify_share)}, expected a number in [0, 1)")
+
+    @property
+    def cpu_attends_remainder(self) -> bool:
+        """Whether, in the speculative mode, the CPU attends over the tokens not fetched."""
+        return self.cpu_remainder == "all" or self.speculation_debug
 
     @classmethod
     def from_dict(cls, values: dict) -> "OffloadConfig":

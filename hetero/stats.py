@@ -24,6 +24,9 @@ class GenerationStats:
     split_share_start: float | None = None  # split: the GPU share of the offloaded KV the decode began with
     split_share: float | None = None  # split: the share it ended with (refined from the first steps, with "auto")
     verified_token_share: float | None = None  # speculative, verify: of that, what the layer's own query added
+    fetched_attention_share: float | None = None  # speculation_debug: the middle's attention the fetched tokens hold
+    fetched_attention_share_by_layer: dict | None = None  # the same per layer
+    reselected_share: float | None = None  # speculation_debug: of the tokens selected, those selected the step before
 
     @classmethod
     def from_run(cls, cache, batch, prompt_tokens, new_tokens, started, finished) -> "GenerationStats":
@@ -47,6 +50,9 @@ class GenerationStats:
             split_share_start=s.split_share_start,
             split_share=s.split_share,
             verified_token_share=s.verified_token_share,
+            fetched_attention_share=s.fetched_attention_share,
+            fetched_attention_share_by_layer=s.fetched_attention_share_by_layer,
+            reselected_share=s.reselected_share,
         )
 
     @property
@@ -73,6 +79,9 @@ class GenerationStats:
             + (f", SSD {_gib(self.ssd_kv_bytes)}" if self.ssd_kv_bytes else "")
             + (f" | fetched {self.fetched_token_share:.1%} of the context per step" if self.fetched_token_share is not None else "")
             + (f" ({self.verified_token_share:.1%} by verification)" if self.verified_token_share is not None else "")
+            + (f" | fetched tokens hold {self.fetched_attention_share:.1%} of the middle's attention"
+               if self.fetched_attention_share is not None else "")
+            + (f", {self.reselected_share:.0%} of them selected the step before" if self.reselected_share is not None else "")
             + (f" | GPU share {_share_change(self.split_share_start, self.split_share)}" if self.split_share is not None else "")
         )
 

@@ -90,3 +90,35 @@ def test_without_verification_nothing_is_added(model_dir):
     _, model = _hetero(model_dir, ids, torch.ones_like(ids), 4, {**SPECULATIVE, "verify_share": 0})
     stats = model.hetero.last_stats
     assert stats.verified_token_share is None and 0 < stats.fetched_token_share <= 0.1 + 1e-6
+
+
+def test_debug_measures_the_attention_the_fetched_tokens_hold_and_stays_exact(model_dir):
+    ids = torch.randint(1, 256, (2, 300), generator=torch.Generator().manual_seed(26))
+    mask = torch.ones_like(ids)
+    mask[0, :41] = 0
+    expected = _reference(model_dir, ids, mask, 6)
+    got, model = _hetero(model_dir, ids, mask, 6, {**SPECULATIVE, "speculation_debug": True})
+    assert torch.equal(got, expected)  # the CPU attends over the rest, as with cpu_remainder "all"
+    stats = model.hetero.last_stats
+    assert 0 < stats.fetched_attention_share < 1
+    assert set(stats.fetched_attention_share_by_layer) == {1, 2}  # layer 0 is fetched whole
+    assert 0 <= stats.reselected_share <= 1
+
+
+def test_debug_with_every_middle_token_fetched_reports_all_of_the_attention(model_dir, monkeypatch):
+    from hetero.cache import HeteroCache
+
+    monkeypatch.setattr(HeteroCache, "_speculation_bytes", lambda self, layout: 0)  # buffers as wide as the middle
+    ids = torch.randint(1, 256, (1, 300), generator=torch.Generator().manual_seed(27))
+    everything = {**SPECULATIVE, "gpu_kv_bytes": "192KiB", "alpha": 1e9, "max_tokens": 0.99, "speculation_debug": True}
+    _, model = _hetero(model_dir, ids, torch.ones_like(ids), 4, everything)
+    stats = model.hetero.last_stats
+    assert stats.fetched_attention_share == pytest.approx(1.0)
+    assert stats.reselected_share > 0.9
+
+
+def test_without_debug_there_are_no_debug_figures(model_dir):
+    ids = torch.randint(1, 256, (2, 300), generator=torch.Generator().manual_seed(28))
+    _, model = _hetero(model_dir, ids, torch.ones_like(ids), 3, SPECULATIVE)
+    stats = model.hetero.last_stats
+    assert stats.fetched_attention_share is None and stats.reselected_share is None
