@@ -76,6 +76,7 @@ class CacheStats:
     verified_token_share: float | None = None  # speculative, verify: of the context, the tokens the own query added
     # speculation_debug: the share of each head's attention over the middle the fetched tokens hold (mean,
     # and per layer), and the share of the selected tokens the layer selected the step before too.
+    fetched_token_share_by_layer: dict[int, float] | None = None  # speculative: the same per layer (1 and up)
     fetched_attention_share: float | None = None
     fetched_attention_share_by_layer: dict[int, float] | None = None
     reselected_share: float | None = None
@@ -152,14 +153,14 @@ class HeteroCache(Cache):
         self.speculator = speculator
         self._inputs: dict[int, torch.Tensor] = {}  # layer -> its attention input of this forward
         self._picks: dict[int, Pick] = {}  # layer -> the tokens gathered for its next decode step
-        self._counts: list[torch.Tensor] = []  # tokens gathered per (row, head), each layer step (speculative mode)
+        self._counts: dict[int, list[torch.Tensor]] = {}  # layer -> tokens gathered per (row, head), each step (speculative)
         self._verified: list[torch.Tensor] = []  # of them, those the layer's own query added (verify)
         self._verifying = speculator is not None and config.verify_share > 0 and not config.cpu_attends_remainder
         self._debugging = speculator is not None and config.speculation_debug
         self._attention_shares: list[tuple[int, torch.Tensor]] = []  # debug: (layer, share the fetched tokens hold)
         self._reuse: list[tuple[torch.Tensor, torch.Tensor]] = []  # debug: (tokens selected the step before too, selected)
         self._last_selected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # debug: layer -> its last selection
-        self._context_tokens = 0  # context tokens of the (layer, row, head)s that gathered
+        self._context_tokens: dict[int, int] = {}  # layer -> context tokens of the (step, row, head)s that gathered
         self._valid_from: torch.Tensor | None = None  # [B] first non-padding position, for speculation
         self.policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
         self.blocks_per_layer = -(-max_tokens // config.block_size)
@@ -553,8 +554,8 @@ class HeteroCache(Cache):
         buffer = self._gather_buffers[layer_idx % 2][:, :, :, : selected.shape[2]]
         table = self._home_tables_gpu[layer_idx, self._home.area_of[layer_idx]]
         ready = self.pipeline.gather(gather_tokens, self._home.slab, table, selected, count, buffer)
-        self._counts = _tally(self._counts, count)
-        self._context_tokens += plan.length * count.numel()
+        self._counts[layer_idx] = _tally(self._counts.get(layer_idx, []), count)
+        self._context_tokens[layer_idx] = self._context_tokens.get(layer_idx, 0) + plan.length * count.numel()
         on_host = self.pipeline.to_host(selected, count) if exact else None
         if self._debugging:
             self._note_reuse(layer_idx, selected, count, lo, hi)
@@ -580,7 +581,7 @@ class HeteroCache(Cache):
         buffer = self._verify_buffer[:, :, :, : missing.shape[2]]
         table = self._home_tables_gpu[layer_idx, self._home.area_of[layer_idx]]
         ready = self.pipeline.gather(gather_tokens, self._home.slab, table, missing, count, buffer)
-        self._counts = _tally(self._counts, count)
+        self._counts[layer_idx] = _tally(self._counts[layer_idx], count)
         self._verified = _tally(self._verified, count)
         return Pick(buffer, count, ready, pick.span, None, missing)
 
@@ -612,18 +613,21 @@ class HeteroCache(Cache):
         home = self._home
         host = 0 if home is None else home.host_slots * self.layout.block_bytes
         ssd = (0, 0, 0) if home is None else (home.ssd_bytes, home.bytes_to_ssd, home.bytes_from_ssd)
-        share, gathered = None, 0
-        if self._counts and self._context_tokens:
-            fetched = int(torch.stack(self._counts).sum(dtype=torch.int64))
-            share = fetched / self._context_tokens
+        share, by_layer, gathered = None, None, 0
+        context = sum(self._context_tokens.values())
+        if self._counts and context:
+            fetched = {layer: int(torch.stack(c).sum(dtype=torch.int64)) for layer, c in sorted(self._counts.items())}
+            by_layer = {layer: n / self._context_tokens[layer] for layer, n in fetched.items()}
+            share = sum(fetched.values()) / context
             lay = self.layout
-            gathered = fetched * 2 * lay.head_dim * torch.finfo(lay.dtype).bits // 8  # K and V rows over PCIe
+            gathered = sum(fetched.values()) * 2 * lay.head_dim * torch.finfo(lay.dtype).bits // 8  # K and V rows over PCIe
         verified = None
-        if self._verifying and self._context_tokens:
-            verified = int(torch.stack(self._verified).sum(dtype=torch.int64)) / self._context_tokens if self._verified else 0.0
+        if self._verifying and context:
+            verified = int(torch.stack(self._verified).sum(dtype=torch.int64)) / context if self._verified else 0.0
         c = self.pipeline.counters
         split = (self._split_share_start, self.gpu_share) if self.config.mode == "split" else (None, None)
         stats = CacheStats(gpu, host, c.to_gpu + gathered, c.to_host, self._bytes_read_by_cpu, self._ring.blocks_per_buffer, *ssd, share, *split, verified)
+        stats.fetched_token_share_by_layer = by_layer
         return self._debug_stats(stats) if self._debugging else stats
 
     def _debug_stats(self, stats: CacheStats) -> CacheStats:

@@ -24,6 +24,7 @@ class GenerationStats:
     split_share_start: float | None = None  # split: the GPU share of the offloaded KV the decode began with
     split_share: float | None = None  # split: the share it ended with (refined from the first steps, with "auto")
     verified_token_share: float | None = None  # speculative, verify: of that, what the layer's own query added
+    fetched_token_share_by_layer: dict | None = None  # speculative: the same per layer
     fetched_attention_share: float | None = None  # speculation_debug: the middle's attention the fetched tokens hold
     fetched_attention_share_by_layer: dict | None = None  # the same per layer
     reselected_share: float | None = None  # speculation_debug: of the tokens selected, those selected the step before
@@ -50,6 +51,7 @@ class GenerationStats:
             split_share_start=s.split_share_start,
             split_share=s.split_share,
             verified_token_share=s.verified_token_share,
+            fetched_token_share_by_layer=s.fetched_token_share_by_layer,
             fetched_attention_share=s.fetched_attention_share,
             fetched_attention_share_by_layer=s.fetched_attention_share_by_layer,
             reselected_share=s.reselected_share,

@@ -36,6 +36,8 @@ def test_without_the_rest_it_fetches_a_tenth_and_still_generates(model_dir):
     assert got.shape == (2, 306)
     stats = model.hetero.last_stats
     assert 0 < stats.fetched_token_share <= 0.1 + 1e-6
+    by_layer = stats.fetched_token_share_by_layer
+    assert set(by_layer) == {1, 2} and all(0 < share <= 0.1 + 1e-6 for share in by_layer.values())
     assert stats.bytes_read_by_cpu == 0
 
 
