@@ -383,9 +383,13 @@ def select_tokens(scores: torch.Tensor, lo: int, alpha: float, min_count: int, w
     if valid_from is not None:
         valid = torch.arange(lo, hi, device=scores.device) >= valid_from.to(scores.device)[:, None]
         scores = scores.masked_fill(~valid[:, None, None, :], -math.inf)
-    best = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)  # a fully padded row stays -inf
-    closeness = (scores - best).amax(2)  # [B, Hkv, L]: 0 at some head's best
-    count = (closeness > -alpha).sum(-1).clamp(min=min(min_count, width), max=width)
+    if rank is not None and min_count >= width:
+        # The bounds leave the alpha rule nothing to decide (the default): fewer kernels per layer step.
+        count = torch.full(scores.shape[:2], width, dtype=torch.int32, device=scores.device)
+    else:
+        best = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)  # a fully padded row stays -inf
+        closeness = (scores - best).amax(2)  # [B, Hkv, L]: 0 at some head's best
+        count = (closeness > -alpha).sum(-1).clamp(min=min(min_count, width), max=width)
     if valid is not None:
         count = torch.minimum(count, valid.sum(-1, keepdim=True))
     if rank is None:

@@ -342,3 +342,13 @@ def test_cache_gathers_the_selection_and_the_cpu_the_rest_exactly(tmp_path):
     assert torch.equal(got, expected)
     stats = cache.stats
     assert 0 < stats.fetched_token_share < 1 and stats.bytes_read_by_cpu > 0
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_full_budget_skips_the_alpha_rule_and_selects_the_same(ordered):
+    g = torch.Generator().manual_seed(31)
+    scores, rank = torch.randn(2, 3, 4, 77, generator=g), torch.randn(2, 3, 77, generator=g)
+    valid_from = torch.tensor([20, 0])
+    fast = sp.select_tokens(scores, 5, 5.0, 13, 13, valid_from, ordered, rank=rank)
+    alpha_rule = sp.select_tokens(scores, 5, math.inf, 0, 13, valid_from, ordered, rank=rank)
+    assert all(torch.equal(a, b) for a, b in zip(fast, alpha_rule))
