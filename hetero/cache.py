@@ -74,9 +74,9 @@ class CacheStats:
     split_share_start: float | None = None  # split mode: the GPU share the generation began with
     split_share: float | None = None  # split mode: the GPU share it ended with (refined, with "auto")
     verified_token_share: float | None = None  # speculative, verify: of the context, the tokens the own query added
+    fetched_token_share_by_layer: dict[int, float] | None = None  # speculative: the same per layer (1 and up)
     # speculation_debug: the share of each head's attention over the middle the fetched tokens hold (mean,
     # and per layer), and the share of the selected tokens the layer selected the step before too.
-    fetched_token_share_by_layer: dict[int, float] | None = None  # speculative: the same per layer (1 and up)
     fetched_attention_share: float | None = None
     fetched_attention_share_by_layer: dict[int, float] | None = None
     reselected_share: float | None = None
