@@ -13,6 +13,9 @@ from hetero import ConfigError, OffloadConfig, UnsupportedModelError
 from hetero import speculate as sp
 from hetero.demo import small_config
 
+from batches import left_padded
+
+
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 
 
@@ -39,17 +42,6 @@ def speculator(llama):
 
 def _randn(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _left_padded(lengths, seed):
-    width = max(lengths)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(1, 256, (n,), generator=g)
-        mask[row, width - n :] = 1
-    return ids, mask
 
 
 def _decode_step(model, ids, mask):
@@ -103,7 +95,7 @@ def test_all_columns_give_the_models_own_attention(arch):
     left padding included (RoPE positions from the mask, as generate numbers them)."""
     model = _tiny_model(arch, seed=2)
     s = sp.calibrate(model, settings=sp.SpeculationSettings(partial_ratio=1.0))
-    ids, mask = _left_padded([37, 23, 30], seed=7)
+    ids, mask = left_padded([37, 23, 30], seed=7)
     inputs, probs, keys = _decode_step(model, ids, mask)
     total = ids.shape[1]
     valid_from = (mask == 0).sum(-1).to(torch.int32)
@@ -330,7 +322,7 @@ def test_cache_gathers_the_selection_and_the_cpu_the_rest_exactly(tmp_path):
               "cpu_kv_bytes": "64MiB", "prefill_chunk_tokens": 96, "cpu_remainder": "all", "max_tokens": 0.3}
     model = hetero.load(path, config, device="cpu")
     speculator = sp.calibrate(model, settings=sp.SpeculationSettings.from_config(model.hetero.config))
-    ids, mask = _left_padded([301, 262], seed=60)
+    ids, mask = left_padded([301, 262], seed=60)
     new_tokens = 9
     budgets = resolve_budgets(model.hetero.config, MachineMemory.probe("cpu"))
     cache = hetero.HeteroCache(model.hetero.config, budgets, 3, ids.shape[1] + new_tokens, "cpu", speculator=speculator)

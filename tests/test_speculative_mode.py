@@ -9,19 +9,14 @@ def _llama_only(model_dir):
     if "llama" not in str(model_dir):
         pytest.skip("Triton's interpreter runs the gathers here: slow; the mode does not depend on the architecture")
 
+from batches import left_padded
 from test_stream_exact import SMALL, _hetero, _reference, model_dir  # noqa: F401  (fixture)
 
 SPECULATIVE = {**SMALL, "mode": "speculative", "gpu_kv_bytes": "384KiB", "max_tokens": 0.1, "min_tokens": 4}
 
 
 def test_with_the_cpu_attending_over_the_rest_it_is_exact(model_dir):
-    g = torch.Generator().manual_seed(21)
-    lengths = [211, 97, 150]
-    ids = torch.zeros(3, 211, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, 211 - n:] = torch.randint(1, 256, (n,), generator=g)
-        mask[row, 211 - n:] = 1
+    ids, mask = left_padded([211, 97, 150], seed=21)
     expected = _reference(model_dir, ids, mask, 8)
     got, model = _hetero(model_dir, ids, mask, 8, {**SPECULATIVE, "cpu_remainder": "all"})
     assert torch.equal(got, expected)

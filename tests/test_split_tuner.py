@@ -8,6 +8,7 @@ import torch
 from hetero.pipeline import Pipeline, WorkTimes
 from hetero.split_tuner import SplitTuner, ceiling_share, measured_share, refine_share
 
+from batches import left_padded
 from test_stream_exact import SMALL, _hetero, _reference, model_dir  # noqa: F401  (fixture)
 
 
@@ -92,18 +93,6 @@ def _split_config(ratio):
     return {**SMALL, "gpu_kv_bytes": "384KiB", "mode": "split", "split_ratio": ratio}
 
 
-def _left_padded():
-    g = torch.Generator().manual_seed(3)
-    lengths = [211, 97, 150]
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(1, 256, (n,), generator=g)
-        mask[row, width - n :] = 1
-    return ids, mask
-
-
 def test_auto_without_cuda_takes_the_ceilings_balance(tmp_path):
     import hetero
     from hetero.demo import save_random_model
@@ -118,7 +107,7 @@ def test_auto_without_cuda_takes_the_ceilings_balance(tmp_path):
 
 
 def test_a_fixed_ratio_is_never_changed(model_dir):
-    ids, mask = _left_padded()
+    ids, mask = left_padded([211, 97, 150], seed=3)
     got, model = _hetero(model_dir, ids, mask, 10, _split_config(0.5))
     model.hetero.refine_split = True  # even when refinement is asked for
     with torch.no_grad():
@@ -129,7 +118,7 @@ def test_a_fixed_ratio_is_never_changed(model_dir):
 
 
 def test_refined_split_matches_transformers_and_is_remembered(model_dir):
-    ids, mask = _left_padded()
+    ids, mask = left_padded([211, 97, 150], seed=3)
     expected = _reference(model_dir, ids, mask, 10)
     import hetero
 
@@ -177,7 +166,7 @@ def test_share_changing_every_step_still_matches_transformers(model_dir, monkeyp
     import hetero.api
 
     monkeypatch.setattr(hetero.api, "SplitTuner", _ScriptedTuner)
-    ids, mask = _left_padded()
+    ids, mask = left_padded([211, 97, 150], seed=3)
     expected = _reference(model_dir, ids, mask, 10)
     model = hetero.load(model_dir, _split_config("auto"), device="cpu")
     model.hetero.refine_split = True

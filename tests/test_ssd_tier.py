@@ -12,6 +12,7 @@ from hetero import cache as cache_module
 from hetero.demo import save_random_model
 from hetero.storage import Fault, NvmeStore, StorageIOError
 
+from batches import left_padded
 from test_stream_exact import _reference
 
 SSD_CONFIG = {
@@ -54,13 +55,7 @@ def test_most_blocks_on_the_ssd_and_tokens_are_exact(six_layers, tmp_path, mode)
 
 
 def test_left_padded_batch_with_the_ssd_tier_is_exact(six_layers, tmp_path):
-    g = torch.Generator().manual_seed(13)
-    lengths = [260, 141]
-    ids = torch.zeros(2, 260, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, 260 - n:] = torch.randint(1, 256, (n,), generator=g)
-        mask[row, 260 - n:] = 1
+    ids, mask = left_padded([260, 141], seed=13)
     expected = _reference(six_layers, ids, mask, 5)
     config = {**SSD_CONFIG, "gpu_kv_bytes": "512KiB", "cpu_kv_bytes": "800KiB", "ssd_kv_bytes": "8MiB",
               "ssd_dir": str(tmp_path)}

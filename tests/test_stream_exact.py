@@ -7,6 +7,8 @@ from transformers import AutoModelForCausalLM
 import hetero
 from hetero.demo import save_random_model
 
+from batches import left_padded
+
 SMALL = {
     "mode": "stream",
     "block_size": 16,
@@ -51,14 +53,7 @@ def test_batch_of_one_matches_transformers(model_dir):
 
 
 def test_left_padded_batch_matches_transformers(model_dir):
-    g = torch.Generator().manual_seed(3)
-    lengths = [211, 97, 150]
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(1, 256, (n,), generator=g)
-        mask[row, width - n :] = 1
+    ids, mask = left_padded([211, 97, 150], seed=3)
     expected = _reference(model_dir, ids, mask, 10)
     got, model = _hetero(model_dir, ids, mask, 10, {**SMALL, "gpu_kv_bytes": "384KiB"})
     assert torch.equal(got, expected)
