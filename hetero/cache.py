@@ -25,6 +25,7 @@ from .config import Budgets, OffloadConfig
 from .errors import ConfigError
 from .host_attention import attend_host_blocks, attend_host_unselected
 from .gpu_kernels import Segment, gather_tokens
+from .held_rows import HeldRows
 from .host_home import SPILL_SLOTS, HostHome
 from .storage import PAGE, GpuPool, HostPool, NvmeStore
 from .token_sets import missing_tokens
@@ -75,6 +76,7 @@ class CacheStats:
     split_share: float | None = None  # split mode: the GPU share it ended with (refined, with "auto")
     verified_token_share: float | None = None  # speculative, verify: of the context, the tokens the own query added
     fetched_token_share_by_layer: dict[int, float] | None = None  # speculative: the same per layer (1 and up)
+    reused_token_share: float | None = None  # reuse_rows: of the context, tokens attended from rows kept (not fetched)
     # speculation_debug: the share of each head's attention over the middle the fetched tokens hold (mean,
     # and per layer), and the share of the selected tokens the layer selected the step before too.
     fetched_attention_share: float | None = None
@@ -157,6 +159,9 @@ class HeteroCache(Cache):
         self._verified: list[torch.Tensor] = []  # of them, those the layer's own query added (verify)
         self._verifying = speculator is not None and config.verify_share > 0 and not config.cpu_attends_remainder
         self._debugging = speculator is not None and config.speculation_debug
+        self._reusing = speculator is not None and config.reuse_rows
+        self._held: dict[int, HeldRows] = {}  # reuse_rows: layer -> its rows kept from the step before
+        self._reused: list[torch.Tensor] = []  # reuse_rows: tokens attended from rows kept, each layer step
         self._attention_shares: list[tuple[int, torch.Tensor]] = []  # debug: (layer, share the fetched tokens hold)
         self._reuse: list[tuple[torch.Tensor, torch.Tensor]] = []  # debug: (tokens selected the step before too, selected)
         self._last_selected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # debug: layer -> its last selection
@@ -413,20 +418,29 @@ class HeteroCache(Cache):
             self._home_tables_gpu = torch.from_numpy(home.all_tables).to(self.device)
             width = self.speculator.max_selected(self.max_tokens)
             shape = (2, batch, kv_heads, width, head_dim)
-            self._gather_buffers = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(2)]
+            # With reuse_rows, each layer keeps its own rows, and one buffer takes what is fetched on the way.
+            self._gather_buffers = [torch.empty(shape, dtype=dtype, device=self.device)
+                                    for _ in range(1 if self._reusing else 2)]
+            if self._reusing:
+                self._held = {layer: HeldRows.empty(batch, kv_heads, width, head_dim, dtype, self.device)
+                              for layer in range(1, nl)}
             # One more for the tokens a layer's own query adds: they are gathered while it waits.
             self._verify_buffer = torch.empty(shape, dtype=dtype, device=self.device) if self._verifying else None
             self.speculator.begin(batch, self.max_tokens)
         self.layout = layout
 
     def _speculation_bytes(self, layout: KVLayout) -> int:
-        """GPU memory the speculative mode takes from the KV budget: partial keys and two gather buffers."""
+        """GPU memory the speculative mode takes from the KV budget: partial keys, gather buffers, and
+        with reuse_rows every layer's kept rows."""
         if self.speculator is None:
             return 0
         partial = self.speculator.partial_key_bytes(layout.batch, self.max_tokens, layout.dtype)
         width = self.speculator.max_selected(self.max_tokens)
-        buffers = 3 if self._verifying else 2
-        return partial + buffers * 2 * layout.batch * layout.kv_heads * width * layout.head_dim * layout.dtype.itemsize
+        buffers = (1 if self._reusing else 2) + (1 if self._verifying else 0)
+        held = 0
+        if self._reusing:
+            held = (layout.num_layers - 1) * HeldRows.nbytes(layout.batch, layout.kv_heads, width, layout.head_dim, layout.dtype)
+        return partial + held + buffers * 2 * layout.batch * layout.kv_heads * width * layout.head_dim * layout.dtype.itemsize
 
     def _make_home(self, layout: KVLayout) -> HostHome:
         """The host pool, and the SSD store for the blocks the host budget cannot hold."""
@@ -551,15 +565,36 @@ class HeteroCache(Cache):
         ahead = 1 - self.config.verify_share if self._verifying else 1.0  # the rest is the own query's
         selected, count = self.speculator.select(layer_idx, self._inputs[layer_idx - 1], plan.length, lo, hi,
                                                  valid_from, ordered=exact, budget=ahead)
-        buffer = self._gather_buffers[layer_idx % 2][:, :, :, : selected.shape[2]]
         table = self._home_tables_gpu[layer_idx, self._home.area_of[layer_idx]]
-        ready = self.pipeline.gather(gather_tokens, self._home.slab, table, selected, count, buffer)
-        self._counts[layer_idx] = _tally(self._counts.get(layer_idx, []), count)
+        if self._reusing:
+            buffer, ready, fetched = self._refill(layer_idx, table, selected, count, lo, hi)
+        else:
+            buffer = self._gather_buffers[layer_idx % 2][:, :, :, : selected.shape[2]]
+            ready = self.pipeline.gather(gather_tokens, self._home.slab, table, selected, count, buffer)
+            fetched = count
+        self._counts[layer_idx] = _tally(self._counts.get(layer_idx, []), fetched)
         self._context_tokens[layer_idx] = self._context_tokens.get(layer_idx, 0) + plan.length * count.numel()
         on_host = self.pipeline.to_host(selected, count) if exact else None
         if self._debugging:
             self._note_reuse(layer_idx, selected, count, lo, hi)
         return Pick(buffer, count, ready, (lo, hi), on_host, selected)
+
+    def _refill(self, layer_idx, table, selected, count, lo, hi):
+        """reuse_rows: the layer's kept rows take the new selection, fetching only the tokens they lack.
+        Returns the rows (the first `count` hold the selection), their fence and the tokens fetched."""
+        held = self._held[layer_idx]
+        result = []
+
+        def refill(*args):  # on the copy stream: the counts it makes are read only after it
+            fetched = held.refill(*args)
+            result.append((fetched, count - fetched))
+
+        ready = self.pipeline.gather(refill, self._home.slab, table, selected, count, self._gather_buffers[0], lo, hi)
+        fetched, reused = result[0]
+        if max(len(self._reused), len(self._counts.get(layer_idx, []))) >= 4095:
+            self.pipeline.synchronize()  # the fold below reads counts the copy stream wrote
+        self._reused = _tally(self._reused, reused)
+        return held.buffer[:, :, :, : held.width], ready, fetched
 
     def _note_reuse(self, layer_idx: int, selected: torch.Tensor, count: torch.Tensor, lo: int, hi: int) -> None:
         """Debug: how many of the tokens selected now the layer also selected at the step before."""
@@ -621,6 +656,9 @@ class HeteroCache(Cache):
             share = sum(fetched.values()) / context
             lay = self.layout
             gathered = sum(fetched.values()) * 2 * lay.head_dim * torch.finfo(lay.dtype).bits // 8  # K and V rows over PCIe
+        reused = None
+        if self._reusing and context:
+            reused = int(torch.stack(self._reused).sum(dtype=torch.int64)) / context if self._reused else 0.0
         verified = None
         if self._verifying and context:
             verified = int(torch.stack(self._verified).sum(dtype=torch.int64)) / context if self._verified else 0.0
@@ -628,6 +666,7 @@ class HeteroCache(Cache):
         split = (self._split_share_start, self.gpu_share) if self.config.mode == "split" else (None, None)
         stats = CacheStats(gpu, host, c.to_gpu + gathered, c.to_host, self._bytes_read_by_cpu, self._ring.blocks_per_buffer, *ssd, share, *split, verified)
         stats.fetched_token_share_by_layer = by_layer
+        stats.reused_token_share = reused
         return self._debug_stats(stats) if self._debugging else stats
 
     def _debug_stats(self, stats: CacheStats) -> CacheStats:

@@ -58,6 +58,9 @@ _DOCS = {
     "min_tokens": "speculative mode: fewest middle tokens fetched per KV head (a count, or a share < 1 of the context)",
     "max_tokens": "speculative mode: most middle tokens fetched per KV head (a count, or a share < 1 of the context)",
     "cpu_remainder": "speculative mode: none (ignore tokens not fetched) | all (the CPU attends over them: exact)",
+    "reuse_rows": "speculative mode: keep each layer's gathered rows on the GPU from one step to the next and fetch only "
+                  "the newly selected tokens (GPU memory: max_tokens rows per layer; pays where PCIe binds, at "
+                  "larger batches; costs host time per layer)",
     "speculation_debug": "speculative mode, debug: the CPU also attends over the tokens not fetched (the output is then "
                          "exact, as with cpu_remainder all, and slower), so that the stats report the share of each "
                          "head's attention the fetched tokens hold, and how many of them the layer fetched the step before",
@@ -91,6 +94,7 @@ class OffloadConfig:
     max_tokens: int | float = 0.1
     cpu_remainder: str = "none"
     verify_share: float = 0.25
+    reuse_rows: bool = False
     speculation_debug: bool = False
 
     def __post_init__(self) -> None:
@@ -126,6 +130,8 @@ class OffloadConfig:
         if ratio != "auto" and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1):
             raise ConfigError("split_ratio", f'split_ratio: got {_shown(ratio)}, expected "auto" or a number in [0, 1]')
         check_speculation_keys(self)
+        if not isinstance(self.reuse_rows, bool):
+            raise ConfigError("reuse_rows", f"reuse_rows: got {_shown(self.reuse_rows)}, expected true or false")
         if not isinstance(self.speculation_debug, bool):
             raise ConfigError("speculation_debug", f"speculation_debug: got {_shown(self.speculation_debug)}, expected true or false")
         if not _is_number(self.verify_share) or not 0 <= self.verify_share < 1:

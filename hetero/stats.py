@@ -25,6 +25,7 @@ class GenerationStats:
     split_share: float | None = None  # split: the share it ended with (refined from the first steps, with "auto")
     verified_token_share: float | None = None  # speculative, verify: of that, what the layer's own query added
     fetched_token_share_by_layer: dict | None = None  # speculative: the same per layer
+    reused_token_share: float | None = None  # reuse_rows: tokens attended from rows kept since the step before
     fetched_attention_share: float | None = None  # speculation_debug: the middle's attention the fetched tokens hold
     fetched_attention_share_by_layer: dict | None = None  # the same per layer
     reselected_share: float | None = None  # speculation_debug: of the tokens selected, those selected the step before
@@ -52,6 +53,7 @@ class GenerationStats:
             split_share=s.split_share,
             verified_token_share=s.verified_token_share,
             fetched_token_share_by_layer=s.fetched_token_share_by_layer,
+            reused_token_share=s.reused_token_share,
             fetched_attention_share=s.fetched_attention_share,
             fetched_attention_share_by_layer=s.fetched_attention_share_by_layer,
             reselected_share=s.reselected_share,
@@ -81,6 +83,7 @@ class GenerationStats:
             + (f", SSD {_gib(self.ssd_kv_bytes)}" if self.ssd_kv_bytes else "")
             + (f" | fetched {self.fetched_token_share:.1%} of the context per step" if self.fetched_token_share is not None else "")
             + (f" ({self.verified_token_share:.1%} by verification)" if self.verified_token_share is not None else "")
+            + (f", {self.reused_token_share:.1%} more kept from the step before" if self.reused_token_share is not None else "")
             + (f" | fetched tokens hold {self.fetched_attention_share:.1%} of the middle's attention"
                if self.fetched_attention_share is not None else "")
             + (f", {self.reselected_share:.0%} of them selected the step before" if self.reselected_share is not None else "")

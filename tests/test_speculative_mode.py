@@ -119,3 +119,22 @@ def test_without_debug_there_are_no_debug_figures(model_dir):
     _, model = _hetero(model_dir, ids, torch.ones_like(ids), 3, SPECULATIVE)
     stats = model.hetero.last_stats
     assert stats.fetched_attention_share is None and stats.reselected_share is None
+
+
+def test_kept_rows_give_the_same_tokens_and_fetch_less(model_dir):
+    ids, mask = left_padded([300, 240], seed=29)
+    fresh, model = _hetero(model_dir, ids, mask, 8, SPECULATIVE)
+    fetched_fresh = model.hetero.last_stats.fetched_token_share
+    kept, model = _hetero(model_dir, ids, mask, 8, {**SPECULATIVE, "reuse_rows": True, "gpu_kv_bytes": "512KiB"})
+    stats = model.hetero.last_stats
+    assert torch.equal(kept, fresh)  # the same tokens attended, from rows kept or fetched
+    assert stats.reused_token_share > 0 and stats.fetched_token_share < fetched_fresh
+
+
+def test_kept_rows_with_the_cpu_attending_over_the_rest_stay_exact(model_dir):
+    ids, mask = left_padded([211, 97, 150], seed=30)
+    expected = _reference(model_dir, ids, mask, 8)
+    got, model = _hetero(model_dir, ids, mask, 8,
+                         {**SPECULATIVE, "cpu_remainder": "all", "reuse_rows": True, "gpu_kv_bytes": "512KiB"})
+    assert torch.equal(got, expected)
+    assert model.hetero.last_stats.reused_token_share > 0

@@ -7,6 +7,8 @@ from transformers import AutoModelForCausalLM
 import hetero
 from hetero.demo import save_random_model
 
+from batches import left_padded
+
 pytestmark = pytest.mark.gpu
 
 CONFIG = {
@@ -29,29 +31,26 @@ def _run(generate, ids, mask):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("lengths", [[1800], [1500, 777, 1203]])
-@pytest.mark.parametrize("mode,mib_per_row", [("stream", 1), ("split", 1), ("stream", 64), ("speculative", 1)])
+@pytest.mark.parametrize("mode,mib_per_row", [("stream", 1), ("split", 1), ("stream", 64), ("speculative", 1),
+                                               ("speculative-reuse", 1)])
 def test_bf16_matches_transformers(arch, lengths, mode, mib_per_row, tmp_path):
     """1 MiB per row forces most of the KV through the fetch ring (and the CPU, in split mode);
     64 MiB holds it all on the GPU."""
     path = save_random_model(tmp_path, arch, seed=7, layers=4, hidden=256, heads=8, kv_heads=2, vocab=256)
-    g = torch.Generator().manual_seed(8)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(1, 256, (n,), generator=g)
-        mask[row, width - n:] = 1
-    ids, mask = ids.cuda(), mask.cuda()
+    ids, mask = (t.cuda() for t in left_padded(lengths, seed=8))
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     ref_tokens, _ = _run(reference.generate, ids, mask)
-    config = {**CONFIG, "mode": mode, "gpu_kv_bytes": f"{mib_per_row * len(lengths)}MiB"}
-    if mode == "speculative":
+    config = {**CONFIG, "mode": mode.split("-")[0], "gpu_kv_bytes": f"{mib_per_row * len(lengths)}MiB"}
+    if mode.startswith("speculative"):
         config["cpu_remainder"] = "all"  # the CPU attends over what was not fetched: exact
+        config["reuse_rows"] = mode.endswith("reuse")
     model = hetero.load(path, config, dtype=torch.bfloat16, device="cuda")
     tokens, logits = _run(model.generate, ids, mask)
     stats = model.hetero.last_stats
     assert (stats.bytes_to_gpu > 0) == (mib_per_row == 1)
-    assert (stats.bytes_read_by_cpu > 0) == (mode in ("split", "speculative"))
+    assert (stats.bytes_read_by_cpu > 0) == (mode != "stream")
+    if config.get("reuse_rows"):
+        assert stats.reused_token_share > 0
     # Ground truth: the float32 model on hetero's own tokens, in one full forward. hetero's bf16
     # logits must be as close to it as transformers' bf16 forward is, within a small factor.
     sequence = torch.cat([ids, tokens], dim=1)
