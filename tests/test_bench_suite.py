@@ -158,3 +158,15 @@ def test_plots_without_matplotlib_are_still_pngs(tmp_path, monkeypatch):
     paths = plots.write_plots(results, tmp_path)
     assert [p.name for p in paths] == ["decode_tokens_per_s.png", "sweep_step_time.png"]
     assert all(p.read_bytes().startswith(PNG) for p in paths)
+
+
+def test_the_decode_profiler_records_decode_steps_only(tmp_path):
+    import profile_decode
+
+    out = tmp_path / "prof.json"
+    assert profile_decode.main(["--tiny", "--context", "300", "--gpu-kv-bytes", "320KiB", "--steps", "2",
+                                "--rows", "3", "--set", "verify_share=0", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["profiled_steps"] == 2 and result["config"]["verify_share"] == 0
+    assert result["torch_ops_per_step"] > 0 and len(result["top_host"]) == 3
+    assert "fetched" in result["summary"]  # the KV left the GPU: speculation ran
