@@ -25,6 +25,7 @@ from .config import Budgets, OffloadConfig
 from .errors import ConfigError
 from .host_attention import attend_host_blocks, attend_host_unselected
 from .gpu_kernels import Segment, gather_tokens
+from .block_bounds import blocks_within, score_upper_bounds
 from .held_rows import HeldRows
 from .host_home import SPILL_SLOTS, HostHome
 from .storage import PAGE, GpuPool, HostPool, NvmeStore
@@ -160,6 +161,10 @@ class HeteroCache(Cache):
         self._verifying = speculator is not None and config.verify_share > 0 and not config.cpu_attends_remainder
         self._debugging = speculator is not None and config.speculation_debug
         self._reusing = speculator is not None and config.reuse_rows
+        # cpu_remainder "bounded": per-block key minima and maxima choose the blocks the CPU reads.
+        self._bounding = speculator is not None and config.cpu_remainder == "bounded" and not config.speculation_debug
+        self._key_bounds: torch.Tensor | None = None  # [layers, B, Hkv, blocks, 2, D]
+        self._blocks_read: list[torch.Tensor] = []  # "bounded": (row, head) blocks the CPU read, each layer step
         self._held: dict[int, HeldRows] = {}  # reuse_rows: layer -> its rows kept from the step before
         self._reused: list[torch.Tensor] = []  # reuse_rows: tokens attended from rows kept, each layer step
         self._attention_shares: list[tuple[int, torch.Tensor]] = []  # debug: (layer, share the fetched tokens hold)
@@ -350,18 +355,33 @@ class HeteroCache(Cache):
         return len(resident) * bs - max(0, (last + 1) * bs - length)
 
     def _start_unselected_part(self, layer_idx, pick, query, key_valid, past, scale):
-        """Queue the CPU's attention over the middle tokens speculation did not select (cpu_remainder "all")."""
+        """Queue the CPU's attention over the middle tokens speculation did not select (cpu_remainder
+        "all", or "bounded": in the blocks worth reading)."""
         if pick.on_host is None:
             return None
         lo, hi = pick.span
-        self._bytes_read_by_cpu += (hi - lo) * self.layout.block_bytes // self.config.block_size
+        blocks = None
+        if self._bounding:
+            blocks = self._blocks_worth_reading(layer_idx, query, lo, hi, scale)
+            self._blocks_read = _tally(self._blocks_read, blocks.sum(dtype=torch.int64))  # per (row, head)
+        else:
+            self._bytes_read_by_cpu += (hi - lo) * self.layout.block_bytes // self.config.block_size
         valid_from = None if key_valid is None else (~key_valid[:, :past]).sum(-1)
-        (q_host, valid_host), ready = self.pipeline.to_host(query, valid_from)
+        (q_host, valid_host, blocks_host), ready = self.pipeline.to_host(query, valid_from, blocks)
         (selected, count), picked = pick.on_host
         return self.pipeline.run_on_host(
             [picked, ready], attend_host_unselected, q_host, self._home.slab, self._home.tables[layer_idx],
-            lo, hi, selected, count, scale, valid_host,
+            lo, hi, selected, count, scale, valid_host, blocks_host,
         )
+
+    def _blocks_worth_reading(self, layer_idx, query, lo, hi, scale) -> torch.Tensor:
+        """cpu_remainder "bounded": the blocks of [lo, hi) where some key may score within `alpha` of
+        the best block's bound (hetero.block_bounds); bool [B, Hkv, blocks]."""
+        bs = self.config.block_size
+        bounds = self._key_bounds[layer_idx, :, :, lo // bs : hi // bs]
+        b, kv_heads = bounds.shape[:2]
+        upper = score_upper_bounds(query[:, :, -1].view(b, kv_heads, -1, query.shape[-1]), bounds, scale)
+        return blocks_within(upper, self.config.alpha)
 
     def _start_host_part(self, layer_idx, blocks, query, key_valid, past, scale):
         """Queue the CPU's attention over `blocks` of the layer; returns the pending job."""
@@ -424,6 +444,8 @@ class HeteroCache(Cache):
             if self._reusing:
                 self._held = {layer: HeldRows.empty(batch, kv_heads, width, head_dim, dtype, self.device)
                               for layer in range(1, nl)}
+            if self._bounding:
+                self._key_bounds = torch.zeros(nl, batch, kv_heads, bpl, 2, head_dim, dtype=dtype, device=self.device)
             # One more for the tokens a layer's own query adds: they are gathered while it waits.
             self._verify_buffer = torch.empty(shape, dtype=dtype, device=self.device) if self._verifying else None
             self.speculator.begin(batch, self.max_tokens)
@@ -440,7 +462,10 @@ class HeteroCache(Cache):
         held = 0
         if self._reusing:
             held = (layout.num_layers - 1) * HeldRows.nbytes(layout.batch, layout.kv_heads, width, layout.head_dim, layout.dtype)
-        return partial + held + buffers * 2 * layout.batch * layout.kv_heads * width * layout.head_dim * layout.dtype.itemsize
+        bounds = 0
+        if self._bounding:
+            bounds = layout.num_layers * self.blocks_per_layer * 2 * layout.batch * layout.kv_heads * layout.head_dim * layout.dtype.itemsize
+        return partial + held + bounds + buffers * 2 * layout.batch * layout.kv_heads * width * layout.head_dim * layout.dtype.itemsize
 
     def _make_home(self, layout: KVLayout) -> HostHome:
         """The host pool, and the SSD store for the blocks the host budget cannot hold."""
@@ -514,6 +539,10 @@ class HeteroCache(Cache):
             pos += take
             if offset + take < bs or self._home is None:
                 continue
+            if self._key_bounds is not None:
+                bounds = self._key_bounds[layer_idx, :, :, block]
+                torch.amin(dst[0], dim=2, out=bounds[:, :, 0])
+                torch.amax(dst[0], dim=2, out=bounds[:, :, 1])
             fence = self._fences[slot] = self.pipeline.offload(dst, self._home.write_target(layer_idx, block))
             self._home.written(layer_idx, block, fence)
             if block * bs >= start and self.policy.sink_blocks <= block < window_start:
@@ -662,9 +691,13 @@ class HeteroCache(Cache):
         verified = None
         if self._verifying and context:
             verified = int(torch.stack(self._verified).sum(dtype=torch.int64)) / context if self._verified else 0.0
+        cpu_bytes = self._bytes_read_by_cpu
+        if self._blocks_read:  # a block's bytes hold every row and head
+            lay = self.layout
+            cpu_bytes += int(torch.stack(self._blocks_read).sum()) * lay.block_bytes // (lay.batch * lay.kv_heads)
         c = self.pipeline.counters
         split = (self._split_share_start, self.gpu_share) if self.config.mode == "split" else (None, None)
-        stats = CacheStats(gpu, host, c.to_gpu + gathered, c.to_host, self._bytes_read_by_cpu, self._ring.blocks_per_buffer, *ssd, share, *split, verified)
+        stats = CacheStats(gpu, host, c.to_gpu + gathered, c.to_host, cpu_bytes, self._ring.blocks_per_buffer, *ssd, share, *split, verified)
         stats.fetched_token_share_by_layer = by_layer
         stats.reused_token_share = reused
         return self._debug_stats(stats) if self._debugging else stats

@@ -23,7 +23,7 @@ from .errors import ConfigError
 
 MODES = ("stream", "split", "speculative")
 IMPLEMENTED_MODES = {"stream", "split", "speculative"}  # enabling a mode is one line here
-CPU_REMAINDERS = ("none", "all")
+CPU_REMAINDERS = ("none", "bounded", "all")
 KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
 AUTO_GPU_SHARE = 0.5  # of the GPU memory free once the weights are loaded
 AUTO_CPU_SHARE = 0.8  # of the host memory available
@@ -57,7 +57,9 @@ _DOCS = {
     "partial_ratio": "speculative mode: share 0..1 of each head's key columns kept for prediction",
     "min_tokens": "speculative mode: fewest middle tokens fetched per KV head (a count, or a share < 1 of the context)",
     "max_tokens": "speculative mode: most middle tokens fetched per KV head (a count, or a share < 1 of the context)",
-    "cpu_remainder": "speculative mode: none (ignore tokens not fetched) | all (the CPU attends over them: exact)",
+    "cpu_remainder": "speculative mode: none (ignore tokens not fetched) | bounded (the CPU attends over them in the "
+                     "blocks whose key bounds allow a score within alpha of the best block's, Quest) | all (the CPU "
+                     "attends over them all: exact)",
     "reuse_rows": "speculative mode: keep each layer's gathered rows on the GPU from one step to the next and fetch only "
                   "the newly selected tokens (GPU memory: max_tokens rows per layer; pays where PCIe binds, at "
                   "larger batches; costs host time per layer)",
@@ -140,7 +142,7 @@ class OffloadConfig:
     @property
     def cpu_attends_remainder(self) -> bool:
         """Whether, in the speculative mode, the CPU attends over the tokens not fetched."""
-        return self.cpu_remainder == "all" or self.speculation_debug
+        return self.cpu_remainder != "none" or self.speculation_debug
 
     @classmethod
     def from_dict(cls, values: dict) -> "OffloadConfig":

@@ -58,23 +58,48 @@ def attend_host_unselected(
     count: torch.Tensor,
     scale: float,
     valid_from: torch.Tensor | None,
+    blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a decode query [B, Hq, 1, D] over the positions of [lo, hi) that were not selected.
 
     `selected` int32 [B, Hkv, N] holds, per KV head, `count` sorted positions inside [lo, hi) (the
-    rest is padding); what lies between them is read as ranges, in one pass.
+    rest is padding); what lies between them is read as ranges, in one pass. `blocks` (bool
+    [B, Hkv, blocks of [lo, hi)]), when given, limits them to the chosen blocks.
     """
     sel = selected.numpy()
     n = sel.shape[2]
     cnt = count.numpy()[..., None]
     beyond = np.arange(n) >= cnt
     sel = np.where(beyond, hi, sel).astype(np.int64)
-    ranges = np.empty((*sel.shape[:2], n + 1, 2), np.int32)
-    ranges[..., 0, 0] = lo
-    ranges[..., 1:, 0] = sel + 1
-    ranges[..., :n, 1] = sel
-    ranges[..., n, 1] = hi
+    if blocks is not None:
+        ranges = _ranges_in_blocks(sel, lo, hi, blocks.numpy(), slab.shape[4])
+    else:
+        ranges = np.empty((*sel.shape[:2], n + 1, 2), np.int32)
+        ranges[..., 0, 0] = lo
+        ranges[..., 1:, 0] = sel + 1
+        ranges[..., :n, 1] = sel
+        ranges[..., n, 1] = hi
     if valid_from is not None:
         ranges[..., 0] = np.maximum(ranges[..., 0], valid_from.numpy().astype(np.int32)[:, None, None])
+        ranges[..., 1] = np.maximum(ranges[..., 0], ranges[..., 1])
     out, lse = host_decode_attention(query[:, :, 0].float(), slab, block_table, ranges, scale)
     return out[:, :, None], lse[:, :, None]
+
+
+def _ranges_in_blocks(selected: np.ndarray, lo: int, hi: int, blocks: np.ndarray, block_size: int) -> np.ndarray:
+    """The positions of [lo, hi) in the chosen blocks (`blocks` [B, Hkv, (hi - lo) / block_size] bool)
+    that are not `selected` (int64 [B, Hkv, N], padded with hi), as ranges [B, Hkv, R, 2]."""
+    b, h, _ = selected.shape
+    wanted = np.repeat(blocks, block_size, axis=-1)  # [B, Hkv, hi - lo]
+    rows, heads, _ = np.indices(selected.shape)
+    inside = selected < hi
+    wanted[rows[inside], heads[inside], selected[inside] - lo] = False
+    edges = np.diff(wanted.astype(np.int8), axis=-1, prepend=0, append=0)  # +1 opens a range, -1 closes one
+    width = max(1, int((edges > 0).sum(-1).max()))
+    ranges = np.zeros((b, h, width, 2), np.int32)  # empty ranges (0, 0) pad
+    for i in range(b):
+        for j in range(h):
+            starts, ends = np.flatnonzero(edges[i, j] > 0), np.flatnonzero(edges[i, j] < 0)
+            ranges[i, j, : len(starts), 0] = starts + lo
+            ranges[i, j, : len(ends), 1] = ends + lo
+    return ranges

@@ -300,7 +300,7 @@ def test_settings_defaults_match_the_offload_config():
     ("min_tokens", -3, "min_tokens: got -3 .*expected a token count >= 0 or a share"),
     ("max_tokens", 2.5, "max_tokens: got 2.5 .*expected a token count"),
     ("max_tokens", "10%", "max_tokens: got '10%'"),
-    ("cpu_remainder", "some", "cpu_remainder: got 'some' .*'none', 'all'"),
+    ("cpu_remainder", "some", "cpu_remainder: got 'some' .*'none', 'bounded', 'all'"),
 ])
 def test_bad_settings_name_the_key(key, value, expected):
     with pytest.raises(ConfigError, match=expected) as info:

@@ -138,3 +138,22 @@ def test_kept_rows_with_the_cpu_attending_over_the_rest_stay_exact(model_dir):
                          {**SPECULATIVE, "cpu_remainder": "all", "reuse_rows": True, "gpu_kv_bytes": "512KiB"})
     assert torch.equal(got, expected)
     assert model.hetero.last_stats.reused_token_share > 0
+
+
+def test_bounded_remainder_reading_every_block_is_exact(model_dir):
+    ids, mask = left_padded([211, 97, 150], seed=32)
+    expected = _reference(model_dir, ids, mask, 6)
+    got, model = _hetero(model_dir, ids, mask, 6, {**SPECULATIVE, "cpu_remainder": "bounded", "alpha": 1e9,
+                                                   "gpu_kv_bytes": "512KiB"})
+    assert torch.equal(got, expected)  # every block within alpha: the CPU reads all the rest, as "all"
+    assert model.hetero.last_stats.bytes_read_by_cpu > 0
+
+
+def test_bounded_remainder_reads_fewer_blocks_than_all(model_dir):
+    ids = torch.randint(1, 256, (2, 300), generator=torch.Generator().manual_seed(33))
+    config = {**SPECULATIVE, "gpu_kv_bytes": "512KiB", "alpha": 0.5}
+    _, model = _hetero(model_dir, ids, torch.ones_like(ids), 6, {**config, "cpu_remainder": "all"})
+    read_all = model.hetero.last_stats.bytes_read_by_cpu
+    got, model = _hetero(model_dir, ids, torch.ones_like(ids), 6, {**config, "cpu_remainder": "bounded"})
+    assert got.shape == (2, 306)
+    assert 0 < model.hetero.last_stats.bytes_read_by_cpu < read_all

@@ -10,7 +10,7 @@ import numpy as np
 KINDS = ("passkey", "kv", "copy")
 COLORS = {"reference": "#000000", "select-full": "#7f7f7f", "hetero-stream": "#1f77b4", "hetero-split": "#17becf",
           "window": "#d62728", "random": "#ff7f0e", "oracle": "#2ca02c", "speculative": "#9467bd",
-          "speculative-default": "#8c564b", "speculative-unverified": "#bcbd22", "speculative-verify": "#17a768", "speculative-exact": "#e377c2"}
+          "speculative-default": "#8c564b", "speculative-unverified": "#bcbd22", "speculative-verify": "#17a768", "speculative-bounded": "#aec7e8", "speculative-exact": "#e377c2"}
 BAR_ROW, BAR_ACCURACY, BAR_SHARE = "speculative default", 0.99, 0.10  # the bar
 
 

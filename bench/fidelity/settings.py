@@ -151,4 +151,7 @@ def build_settings(context: int, residency: Residency, gpu_kv_bytes: int, budget
     rows.append(Setting(f"speculative {top:.0%} + cpu_remainder all", "speculative-exact", "hetero", top,
                         hetero_config=speculative_config(top, residency, gpu_kv_bytes, cpu_remainder="all"),
                         skip_reason=why_not))
+    rows.append(Setting("speculative default + cpu_remainder bounded", "speculative-bounded", "hetero", default_max_share(),
+                        hetero_config={**speculative_config(None, residency, gpu_kv_bytes), "cpu_remainder": "bounded"},
+                        skip_reason=why_not))
     return rows
