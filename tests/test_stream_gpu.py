@@ -32,7 +32,7 @@ def _run(generate, ids, mask):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("lengths", [[1800], [1500, 777, 1203]])
 @pytest.mark.parametrize("mode,mib_per_row", [("stream", 1), ("split", 1), ("stream", 64), ("speculative", 1),
-                                               ("speculative-reuse", 1)])
+                                               ("speculative-reuse", 1), ("speculative-bounded", 1)])
 def test_bf16_matches_transformers(arch, lengths, mode, mib_per_row, tmp_path):
     """1 MiB per row forces most of the KV through the fetch ring (and the CPU, in split mode);
     64 MiB holds it all on the GPU."""
@@ -44,6 +44,8 @@ def test_bf16_matches_transformers(arch, lengths, mode, mib_per_row, tmp_path):
     if mode.startswith("speculative"):
         config["cpu_remainder"] = "all"  # the CPU attends over what was not fetched: exact
         config["reuse_rows"] = mode.endswith("reuse")
+        if mode.endswith("bounded"):  # every block within alpha: the CPU reads them all, exact
+            config.update(cpu_remainder="bounded", alpha=1e9)
     model = hetero.load(path, config, dtype=torch.bfloat16, device="cuda")
     tokens, logits = _run(model.generate, ids, mask)
     stats = model.hetero.last_stats
