@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .gpu_kernels import gather_tokens
-from .token_sets import missing_tokens
+from .token_sets import live_entries, members, missing_tokens
 
 
 @dataclass
@@ -48,14 +48,10 @@ class HeldRows:
         ones are gathered from `pool` by `table` through `scratch` [2, B, Hkv, >= N, D].
         Returns the rows gathered from the pool, int32 [B, Hkv]."""
         width, n = self.width, selected.shape[-1]
-        span = hi - lo
-        missing, fetched = missing_tokens(selected, count, self.idx[..., :width], self.count, lo, hi)
-        marks = torch.zeros(*selected.shape[:-1], span + 1, dtype=torch.bool, device=selected.device)
-        live = torch.arange(n, device=selected.device) < count[..., None]
-        marks.scatter_(-1, torch.where(live, selected.long() - lo, span), True)
+        held_idx = self.idx[..., :width]
+        missing, fetched = missing_tokens(selected, count, held_idx, self.count, lo, hi)
+        kept = members(held_idx, live_entries(held_idx, self.count), selected, count, lo, hi)
         pos = torch.arange(width, device=selected.device)
-        held = pos < self.count[..., None]
-        kept = held & marks.gather(-1, torch.where(held, self.idx[..., :width].long() - lo, span))
         wanted = count[..., None]
         hole = (pos < wanted) & ~kept  # places below the new count that a kept row does not fill
         mover = kept & (pos >= wanted)  # kept rows above it, which move down into holes

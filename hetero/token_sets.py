@@ -10,6 +10,22 @@ from __future__ import annotations
 import torch
 
 
+def live_entries(positions: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """bool [..., N]: which entries of a selection's `positions` [..., N] lie within its `count`."""
+    return torch.arange(positions.shape[-1], device=positions.device) < count[..., None]
+
+
+def members(positions: torch.Tensor, live: torch.Tensor, within: torch.Tensor, within_count: torch.Tensor,
+            lo: int, hi: int) -> torch.Tensor:
+    """bool [..., N]: the `live` entries of `positions` that are among the selection (`within`,
+    `within_count`); live positions lie in [lo, hi), the others may hold anything."""
+    span = hi - lo
+    # One mark per position of the span, plus a last one where padding (of either side) lands.
+    marks = torch.zeros(*within.shape[:-1], span + 1, dtype=torch.bool, device=within.device)
+    marks.scatter_(-1, torch.where(live_entries(within, within_count), within.long() - lo, span), True)
+    return live & marks.gather(-1, torch.where(live, positions.long() - lo, span))
+
+
 def missing_tokens(wanted: torch.Tensor, wanted_count: torch.Tensor, held: torch.Tensor, held_count: torch.Tensor,
                    lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The wanted positions that are not held, as a selection of the same width as `wanted`.
@@ -17,14 +33,8 @@ def missing_tokens(wanted: torch.Tensor, wanted_count: torch.Tensor, held: torch
     Both selections hold positions in [lo, hi); the result lists the missing ones first, in
     `wanted`'s order, then padding (positions from `wanted`, never read past the count).
     """
-    width = wanted.shape[-1]
-    span = hi - lo
-    # One mark per position of the span, plus a last one where the held padding lands.
-    marks = torch.zeros(*held.shape[:-1], span + 1, dtype=torch.bool, device=held.device)
-    held_live = torch.arange(held.shape[-1], device=held.device) < held_count[..., None]
-    marks.scatter_(-1, torch.where(held_live, held.long() - lo, span), True)
-    live = torch.arange(width, device=wanted.device) < wanted_count[..., None]
-    need = live & ~marks.gather(-1, wanted.long() - lo)
+    live = live_entries(wanted, wanted_count)
+    need = live & ~members(wanted, live, held, held_count, lo, hi)
     # A stable sort on "not needed" puts the needed entries first, in order.
     order = (~need).to(torch.uint8).sort(dim=-1, stable=True).indices
     return wanted.gather(-1, order), need.sum(-1, dtype=torch.int32)
