@@ -81,7 +81,6 @@ def attend_host_unselected(
         ranges[..., n, 1] = hi
     if valid_from is not None:
         ranges[..., 0] = np.maximum(ranges[..., 0], valid_from.numpy().astype(np.int32)[:, None, None])
-        ranges[..., 1] = np.maximum(ranges[..., 0], ranges[..., 1])
     out, lse = host_decode_attention(query[:, :, 0].float(), slab, block_table, ranges, scale)
     return out[:, :, None], lse[:, :, None]
 
