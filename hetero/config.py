@@ -132,10 +132,8 @@ class OffloadConfig:
         if ratio != "auto" and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1):
             raise ConfigError("split_ratio", f'split_ratio: got {_shown(ratio)}, expected "auto" or a number in [0, 1]')
         check_speculation_keys(self)
-        if not isinstance(self.reuse_rows, bool):
-            raise ConfigError("reuse_rows", f"reuse_rows: got {_shown(self.reuse_rows)}, expected true or false")
-        if not isinstance(self.speculation_debug, bool):
-            raise ConfigError("speculation_debug", f"speculation_debug: got {_shown(self.speculation_debug)}, expected true or false")
+        _bool("reuse_rows", self.reuse_rows)
+        _bool("speculation_debug", self.speculation_debug)
         if not _is_number(self.verify_share) or not 0 <= self.verify_share < 1:
             raise ConfigError("verify_share", f"verify_share: got {_shown(self.verify_share)}, expected a number in [0, 1)")
 
@@ -362,6 +360,11 @@ def _int(key: str, value, minimum: int, also: str = "") -> int:
     if value < minimum:
         raise ConfigError(key, f"{key}: got {value}, expected {also}an integer >= {minimum}")
     return value
+
+
+def _bool(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"{key}: got {_shown(value)}, expected true or false")
 
 
 def _choice(key: str, value, choices) -> None:

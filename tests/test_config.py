@@ -215,3 +215,15 @@ def test_errors_are_value_errors_that_survive_pickling():
     assert isinstance(err, ConfigError) and isinstance(err, ValueError)
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is ModelPathError and back.key == "model" and str(back) == str(err)
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("verify_share", 1, r"verify_share: got 1 \(int\), expected a number in \[0, 1\)"),
+    ("verify_share", "0.2", r"verify_share: got '0.2' \(str\), expected a number in \[0, 1\)"),
+    ("reuse_rows", "yes", r"reuse_rows: got 'yes' \(str\), expected true or false"),
+    ("speculation_debug", 1, r"speculation_debug: got 1 \(int\), expected true or false"),
+])
+def test_speculative_switches_name_the_key_and_what_they_take(key, value, expected):
+    with pytest.raises(ConfigError, match=expected) as info:
+        OffloadConfig(mode="speculative", **{key: value})
+    assert info.value.key == key
