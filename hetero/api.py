@@ -95,15 +95,22 @@ def prepare(model: PreTrainedModel, config: OffloadConfig | dict | str | Path | 
 
 def _probe_split(model: PreTrainedModel, config: OffloadConfig):
     """PCIe and CPU attention bandwidths for the split mode's "auto" share; None without CUDA."""
-    from .bandwidth_probe import KVShape, probe
+    from .bandwidth_probe import probe
+    from .cache import KVLayout
 
     if model.device.type != "cuda":
         return None
     c = model.config
+    head_dim, kv_dtype = _kv_head_dim_and_dtype(config, model)
+    layout = KVLayout(1, 1, c.num_key_value_heads, head_dim, config.block_size, kv_dtype)  # one layer, one sequence
+    return probe(model.device, layout, c.num_attention_heads)
+
+
+def _kv_head_dim_and_dtype(config: OffloadConfig, model: PreTrainedModel) -> tuple[int, torch.dtype]:
+    """The model's head dimension and the dtype its KV is stored in under `config`."""
+    c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_dtype = model.dtype if config.kv_dtype == "auto" else getattr(torch, config.kv_dtype)
-    shape = KVShape(c.num_attention_heads, c.num_key_value_heads, head_dim, config.block_size, kv_dtype)
-    return probe(model.device, shape)
+    return head_dim, model.dtype if config.kv_dtype == "auto" else getattr(torch, config.kv_dtype)
 
 
 def _speculator(model: PreTrainedModel, config: OffloadConfig):
@@ -136,8 +143,7 @@ def _ready_gpu_kernels(config: OffloadConfig, model: PreTrainedModel) -> None:
     from . import gpu_decode
 
     c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_dtype = model.dtype if config.kv_dtype == "auto" else getattr(torch, config.kv_dtype)
+    head_dim, kv_dtype = _kv_head_dim_and_dtype(config, model)
     gpu_decode.warmup(model.device, model.dtype, kv_dtype, c.num_attention_heads, c.num_key_value_heads, head_dim, config.block_size)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .cache import KVLayout
 from .cpu_kernels import host_decode_attention
 from .pipeline import Pipeline
 
@@ -30,30 +31,14 @@ class Bandwidths:
     cpu_attention: float  # KV scanned by the host attention kernel
 
 
-@dataclass(frozen=True)
-class KVShape:
-    """The per-token layout the probe's host pool takes from the model: one sequence."""
-
-    q_heads: int
-    kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: torch.dtype
-
-    def block_shape(self) -> tuple[int, ...]:
-        return (2, 1, self.kv_heads, self.block_size, self.head_dim)
-
-    def block_bytes(self) -> int:
-        return 2 * self.kv_heads * self.block_size * self.head_dim * self.dtype.itemsize
-
-
-def probe(device: torch.device, shape: KVShape, copy_bytes: int = COPY_BYTES, scan_bytes: int = SCAN_BYTES,
-          repeats: int = 2) -> Bandwidths | None:
-    """Both bandwidths on `device`; None without CUDA (a copy to the CPU measures nothing useful)."""
+def probe(device: torch.device, layout: KVLayout, q_heads: int, copy_bytes: int = COPY_BYTES,
+          scan_bytes: int = SCAN_BYTES, repeats: int = 2) -> Bandwidths | None:
+    """Both bandwidths on `device` for KV blocks of `layout` (one sequence) read by `q_heads` query
+    heads; None without CUDA (a copy to the CPU measures nothing useful)."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    return Bandwidths(pcie_h2d(device, copy_bytes, repeats), cpu_attention(shape, scan_bytes, repeats))
+    return Bandwidths(pcie_h2d(device, copy_bytes, repeats), cpu_attention(layout, q_heads, scan_bytes, repeats))
 
 
 def pcie_h2d(device: torch.device, nbytes: int = COPY_BYTES, repeats: int = 2) -> float:
@@ -66,23 +51,23 @@ def pcie_h2d(device: torch.device, nbytes: int = COPY_BYTES, repeats: int = 2) -
     return nbytes / seconds
 
 
-def cpu_attention(shape: KVShape, nbytes: int = SCAN_BYTES, repeats: int = 2) -> float:
+def cpu_attention(layout: KVLayout, q_heads: int, nbytes: int = SCAN_BYTES, repeats: int = 2) -> float:
     """Bytes/s of KV the host decode attention kernel reads, over `repeats` pools of about `nbytes`
     each, all written before the first is timed (so that little of them is still cached)."""
-    slots = max(1, nbytes // shape.block_bytes())
-    tokens = slots * shape.block_size
-    block = torch.empty(shape.block_shape(), dtype=shape.dtype).uniform_(-1, 1)
+    slots = max(1, nbytes // layout.block_bytes)
+    tokens = slots * layout.block_size
+    block = torch.empty(layout.block_shape, dtype=layout.dtype).uniform_(-1, 1)
     # Written afresh (random values in every block): filling each whole pool by the random generator
     # would take longer than the probe itself.
-    pools = [torch.empty((slots, *shape.block_shape()), dtype=shape.dtype).copy_(block) for _ in range(repeats)]
-    query = torch.randn(1, shape.q_heads, shape.head_dim)
+    pools = [torch.empty((slots, *layout.block_shape), dtype=layout.dtype).copy_(block) for _ in range(repeats)]
+    query = torch.randn(layout.batch, q_heads, layout.head_dim)
     table = np.arange(slots, dtype=np.int32)
-    ranges = np.zeros((1, shape.kv_heads, 1, 2), np.int32)
+    ranges = np.zeros((layout.batch, layout.kv_heads, 1, 2), np.int32)
     ranges[..., 1] = tokens
-    scale = shape.head_dim ** -0.5
+    scale = layout.head_dim ** -0.5
     seconds = 0.0
     for pool in pools:
         started = time.perf_counter()
         host_decode_attention(query, pool, table, ranges, scale)
         seconds += time.perf_counter() - started
-    return repeats * slots * shape.block_bytes() / seconds
+    return repeats * slots * layout.block_bytes / seconds

@@ -185,12 +185,13 @@ def test_probe_gives_a_share_between_the_two_sides():
     import time
 
     from hetero import cpu_kernels
-    from hetero.bandwidth_probe import KVShape, probe
+    from hetero.bandwidth_probe import probe
+    from hetero.cache import KVLayout
     from hetero.split_tuner import balanced_share
 
     cpu_kernels.warmup((torch.bfloat16,))
     started = time.perf_counter()
-    found = probe(torch.device("cuda"), KVShape(32, 8, 128, 16, torch.bfloat16))
+    found = probe(torch.device("cuda"), KVLayout(1, 1, 8, 128, 16, torch.bfloat16), 32)
     seconds = time.perf_counter() - started
     assert found is not None and found.pcie_h2d > 1e9 and found.cpu_attention > 1e8
     assert 0.0 < balanced_share(found.pcie_h2d, found.cpu_attention) < 1.0
