@@ -20,7 +20,9 @@ _TOKENS_PER_PROGRAM = 64
 _BLOCK_CHUNK = 8192
 
 
-@triton.jit
+# The index rows' strides follow the selection's width, which grows with the context: specializing
+# on their divisibility would recompile the kernel in the middle of a generation.
+@triton.jit(do_not_specialize=["i_b", "i_h"])
 def _gather_tokens_kernel(
     pool, table, idx, count, out,
     s_slot, s_kv, s_b, s_h, s_tok, s_d,

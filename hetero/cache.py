@@ -255,7 +255,7 @@ class HeteroCache(Cache):
             host_job = self._start_unselected_part(layer_idx, pick, query, key_valid, past, scale)
         elif plan.host is not None:
             host_job = self._start_host_part(layer_idx, plan.host, query, key_valid, past, scale)
-        added = self._verify(layer_idx, pick, past) if pick is not None and self._verifying else None
+        added = self._verify(layer_idx, pick, query, past) if pick is not None and self._verifying else None
         if self.speculator is not None and lq == 1:
             self._prefetch_after(layer_idx, decode=True)  # the next layer's gather overlaps this one's compute
         merger = PartialMerger()
@@ -634,14 +634,12 @@ class HeteroCache(Cache):
             total = count.sum(dtype=torch.int64)
             self._reuse.append((total - new.sum(dtype=torch.int64), total))
 
-    def _verify(self, layer_idx: int, pick: "Pick", position: int) -> "Pick":
-        """Select again with the layer's own query, now that its input is known, and gather the tokens
-        speculation (from the layer before) missed, best first, while `max_tokens` allows."""
+    def _verify(self, layer_idx: int, pick: "Pick", query: torch.Tensor, position: int) -> "Pick":
+        """Select again with the layer's own query [B, Hq, 1, D], now that it exists, and gather the
+        best tokens speculation (from the layer before) did not fetch, while `max_tokens` allows."""
         lo, hi = pick.span
-        wanted, wanted_count = self.speculator.select(layer_idx, self._inputs[layer_idx], position, lo, hi,
-                                                      self._valid_from, ordered=False)
-        missing, count = missing_tokens(wanted, wanted_count, pick.selected, pick.count, lo, hi)
-        count = torch.minimum(count, wanted.shape[-1] - pick.count)  # max_tokens bounds the two fetches together
+        missing, count = self.speculator.select(layer_idx, None, position, lo, hi, self._valid_from, ordered=False,
+                                                query=query[:, :, 0], held=(pick.selected, pick.count))
         buffer = self._verify_buffer[:, :, :, : missing.shape[2]]
         table = self._home_tables_gpu[layer_idx, self._home.area_of[layer_idx]]
         ready = self.pipeline.gather(gather_tokens, self._home.slab, table, missing, count, buffer)
@@ -739,7 +737,7 @@ class Pick:
 
     @property
     def segment(self) -> Segment:
-        return Segment(self.buffer[0], self.buffer[1], length=self.count)
+        return gpu_decode.gathered_segment(self.buffer, self.count)
 
 
 class HostPoolReuse:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .gpu_kernels import DEFAULT_LAUNCHES, Segment, decode_attention
+from .gpu_kernels import DEFAULT_LAUNCHES, Segment, decode_attention, gather_tokens
 
 # Tests set this to run the kernel path on the CPU, in Triton's interpreter.
 ON_CPU = False
@@ -40,15 +40,34 @@ def attend_segments(query: torch.Tensor, segments: list[Segment], scale: float,
     return out[:, :, None], lse[:, :, None]
 
 
+def gathered_segment(rows: torch.Tensor, count: torch.Tensor) -> Segment:
+    """Rows [2, B, Hkv, N, D] gathered by `gather_tokens`, of which the first `count` [B, Hkv] are valid."""
+    return Segment(rows[0], rows[1], length=count)
+
+
 def warmup(device, query_dtype: torch.dtype, kv_dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int,
-           block_size: int) -> None:
+           block_size: int, gathers: bool = False) -> None:
     """Compile the kernel variants a generation uses (resident blocks alone, and with fetched
-    blocks) now, at load, rather than in the middle of the first decode steps."""
+    blocks; with `gathers`, the gather of token rows from pinned memory and the attention over
+    one or two gathered buffers too) now, at load, rather than in the middle of the first decode steps."""
     pool = torch.randn(3, 2, 1, kv_heads, block_size, head_dim, device=device).to(kv_dtype)
     # The query as transformers hands it over: a [B, 1, Hq, D] projection viewed as [B, Hq, 1, D].
     query = torch.randn(1, 1, q_heads, head_dim, device=device).to(query_dtype).transpose(1, 2)
     table = torch.tensor([0, 2], dtype=torch.int32, device=device)
     resident = pool_segment(pool, table, block_size + 1)
+    picked = []
+    if gathers:
+        host = pool.cpu().pin_memory()
+        tokens = 2 * block_size - 3  # a width that is no multiple of anything
+        idx = torch.randint(0, 2 * block_size, (1, kv_heads, tokens), dtype=torch.int32, device=device)
+        count = torch.full((1, kv_heads), tokens - 1, dtype=torch.int32, device=device)
+        rows = torch.empty(2, 1, kv_heads, tokens + 5, head_dim, dtype=kv_dtype, device=device)[:, :, :, :tokens]
+        gather_tokens(host, table, idx, count, rows)
+        picked = [gathered_segment(rows, count)] * 2
     for launch in DEFAULT_LAUNCHES:  # short and long contexts launch differently
         attend_segments(query, [resident], 1.0, launch)
         attend_segments(query, [resident, blocks_segment(pool[1:])], 1.0, launch)
+        for n in range(1, len(picked) + 1):  # speculation's buffer, and the one its verification adds
+            attend_segments(query, [*picked[:n], resident], 1.0, launch)
+    if gathers:
+        torch.cuda.synchronize(device)  # the pinned source must outlive the gather

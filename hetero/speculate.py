@@ -48,6 +48,7 @@ import torch
 from .attention import attention_modules
 from .config import OffloadConfig, check_speculation_keys
 from .errors import UnsupportedModelError
+from .token_sets import live_entries
 
 SKEWABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -313,14 +314,15 @@ class Speculator:
         return apply_rope(q, cos, sin)[:, :, 0]
 
     @torch.no_grad()
-    def scores(self, layer_idx: int, hidden: torch.Tensor, position: int, lo: int, hi: int,
-               valid_from: torch.Tensor | None = None) -> torch.Tensor:
-        """Speculated attention logits [B, Hq, hi - lo] (float32, scaled) over positions [lo, hi)."""
+    def scores(self, layer_idx: int, hidden: torch.Tensor | None, position: int, lo: int, hi: int,
+               valid_from: torch.Tensor | None = None, query: torch.Tensor | None = None) -> torch.Tensor:
+        """Speculated attention logits [B, Hq, hi - lo] (float32, scaled) over positions [lo, hi),
+        of the query predicted from `hidden`, or of the layer's own post-RoPE `query` [B, Hq, D]."""
         if layer_idx == 0:
             raise ValueError("layer 0 has no layer before it to speculate from; fetch it whole")
         if not 0 <= lo < hi <= self._lengths[layer_idx]:
             raise ValueError(f"layer {layer_idx}: span [{lo}, {hi}) outside the {self._lengths[layer_idx]} keys stored")
-        q = self.query(layer_idx, hidden, position, valid_from)
+        q = self.query(layer_idx, hidden, position, valid_from) if query is None else query
         b, hq, d = q.shape
         partial = self._query_partial[layer_idx]
         kv_heads = partial.shape[0]
@@ -330,9 +332,10 @@ class Speculator:
         return logits.reshape(b, hq, hi - lo)
 
     @torch.no_grad()
-    def select(self, layer_idx: int, hidden: torch.Tensor, position: int, lo: int, hi: int,
+    def select(self, layer_idx: int, hidden: torch.Tensor | None, position: int, lo: int, hi: int,
                valid_from: torch.Tensor | None = None, ordered: bool = True,
-               budget: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               budget: float = 1.0, query: torch.Tensor | None = None,
+               held: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The middle tokens layer `layer_idx`'s decode step should attend to.
 
         Args:
@@ -343,13 +346,21 @@ class Speculator:
             valid_from: [B] each row's first non-padding position, or None.
             budget: the share of `min_tokens` and `max_tokens` this selection may take (the cache
                 keeps the rest for the layer's own query, `verify_share`).
+            query: the layer's own post-RoPE query [B, Hq, D], once it exists: scored instead of the
+                one predicted from `hidden`.
+            held: a selection (token_idx, count) already fetched, e.g. by the prediction from the
+                layer before. Its tokens rank below every other, so the first `count` entries
+                returned are the best tokens it lacks, best first, and `count` is what the bounds
+                leave beside it (`ordered` must be False).
 
         Returns:
             token_idx int32 [B, Hkv, N], absolute positions in [lo, hi), ascending in the first
             `count` entries, then padding (hi - 1); count int32 [B, Hkv].
             N = min(budget x max_tokens resolved against `position`, hi - lo).
         """
-        logits = self.scores(layer_idx, hidden, position, lo, hi, valid_from)
+        if held is not None and ordered:
+            raise ValueError("select: a selection beside a held one comes best first (ordered=False)")
+        logits = self.scores(layer_idx, hidden, position, lo, hi, valid_from, query)
         kv_heads = self._partial[layer_idx].shape[0]
         grouped = logits.view(logits.shape[0], kv_heads, -1, hi - lo)
         s = self.settings
@@ -360,7 +371,14 @@ class Speculator:
             pad = torch.arange(lo, hi, device=grouped.device) < valid_from.to(grouped.device)[:, None]
             probs = grouped.masked_fill(pad[:, None, None, :], -math.inf)
         mass = probs.softmax(-1).sum(2)  # which tokens: the most speculated probability over the group
-        return select_tokens(grouped, lo, s.alpha, least, width, valid_from, ordered, rank=mass)
+        if held is None:
+            return select_tokens(grouped, lo, s.alpha, least, width, valid_from, ordered, rank=mass)
+        held_idx, held_count = held
+        # Held tokens rank last, with padding: the entries past the count below never reach them.
+        rank_last = torch.where(live_entries(held_idx, held_count), -math.inf, math.inf)
+        mass.scatter_reduce_(-1, held_idx.long() - lo, rank_last, "amin")
+        token_idx, count = select_tokens(grouped, lo, s.alpha, least, width, valid_from, ordered=False, rank=mass)
+        return token_idx, (count - held_count).clamp_min(0)
 
 
 def select_tokens(scores: torch.Tensor, lo: int, alpha: float, min_count: int, width: int,

@@ -344,3 +344,35 @@ def test_a_full_budget_skips_the_alpha_rule_and_selects_the_same(ordered):
     fast = sp.select_tokens(scores, 5, 5.0, 13, 13, valid_from, ordered, rank=rank)
     alpha_rule = sp.select_tokens(scores, 5, math.inf, 0, 13, valid_from, ordered, rank=rank)
     assert all(torch.equal(a, b) for a, b in zip(fast, alpha_rule))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_selection_beside_a_held_one_takes_the_best_tokens_it_lacks(llama, padded):
+    """With the layer's own query and a selection already fetched, `select` returns, best first,
+    the tokens a fresh selection ranks highest among those not held, as many as the budget leaves."""
+    batch, total, lo, hi = 2, 211, 9, 190
+    s = sp.calibrate(llama, settings=sp.SpeculationSettings(min_tokens=40, max_tokens=40))
+    keys = _randn(batch, KV_HEADS, total, HEAD_DIM, seed=41)
+    s.begin(batch, total + 1)
+    s.append_keys(0, keys)
+    s.append_keys(1, keys)
+    query = _randn(batch, HEADS, HEAD_DIM, seed=42)
+    valid_from = torch.tensor([0, 60]) if padded else None
+    held = torch.stack([torch.stack([torch.randperm(hi - lo, generator=torch.Generator().manual_seed(44 + r))[:30] + lo
+                                     for r in range(KV_HEADS)]) for _ in range(batch)]).to(torch.int32)
+    if padded:  # nothing before a row's first valid position is ever held
+        held[1] = torch.stack([torch.randperm(hi - 60, generator=torch.Generator().manual_seed(50 + r))[:30] + 60
+                               for r in range(KV_HEADS)]).to(torch.int32)
+    held_count = torch.tensor([[30, 12], [0, 25]], dtype=torch.int32)
+    fresh, fresh_count = s.select(1, None, total, lo, hi, valid_from, ordered=False, query=query)
+    added, count = s.select(1, None, total, lo, hi, valid_from, ordered=False, query=query,
+                            held=(held, held_count))
+    assert torch.equal(count, (fresh_count - held_count).clamp_min(0))
+    for b in range(batch):
+        for h in range(KV_HEADS):
+            kept = set(held[b, h, : held_count[b, h]].tolist())
+            best_not_held = [t for t in fresh[b, h, : fresh_count[b, h]].tolist() if t not in kept]
+            got = added[b, h, : count[b, h]].tolist()
+            assert got == best_not_held[: len(got)] and not kept & set(got)
+    with pytest.raises(ValueError, match="best first"):
+        s.select(1, None, total, lo, hi, query=query, held=(held, held_count))

@@ -79,3 +79,23 @@ def _forced_logits(model, sequence, mask):
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)  # as generate numbers left-padded rows
         out = model(sequence, attention_mask=mask, position_ids=positions).logits.float()
     return out[:, -STEPS - 1 : -1]
+
+
+def _compiled_variants(kernel) -> int:
+    return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+
+def test_speculative_decode_compiles_nothing_after_load(tmp_path):
+    """`hetero.load` compiles the gather and every decode-attention variant speculation uses, so the
+    first decode steps of a generation (a fresh process on a fresh machine) do not stall on Triton."""
+    from hetero.gpu_kernels.decode_attention import _decode_split_kernel
+    from hetero.gpu_kernels.gather import _gather_tokens_kernel
+
+    path = save_random_model(tmp_path, "llama", seed=7, layers=4, hidden=256, heads=8, kv_heads=2, vocab=256)
+    model = hetero.load(path, {**CONFIG, "mode": "speculative", "gpu_kv_bytes": "1MiB"}, dtype=torch.bfloat16,
+                        device="cuda")
+    before = _compiled_variants(_gather_tokens_kernel), _compiled_variants(_decode_split_kernel)
+    ids = torch.randint(1, 256, (1, 1500), device="cuda")
+    _run(model.generate, ids, torch.ones_like(ids))
+    assert model.hetero.last_stats.fetched_token_share > 0
+    assert (_compiled_variants(_gather_tokens_kernel), _compiled_variants(_decode_split_kernel)) == before
