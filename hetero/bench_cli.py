@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser, workload_required: bool = Tru
     parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rebuild summary.md and the plots from the JSON under --out")
+    parser.add_argument("--same-process", action="store_true",
+                        help="run every system in this process (default on CUDA: each in a process of its own, "
+                             "so that none meets the memory another left cached)")
+    # Set by the parent call for the process it starts per system.
+    parser.add_argument("--run-date", help=argparse.SUPPRESS)
+    parser.add_argument("--record-command", help=argparse.SUPPRESS)
 
 
 def run(args, workloads: list[str] | None = None, program: str = "hetero bench") -> int:
@@ -48,7 +54,8 @@ def run(args, workloads: list[str] | None = None, program: str = "hetero bench")
         scale="tiny" if args.tiny else "quick" if args.quick else "full",
         systems=args.systems.split(",") if args.systems else None,
         out=args.out, device=args.device, attempt_oom=args.attempt_oom, ssd_dir=args.ssd_dir,
-        report_only=args.report_only, command=_command_line(program, args, workloads),
+        report_only=args.report_only, command=args.record_command or _command_line(program, args, workloads),
+        isolate=False if args.same_process else None, date=args.run_date,
     )
     return 0
 
@@ -56,7 +63,7 @@ def run(args, workloads: list[str] | None = None, program: str = "hetero bench")
 def _command_line(program: str, args, workloads: list[str] | None) -> str:
     """The call as typed, rebuilt from its arguments, for the results' record."""
     words = ["--all"] if workloads else ["--workload", args.workload] if args.workload else []
-    for flag in ("quick", "tiny", "attempt_oom", "report_only"):
+    for flag in ("quick", "tiny", "attempt_oom", "report_only", "same_process"):
         if getattr(args, flag):
             words.append("--" + flag.replace("_", "-"))
     for option in ("systems", "out", "ssd_dir", "device"):

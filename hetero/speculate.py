@@ -375,7 +375,9 @@ class Speculator:
             return select_tokens(grouped, lo, s.alpha, least, width, valid_from, ordered, rank=mass)
         held_idx, held_count = held
         # Held tokens rank last, with padding: the entries past the count below never reach them.
-        rank_last = torch.where(live_entries(held_idx, held_count), -math.inf, math.inf)
+        # (A fill rather than torch.where of two numbers, which would copy them to the device.)
+        rank_last = torch.full(held_idx.shape, math.inf, device=mass.device).masked_fill_(
+            live_entries(held_idx, held_count), -math.inf)
         mass.scatter_reduce_(-1, held_idx.long() - lo, rank_last, "amin")
         token_idx, count = select_tokens(grouped, lo, s.alpha, least, width, valid_from, ordered=False, rank=mass)
         return token_idx, (count - held_count).clamp_min(0)

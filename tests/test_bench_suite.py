@@ -170,3 +170,28 @@ def test_the_decode_profiler_records_decode_steps_only(tmp_path):
     assert result["profiled_steps"] == 2 and result["config"]["verify_share"] == 0
     assert result["torch_ops_per_step"] > 0 and len(result["top_host"]) == 3
     assert "fetched" in result["summary"]  # the KV left the GPU: speculation ran
+
+
+def test_isolated_systems_run_in_processes_of_their_own_and_land_in_one_call(tmp_path, monkeypatch, capsys):
+    from suite import main as suite_main
+
+    ran = []
+    real_run = suite_main.subprocess.run
+
+    def run(command, **kwargs):
+        ran.append(command)
+        if "hetero-split" in command:
+            return real_run([sys.executable, "-c", "raise SystemExit(3)"])  # a process that dies
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(suite_main.subprocess, "run", run)
+    suite_main.run_suite(["fits"], scale="tiny", systems=["transformers-default", "stream", "split"], out=tmp_path,
+                         device="cpu", isolate=True, command="hetero bench --workload fits --tiny")
+    assert len(ran) == 3 and all("--same-process" in c and "--run-date" in c for c in ran)
+    result = json.loads((tmp_path / "fits.json").read_text())
+    rows = {r["system"]: r for r in result["rows"]}
+    assert result["command"] == "hetero bench --workload fits --tiny"
+    assert rows["transformers-default"]["status"] == "ok" and "from_earlier_call" not in rows["transformers-default"]
+    assert rows["hetero-stream"]["agrees_with"] == "transformers-default"
+    assert rows["hetero-split"]["status"] == "error" and "exited with code 3" in rows["hetero-split"]["reason"]
+    assert "### fits (tiny)" in (tmp_path / "summary.md").read_text()

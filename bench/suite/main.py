@@ -3,13 +3,16 @@ workload's JSON in the output directory (so that results of separate calls come 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 from .plots import write_plots
 from .report import load_results, markdown, print_checks
-from .runner import run_workload, write_result
+from .runner import add_agreement, now, run_workload, write_result
 from .systems import select_systems
 from .workloads import WORKLOADS, scaled
 
@@ -22,20 +25,35 @@ def default_out(scale: str) -> Path:
 
 def run_suite(workloads: list[str], *, scale: str = "full", systems: list[str] | None = None, out: Path | None = None,
               device: str | None = None, attempt_oom: bool = False, ssd_dir: str | None = None,
-              report_only: bool = False, command: str = "") -> list[Path]:
-    """Returns the files written: one JSON per workload run, summary.md and the PNGs."""
+              report_only: bool = False, command: str = "", isolate: bool | None = None,
+              date: str | None = None) -> list[Path]:
+    """Returns the files written: one JSON per workload run, summary.md and the PNGs.
+
+    `isolate` runs each system in a Python process of its own (None: on CUDA), so that none meets
+    the memory another left cached (pinned host pools, the GPU allocator's blocks) or inherits its
+    peak host memory. `date` joins this call's rows to a parent call's (set for those processes).
+    """
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
         raise ValueError(f"--workload: got {', '.join(unknown)}, expected one of {', '.join(WORKLOADS)}")
     chosen = select_systems(systems)
     out = Path(out) if out is not None else default_out(scale)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isolate is None:
+        isolate = dev.type == "cuda" and len(chosen) > 1
     written = []
     for name in [] if report_only else workloads:
+        if isolate:
+            _run_isolated(name, chosen, out, scale=scale, device=device, attempt_oom=attempt_oom, ssd_dir=ssd_dir,
+                          command=command)
+            written.append(out / f"{name}.json")
+            continue
         result = run_workload(scaled(WORKLOADS[name], scale), chosen, dev, attempt_oom=attempt_oom,
-                              ssd_dir=ssd_dir, command=command, save=lambda r: write_result(r, out))
+                              ssd_dir=ssd_dir, command=command, save=lambda r: write_result(r, out), date=date)
         written.append(out / f"{name}.json")
         print(f"  wrote {written[-1]} ({result['wall_s']:.0f} s)", flush=True)
+    if date is not None:
+        return written  # one system of a parent call: the parent writes the report
     results = load_results(out)
     if not results:
         raise FileNotFoundError(f"--out: no workload results under {out}")
@@ -45,3 +63,32 @@ def run_suite(workloads: list[str], *, scale: str = "full", systems: list[str] |
     print_checks(results)
     print("wrote " + ", ".join(str(p) for p in written[-3:]), flush=True)
     return written
+
+
+def _run_isolated(workload: str, systems: list[str], out: Path, *, scale: str, device: str | None, attempt_oom: bool,
+                  ssd_dir: str | None, command: str) -> None:
+    """Each system of `workload` in a fresh `hetero bench` process; their rows land in one JSON."""
+    date = now()
+    for system in systems:
+        child = [sys.executable, "-m", "hetero", "bench", "--workload", workload, "--systems", system, "--out", str(out),
+                 "--same-process", "--run-date", date, "--record-command", command]
+        child += {"quick": ["--quick"], "tiny": ["--tiny"]}.get(scale, [])
+        child += ["--attempt-oom"] if attempt_oom else []
+        child += ["--ssd-dir", ssd_dir] if ssd_dir else []
+        child += ["--device", device] if device else []
+        print(f"  {system}: in a process of its own", flush=True)
+        code = subprocess.run(child).returncode
+        if code != 0:  # a crash (or the kernel's out-of-memory killer) is a result too
+            path = out / f"{workload}.json"
+            w = scaled(WORKLOADS[workload], scale)
+            result = json.loads(path.read_text()) if path.exists() else {
+                "workload": workload, "description": w.description, "context": w.context, "batch": w.batch,
+                "decode_steps": w.decode_steps, "ceilings": {}, "machine": {}, "command": command, "wall_s": 0.0}
+            row = {"system": system, "context": w.context, "batch": w.batch, "decode_steps": w.decode_steps,
+                   "status": "error", "reason": f"its benchmark process exited with code {code}"}
+            write_result(dict(result, scale=scale, date=date, rows=[row]), out)
+    path = out / f"{workload}.json"
+    result = json.loads(path.read_text())
+    add_agreement(result["rows"])
+    path.write_text(json.dumps(result, indent=2))
+    print(f"  wrote {path}", flush=True)

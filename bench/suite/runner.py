@@ -42,9 +42,10 @@ def gpu_card(device: torch.device, card_bytes: int | None):
 
 
 def run_workload(workload: Workload, system_names: list[str], device: torch.device, *, attempt_oom: bool = False,
-                 ssd_dir: str | None = None, command: str = "", save=None) -> dict:
+                 ssd_dir: str | None = None, command: str = "", save=None, date: str | None = None) -> dict:
     """Run every system on every context of `workload`; `save(result)` after each row, so that a run
-    stopped at its time limit keeps the rows it finished."""
+    stopped at its time limit keeps the rows it finished. `date` names the call the rows belong to
+    (the parent's, when each system runs in a process of its own)."""
     tiny = workload.scale == "tiny"
     model_config = tiny_llama_config() if tiny else llama_8b_config()
     print(f"== {workload.name} ({workload.scale}: {'/'.join(map(str, workload.contexts))} tokens x {workload.batch}, "
@@ -59,21 +60,16 @@ def run_workload(workload: Workload, system_names: list[str], device: torch.devi
         "workload": workload.name, "description": workload.description, "scale": workload.scale,
         "context": workload.context, "batch": workload.batch, "decode_steps": workload.decode_steps,
         "ceilings": ceilings, "machine": machine(device), "command": command,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "wall_s": 0.0, "rows": [],
+        "date": date or now(), "wall_s": 0.0, "rows": [],
     }
     with tempfile.TemporaryDirectory(prefix="hetero-bench-ssd-", dir=ssd_dir) as ssd, gpu_card(device, workload.gpu_card_bytes):
         for context in workload.contexts:
             ids = random_prompt(model_config.vocab_size, workload.batch, context, device)
-            reference = None
             for system in system_names:
                 row = run_system(system, model, original_generate, ids, workload, ceilings, device, tiny,
                                  attempt_oom, ssd)
-                tokens = row.pop("_tokens", None)
-                if tokens is not None and reference is not None:
-                    row.update(_agreement(tokens, *reference))
-                elif tokens is not None:
-                    reference = (system, tokens)
                 result["rows"].append(row)
+                add_agreement(result["rows"])
                 result["wall_s"] = time.perf_counter() - started
                 if save is not None:
                     save(result)
@@ -163,7 +159,7 @@ def _timed_generate(system, model, generate, ids, workload, context, tiny, devic
         "step_ms": 1e3 * (last - first) / steps,
         "peak_gpu_gib": _gib(peak_gpu_bytes(device)),
         "peak_host_rss_gib": host.peak / GiB,
-        "_tokens": out[:, context:].cpu(),
+        "new_tokens": out[:, context:].tolist(),
     }
     result["prefill_tok_s"] = ids.numel() / result["prefill_s"]
     if snapshot:
@@ -186,11 +182,28 @@ def _capture_cache_stats(model, snapshot: dict):
     return lambda: snapshot.update(stats=caches[-1].stats)
 
 
-def _agreement(tokens, reference_system: str, reference_tokens) -> dict:
-    """How many new tokens, from the first, every sequence shares with the first system that ran
-    (bf16 kernels differ: random weights make near ties, so a late divergence is no error)."""
-    same = (tokens == reference_tokens).all(dim=0).long().cumprod(0).sum().item()
-    return {"agrees_with": reference_system, "agreeing_new_tokens": int(same)}
+def now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def add_agreement(rows: list[dict]) -> None:
+    """Mark each row of this call with how many new tokens, from the first, every sequence shares
+    with the first system of its context that ran (bf16 kernels differ: random weights make near
+    ties, so a late divergence is no error). Rows kept from earlier calls take no part."""
+    reference = {}
+    for row in rows:
+        tokens = row.get("new_tokens")
+        if tokens is None or "from_earlier_call" in row:
+            continue
+        first = reference.setdefault(row["context"], (row["system"], tokens))
+        if first[0] == row["system"]:
+            continue
+        same = 0
+        for step in zip(*tokens, *first[1]):  # the sequences' tokens at each step, this row's then the first's
+            if step[: len(tokens)] != step[len(tokens) :]:
+                break
+            same += 1
+        row.update(agrees_with=first[0], agreeing_new_tokens=same)
 
 
 def _gib(n):
