@@ -195,3 +195,13 @@ def test_isolated_systems_run_in_processes_of_their_own_and_land_in_one_call(tmp
     assert rows["hetero-stream"]["agrees_with"] == "transformers-default"
     assert rows["hetero-split"]["status"] == "error" and "exited with code 3" in rows["hetero-split"]["reason"]
     assert "### fits (tiny)" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_table_names_rows_kept_from_an_earlier_call():
+    result = {"workload": "fits", "scale": "full", "description": "d", "date": "now", "command": "c",
+              "machine": {"device": "cpu", "cpu_cores": 2, "ram_gib": 24.0},
+              "ceilings": {"pcie_h2d_gbs": 1.0, "sources": {"disk_read_gbs": "LIMITS.md"}},
+              "rows": [{"system": s, "context": 8, "batch": 1, "status": "error", "reason": "r", **extra}
+                       for s, extra in (("hetero-stream", {"from_earlier_call": "yesterday"}), ("hetero-split", {}))]}
+    table = "\n".join(report.workload_table(result))
+    assert "| hetero-stream (from the call of yesterday) | 8 x 1 |" in table and "| hetero-split | 8 x 1 |" in table

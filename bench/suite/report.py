@@ -107,7 +107,8 @@ def workload_table(result: dict) -> list[str]:
     ]
     offloaded = {r["context"]: r for r in result["rows"] if r["system"] == OFFLOADED and r["status"] == "ok"}
     for r in result["rows"]:
-        head = f"| {r['system']} | {r['context']} x {r['batch']} | "
+        earlier = f" (from the call of {r['from_earlier_call']})" if r.get("from_earlier_call") else ""
+        head = f"| {r['system']}{earlier} | {r['context']} x {r['batch']} | "
         if r["status"] != "ok":
             lines.append(head + f"{r['status']}: {r['reason']} |" + " |" * 13)
             continue
