@@ -322,6 +322,8 @@ class Speculator:
             raise ValueError("layer 0 has no layer before it to speculate from; fetch it whole")
         if not 0 <= lo < hi <= self._lengths[layer_idx]:
             raise ValueError(f"layer {layer_idx}: span [{lo}, {hi}) outside the {self._lengths[layer_idx]} keys stored")
+        if (hidden is None) == (query is None):
+            raise ValueError("scores: give the layer before's input `hidden` or the layer's own `query`, one of them")
         q = self.query(layer_idx, hidden, position, valid_from) if query is None else query
         b, hq, d = q.shape
         partial = self._query_partial[layer_idx]
@@ -340,7 +342,8 @@ class Speculator:
 
         Args:
             layer_idx: the layer to predict (>= 1).
-            hidden: [B, 1, hidden_size] the attention input of layer `layer_idx - 1` (after its norm).
+            hidden: [B, 1, hidden_size] the attention input of layer `layer_idx - 1` (after its norm);
+                None when `query` is given.
             position: the decode token's position (tokens stored before it).
             lo, hi: the candidate span; the sink before it and the window after are attended anyway.
             valid_from: [B] each row's first non-padding position, or None.

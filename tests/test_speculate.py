@@ -376,3 +376,5 @@ def test_a_selection_beside_a_held_one_takes_the_best_tokens_it_lacks(llama, pad
             assert got == best_not_held[: len(got)] and not kept & set(got)
     with pytest.raises(ValueError, match="best first"):
         s.select(1, None, total, lo, hi, query=query, held=(held, held_count))
+    with pytest.raises(ValueError, match="one of them"):
+        s.scores(1, None, total, lo, hi)
