@@ -28,6 +28,7 @@ from .gpu_kernels import Segment, gather_tokens
 from .block_bounds import blocks_within, score_upper_bounds
 from .held_rows import HeldRows
 from .host_home import SPILL_SLOTS, HostHome
+from .ssd_placement import SsdPlacement
 from .storage import PAGE, GpuPool, HostPool, NvmeStore
 from .token_sets import missing_tokens
 from .partial_attention import PartialMerger, attend
@@ -83,6 +84,10 @@ class CacheStats:
     fetched_attention_share: float | None = None
     fetched_attention_share_by_layer: dict[int, float] | None = None
     reselected_share: float | None = None
+    # speculative mode with an SSD tier: of the SSD blocks within the spans selected from, the share
+    # left out for not being in host memory in time ("skip"), and the blocks the placement moved.
+    ssd_skipped_share: float | None = None
+    ssd_swaps: int | None = None
 
 
 class HeteroLayer(CacheLayerMixin):
@@ -172,6 +177,8 @@ class HeteroCache(Cache):
         self._last_selected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # debug: layer -> its last selection
         self._context_tokens: dict[int, int] = {}  # layer -> context tokens of the (step, row, head)s that gathered
         self._valid_from: torch.Tensor | None = None  # [B] first non-padding position, for speculation
+        self._placement: SsdPlacement | None = None  # speculative mode with an SSD tier: its policy
+        self._ssd_skipping = speculator is not None and config.ssd_miss == "skip"
         self.policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
         self.blocks_per_layer = -(-max_tokens // config.block_size)
         self.pipeline = Pipeline(self.device)
@@ -256,6 +263,8 @@ class HeteroCache(Cache):
         elif plan.host is not None:
             host_job = self._start_host_part(layer_idx, plan.host, query, key_valid, past, scale)
         added = self._verify(layer_idx, pick, query, past) if pick is not None and self._verifying else None
+        if pick is not None and self._placement is not None:
+            self._placement.end_layer(layer_idx, self.pipeline)
         if self.speculator is not None and lq == 1:
             self._prefetch_after(layer_idx, decode=True)  # the next layer's gather overlaps this one's compute
         merger = PartialMerger()
@@ -436,6 +445,8 @@ class HeteroCache(Cache):
         self._ring = self.pipeline.fetch_ring(ring_buffers, per_buffer, layout.block_shape, dtype)
         if self.speculator is not None:
             self._home_tables_gpu = torch.from_numpy(home.all_tables).to(self.device)
+            if home.ssd_blocks and not cfg.cpu_attends_remainder:  # else the CPU reads every block anyway
+                self._placement = SsdPlacement(nl, bpl, cfg.block_size, self.device, cfg.ssd_rebalance_steps)
             width = self.speculator.max_selected(self.max_tokens)
             shape = (2, batch, kv_heads, width, head_dim)
             # With reuse_rows, each layer keeps its own rows, and one buffer takes what is fetched on the way.
@@ -568,16 +579,41 @@ class HeteroCache(Cache):
         share = 0.0 if speculate else self.gpu_share if decode else 1.0
         plan = layer.plan(self.policy, self._ring.blocks_per_buffer, share)
         tickets = []
+        left_out = None
         if self._home is not None and (plan.fetch or plan.host):
             home = self._home
-            home.wait_staged(layer_idx)  # its SSD blocks, read ahead into host memory
-            home.stage((layer_idx + 1) % len(self._layers))  # the next layer's, while this one computes
+            if decode and layer_idx == 0 and self._placement is not None:
+                self._rebalance_ssd(plan.length)
+            if speculate and self._ssd_skipping and plan.host is not None:
+                # Its SSD blocks read ahead that have landed; the others are left out of the selection.
+                left_out = self._placement.left_out(home, layer_idx, *plan.host, home.take_staged(layer_idx))
+            else:
+                home.wait_staged(layer_idx)  # its SSD blocks read ahead (speculating: the rest once selected)
+            nxt = (layer_idx + 1) % len(self._layers)
+            # Speculating, a layer reads ahead the SSD blocks it selected at the step before.
+            only = self._placement.read_ahead(nxt) if self._placement is not None and decode and nxt > 0 else None
+            home.stage(nxt, only)  # the next layer's, while this one computes
             for first, last in plan.fetch:
                 for block, slot, n in home.runs(layer_idx, first, last):
                     tickets.append((block, self._ring.submit(home.slab[slot : slot + n])))
         if speculate and plan.host is not None:
-            self._picks[layer_idx] = self._pick(layer_idx, plan)
+            self._picks[layer_idx] = self._pick(layer_idx, plan, left_out)
         self._plans[layer_idx] = (plan, tickets)
+
+    def _read_selected_ssd_blocks(self, layer_idx: int) -> None:
+        """ssd_miss "wait": read the SSD blocks the layer's selection so far holds and were not read
+        ahead, before its gather (one wait on the GPU for the selection)."""
+        if self._ssd_skipping:
+            return
+        (hits,), fence = self.pipeline.to_host(self._placement.step_hits[layer_idx])
+        fence.synchronize()
+        self._home.read_now(layer_idx, np.flatnonzero(hits[:-1].numpy() > 0))
+
+    def _rebalance_ssd(self, length: int) -> None:
+        """A decode step's boundary: the speculative mode's SSD placement may move blocks now."""
+        movable_end = length // self.config.block_size - self.policy.window_blocks  # complete, outside the window
+        if self._placement.step_boundary(self._home, self.pipeline, movable_end):
+            self._home_tables_gpu.copy_(torch.from_numpy(self._home.all_tables))
 
     def _retune_split(self) -> None:
         """Fold the work measured since the last step boundary into the GPU share (split, "auto")."""
@@ -585,15 +621,19 @@ class HeteroCache(Cache):
         if self.split_tuner.done:
             self.pipeline.time_work(False)
 
-    def _pick(self, layer_idx: int, plan: LayerPlan) -> "Pick":
-        """Select the middle tokens layer `layer_idx` will attend to and gather them from host memory."""
+    def _pick(self, layer_idx: int, plan: LayerPlan, left_out: torch.Tensor | None = None) -> "Pick":
+        """Select the middle tokens layer `layer_idx` will attend to and gather them from host memory;
+        never the positions `left_out` marks (blocks on the SSD not read in time, "skip")."""
         bs = self.config.block_size
         lo, hi = plan.host[0] * bs, plan.host[1] * bs
         valid_from = self._valid_from
         exact = self.config.cpu_attends_remainder  # the CPU's ranges between the selected need them in order
         ahead = 1 - self.config.verify_share if self._verifying else 1.0  # the rest is the own query's
         selected, count = self.speculator.select(layer_idx, self._inputs[layer_idx - 1], plan.length, lo, hi,
-                                                 valid_from, ordered=exact, budget=ahead)
+                                                 valid_from, ordered=exact, budget=ahead, excluded=left_out)
+        if self._placement is not None:
+            self._placement.count(layer_idx, selected, count, first=True)
+            self._read_selected_ssd_blocks(layer_idx)
         table = self._home_tables_gpu[layer_idx, self._home.area_of[layer_idx]]
         if self._reusing:
             buffer, ready, fetched = self._refill(layer_idx, table, selected, count, lo, hi)
@@ -606,7 +646,7 @@ class HeteroCache(Cache):
         on_host = self.pipeline.to_host(selected, count) if exact else None
         if self._debugging:
             self._note_reuse(layer_idx, selected, count, lo, hi)
-        return Pick(buffer, count, ready, (lo, hi), on_host, selected)
+        return Pick(buffer, count, ready, (lo, hi), on_host, selected, left_out)
 
     def _refill(self, layer_idx, table, selected, count, lo, hi):
         """reuse_rows: the layer's kept rows take the new selection, fetching only the tokens they lack.
@@ -639,7 +679,11 @@ class HeteroCache(Cache):
         best tokens speculation (from the layer before) did not fetch, while `max_tokens` allows."""
         lo, hi = pick.span
         missing, count = self.speculator.select(layer_idx, None, position, lo, hi, self._valid_from, ordered=False,
-                                                query=query[:, :, 0], held=(pick.selected, pick.count))
+                                                query=query[:, :, 0], held=(pick.selected, pick.count),
+                                                excluded=pick.left_out)
+        if self._placement is not None:
+            self._placement.count(layer_idx, missing, count, first=False)
+            self._read_selected_ssd_blocks(layer_idx)
         buffer = self._verify_buffer[:, :, :, : missing.shape[2]]
         table = self._home_tables_gpu[layer_idx, self._home.area_of[layer_idx]]
         ready = self.pipeline.gather(gather_tokens, self._home.slab, table, missing, count, buffer)
@@ -698,6 +742,9 @@ class HeteroCache(Cache):
         stats = CacheStats(gpu, host, c.to_gpu + gathered, c.to_host, cpu_bytes, self._ring.blocks_per_buffer, *ssd, share, *split, verified)
         stats.fetched_token_share_by_layer = by_layer
         stats.reused_token_share = reused
+        if self._placement is not None:
+            stats.ssd_skipped_share = self._placement.skipped_share
+            stats.ssd_swaps = self._placement.swaps
         return self._debug_stats(stats) if self._debugging else stats
 
     def _debug_stats(self, stats: CacheStats) -> CacheStats:
@@ -734,6 +781,7 @@ class Pick:
     span: tuple[int, int]  # [lo, hi): the middle positions selected from
     on_host: tuple | None  # ((selected, count) in host memory, fence) when the CPU attends over the rest
     selected: torch.Tensor  # int32 [B, Hkv, N]: the positions, the first `count` of each row
+    left_out: torch.Tensor | None = None  # bool [hi - lo]: positions no selection may take (SSD, "skip")
 
     @property
     def segment(self) -> Segment:

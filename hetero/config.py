@@ -24,6 +24,7 @@ from .errors import ConfigError
 MODES = ("stream", "split", "speculative")
 IMPLEMENTED_MODES = {"stream", "split", "speculative"}  # enabling a mode is one line here
 CPU_REMAINDERS = ("none", "bounded", "all")
+SSD_MISSES = ("wait", "skip")
 KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
 AUTO_GPU_SHARE = 0.5  # of the GPU memory free once the weights are loaded
 AUTO_CPU_SHARE = 0.8  # of the host memory available
@@ -69,6 +70,11 @@ _DOCS = {
     "verify_share": "speculative mode: share [0, 1) of max_tokens kept for the layer's own query, which once known "
                     "selects again and fetches what the prediction from the layer before missed (0: the prediction "
                     "alone, as InfiniGen)",
+    "ssd_miss": "speculative mode with an SSD tier: wait (read every SSD block of a layer before it attends) | skip "
+                "(read ahead only the SSD blocks the layer selected at the step before; tokens of SSD blocks not "
+                "in host memory when selected are left out, counted in the stats; needs cpu_remainder none)",
+    "ssd_rebalance_steps": "speculative mode with an SSD tier: every this many decode steps, the blocks selected most "
+                           "that sit on the SSD trade places with the least selected in host memory (0: never)",
 }
 
 
@@ -98,6 +104,8 @@ class OffloadConfig:
     verify_share: float = 0.25
     reuse_rows: bool = False
     speculation_debug: bool = False
+    ssd_miss: str = "wait"
+    ssd_rebalance_steps: int = 16
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -136,6 +144,12 @@ class OffloadConfig:
         _bool("speculation_debug", self.speculation_debug)
         if not _is_number(self.verify_share) or not 0 <= self.verify_share < 1:
             raise ConfigError("verify_share", f"verify_share: got {_shown(self.verify_share)}, expected a number in [0, 1)")
+        _choice("ssd_miss", self.ssd_miss, SSD_MISSES)
+        if self.ssd_miss == "skip" and self.cpu_attends_remainder:
+            raise ConfigError("ssd_miss", f'ssd_miss: "skip" leaves tokens out, which cpu_remainder '
+                                          f'"{self.cpu_remainder}" (or speculation_debug) attends over; use '
+                                          'cpu_remainder "none" or ssd_miss "wait"')
+        _int("ssd_rebalance_steps", self.ssd_rebalance_steps, minimum=0)
 
     @property
     def cpu_attends_remainder(self) -> bool:

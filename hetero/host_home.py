@@ -1,10 +1,12 @@
 """The KV's home off the GPU: slots of the pinned host pool, and the SSD for what the host budget
 cannot hold.
 
-Placement is decided once, when the cache is sized: of each layer, the `ssd_blocks` oldest middle
+Placement starts fixed, when the cache is sized: of each layer, the `ssd_blocks` oldest middle
 blocks (right after the sink) live on the SSD, every other block in a host slot. An exact mode
-reads every middle block at every step, so no block is colder than another and a fixed choice
-costs nothing; the oldest are the ones speculation is least likely to want.
+reads every middle block at every step, so no block is colder than another and the fixed choice
+costs nothing. Speculation reads few blocks, and some far more often than others: `swap` trades a
+block on the SSD for one in host memory, so that the speculative mode keeps the blocks it selects
+most in host memory (its policy, in the cache, counts the selections).
 
 Host slots are laid out so that what one layer's fetch reads is contiguous: every layer's host
 blocks, in order, then `areas` staging areas into which the SSD blocks of a layer are read, taken
@@ -54,20 +56,27 @@ class HostHome:
         self._staging_base = layers * host_per_layer
         spill_base = self._staging_base + areas * ssd_blocks
         self._spill_free = deque(range(spill_base, spill_base + (spill_slots if ssd_blocks else 0)))
+        # Where each (layer, block) lives: its index among the layer's SSD slots (-1: none), else its host slot.
+        blocks = np.arange(blocks_per_layer)
+        on_ssd = (sink_blocks <= blocks) & (blocks < sink_blocks + ssd_blocks)
+        self._ssd_index = np.tile(np.where(on_ssd, blocks - sink_blocks, -1).astype(np.int32), (layers, 1))
+        home = np.where(blocks < sink_blocks, blocks, blocks - ssd_blocks)
+        self._host_slot = np.where(on_ssd, -1, np.arange(layers)[:, None] * host_per_layer + home).astype(np.int32)
+        self._areas = areas
         # tables[l]: layer l's block -> host slot, its SSD blocks pointing into the area it was last
         # staged in; all_tables[l, a]: the same with area a (for kernels that need it on the GPU).
-        self.all_tables = np.stack([np.stack([self._layer_table(l, host_per_layer, a) for a in range(areas)])
-                                    for l in range(layers)])
+        self.all_tables = np.stack([np.stack([self._layer_table(l, a) for a in range(areas)]) for l in range(layers)])
         self.tables = [self.all_tables[l, 0].copy() for l in range(layers)]
         self.area_of = [0] * layers
-        self._areas = areas
         self._next_area = 0
         self._ssd_slots = store.allocate(layers * ssd_blocks) if ssd_blocks else []
         self._spills: dict[tuple[int, int], tuple[Future, int]] = {}  # (layer, block) -> (write issued, spill slot)
         self._spill_order: deque[tuple[int, int]] = deque()
-        self._stored: list[int] = [0] * layers  # SSD blocks of each layer written so far (in block order)
-        self._staged: dict[int, tuple[int, list]] = {}  # layer -> (blocks read, their pending reads)
+        self._stored: list[int] = [0] * layers  # SSD slots of each layer written so far (in index order)
+        self._staged: dict[int, dict[int, object]] = {}  # layer -> {SSD block: its pending read}
+        self._present: dict[int, set[int]] = {}  # layer -> its SSD blocks in its staging area, read
         self._area_readers: list[list[Fence]] = [[] for _ in range(areas)]
+        self._area_reads: list[list] = [[] for _ in range(areas)]  # reads still landing in an area, left by `take_staged`
         self.bytes_to_ssd = 0
         self.bytes_from_ssd = 0
         self.ssd_bytes = len(self._ssd_slots) * store.slot_bytes if ssd_blocks else 0
@@ -81,23 +90,23 @@ class HostHome:
             return layers * blocks_per_layer
         return layers * (blocks_per_layer - ssd_blocks) + areas * ssd_blocks + spill_slots
 
-    def _layer_table(self, layer: int, host_per_layer: int, area: int) -> np.ndarray:
-        table = np.empty(self.blocks_per_layer, np.int32)
-        first_ssd, end_ssd = self.sink_blocks, self.sink_blocks + self.ssd_blocks
-        blocks = np.arange(self.blocks_per_layer)
-        home = np.where(blocks < first_ssd, blocks, blocks - self.ssd_blocks)
-        table[:] = layer * host_per_layer + home
-        table[first_ssd:end_ssd] = self._staging_base + area * self.ssd_blocks + np.arange(self.ssd_blocks)
-        return table
+    def _layer_table(self, layer: int, area: int) -> np.ndarray:
+        index = self._ssd_index[layer]
+        staged = self._staging_base + area * self.ssd_blocks + index
+        return np.where(index >= 0, staged, self._host_slot[layer]).astype(np.int32)
 
-    def on_ssd(self, block: int) -> bool:
-        return self.sink_blocks <= block < self.sink_blocks + self.ssd_blocks
+    def on_ssd(self, layer: int, block: int) -> bool:
+        return bool(self._ssd_index[layer, block] >= 0)
+
+    def ssd_blocks_of(self, layer: int, first: int, last: int) -> np.ndarray:
+        """The layer's blocks in [first, last) that live on the SSD."""
+        return first + np.flatnonzero(self._ssd_index[layer, first:last] >= 0)
 
     # Writing ----------------------------------------------------------------------------------
 
     def write_target(self, layer: int, block: int) -> torch.Tensor:
         """The host slot that a completed block is copied into from the GPU."""
-        if not self.on_ssd(block):
+        if not self.on_ssd(layer, block):
             return self.slab[int(self.tables[layer][block])]
         if not self._spill_free:
             self._finish_spill(self._spill_order.popleft())
@@ -108,15 +117,18 @@ class HostHome:
     def written(self, layer: int, block: int, fence: Fence) -> None:
         """The copy into `write_target(layer, block)` is under way (done at `fence`): for an SSD
         block, write it to the store once it has landed, without waiting here."""
-        if not self.on_ssd(block):
+        if not self.on_ssd(layer, block):
             return
         _, slot = self._spills[(layer, block)]
-        ssd_slot = self._ssd_slots[layer * self.ssd_blocks + block - self.sink_blocks]
-        issued = self.pipeline.after(fence, self.store.write, ssd_slot, self.slab[slot])
+        index = int(self._ssd_index[layer, block])
+        issued = self.pipeline.after(fence, self.store.write, self._ssd_slot(layer, index), self.slab[slot])
         self._spills[(layer, block)] = (issued, slot)
         self._spill_order.append((layer, block))
-        self._stored[layer] = max(self._stored[layer], block - self.sink_blocks + 1)
+        self._stored[layer] = max(self._stored[layer], index + 1)
         self.bytes_to_ssd += self.store.block_bytes
+
+    def _ssd_slot(self, layer: int, index: int) -> int:
+        return self._ssd_slots[layer * self.ssd_blocks + index]
 
     def _finish_spill(self, key: tuple[int, int]) -> None:
         """Wait until the block's write to the SSD is done; its spill slot is free again."""
@@ -129,37 +141,115 @@ class HostHome:
 
     # Reading ----------------------------------------------------------------------------------
 
-    def stage(self, layer: int) -> None:
-        """Start reading the layer's SSD blocks written so far into its staging area."""
-        count = self._stored[layer]
-        if count == 0 or self._staged.get(layer, (0,))[0] == count:
+    def stage(self, layer: int, only=None) -> None:
+        """Start reading the layer's SSD blocks written so far (or those of them in `only`) into a
+        staging area; nothing when the layer's last staging was not taken yet."""
+        if layer in self._staged or self._stored[layer] == 0:
             return
         area = self._next_area
         self._next_area = (area + 1) % self._areas
         for fence in self._area_readers[area]:
             fence.synchronize()  # the area's last readers (the layer before the computing one) are done
         self._area_readers[area] = []
+        for read in self._area_reads[area]:
+            read.wait()  # reads a skipping layer did not wait for land before the area takes others
+        self._area_reads[area] = []
         self.area_of[layer] = area
         self.tables[layer][:] = self.all_tables[layer, area]
-        pending = []
-        base = layer * self.ssd_blocks
-        for i in range(count):
-            block = self.sink_blocks + i
+        self._present[layer] = set()
+        index = self._ssd_index[layer]
+        blocks = self.written_ssd_blocks(layer)
+        if only is not None:
+            blocks = np.intersect1d(blocks, np.asarray(list(only), dtype=np.int64))
+        pending = {}
+        for block in blocks.tolist():
             if (layer, block) in self._spills:  # its write lands before it is read back (and raises if it failed)
                 issued, _ = self._spills[(layer, block)]
                 issued.result().wait()
             dst = self.slab[int(self.tables[layer][block])]
-            pending.append(self.store.read_into(self._ssd_slots[base + i], dst))
-        self.bytes_from_ssd += count * self.store.block_bytes
-        self._staged[layer] = (count, pending)
+            pending[block] = self.store.read_into(self._ssd_slot(layer, int(index[block])), dst)
+        self.bytes_from_ssd += len(pending) * self.store.block_bytes
+        self._staged[layer] = pending
 
     def wait_staged(self, layer: int) -> None:
         """Block until the layer's SSD blocks are in their staging area (reading them if not begun)."""
         self.stage(layer)
-        entry = self._staged.pop(layer, None)
-        if entry is not None:
-            for p in entry[1]:
-                p.wait()
+        pending = self._staged.pop(layer, {})
+        for read in pending.values():
+            read.wait()
+        self._present.setdefault(layer, set()).update(pending)
+
+    def take_staged(self, layer: int) -> set[int]:
+        """The layer's SSD blocks staged (by `stage`) whose reads have landed; the others are left to
+        land before their area is reused, and are not to be read by this step."""
+        pending = self._staged.pop(layer, {})
+        ready = {block for block, read in pending.items() if read.done()}
+        self._area_reads[self.area_of[layer]] += [read for block, read in pending.items() if block not in ready]
+        for block in ready:
+            pending[block].wait()  # raises a failed read's error
+        self._present.setdefault(layer, set()).update(ready)
+        return ready
+
+    def read_now(self, layer: int, blocks) -> None:
+        """Read those of `blocks` that sit on the SSD and are not in the layer's staging area yet
+        into it, and wait for them (the layer's staging this step must be taken already)."""
+        if layer in self._staged:
+            raise RuntimeError(f"layer {layer}: read_now before its staged reads were taken")
+        present = self._present.setdefault(layer, set())
+        index = self._ssd_index[layer]
+        reads = []
+        for block in blocks:
+            block = int(block)
+            if block in present or not 0 <= index[block] < self._stored[layer]:
+                continue
+            if (layer, block) in self._spills:
+                self._spills[(layer, block)][0].result().wait()
+            dst = self.slab[int(self.tables[layer][block])]
+            reads.append(self.store.read_into(self._ssd_slot(layer, int(index[block])), dst))
+            present.add(block)
+        for read in reads:
+            read.wait()
+        self.bytes_from_ssd += len(reads) * self.store.block_bytes
+
+    def drain_reads(self) -> None:
+        """Wait for the reads `take_staged` left landing."""
+        for area, reads in enumerate(self._area_reads):
+            for read in reads:
+                read.wait()
+            self._area_reads[area] = []
+
+    def written_ssd_blocks(self, layer: int) -> np.ndarray:
+        """The layer's SSD blocks already written there."""
+        index = self._ssd_index[layer]
+        return np.flatnonzero((index >= 0) & (index < self._stored[layer]))
+
+    def swap(self, layer: int, ssd_block: int, host_block: int) -> None:
+        """Bring `ssd_block` into host memory and send `host_block` (a completed block whose copy
+        home has landed) to the SSD slot it leaves. The caller makes sure no read of either is
+        under way (the GPU's and the CPU's) and that the layer has nothing staged."""
+        if layer in self._staged or not self.on_ssd(layer, ssd_block) or self.on_ssd(layer, host_block):
+            raise ValueError(f"layer {layer}: swap needs a block on the SSD and one in host memory, nothing staged")
+        index = int(self._ssd_index[layer, ssd_block])
+        if index >= self._stored[layer]:
+            raise ValueError(f"layer {layer}: block {ssd_block} has not been written to the SSD yet")
+        for block in (ssd_block, host_block):
+            self._finish_spill((layer, block))
+        host = int(self._host_slot[layer, host_block])
+        if not self._spill_free:
+            self._finish_spill(self._spill_order.popleft())
+        spill = self._spill_free.popleft()
+        try:
+            self.slab[spill].copy_(self.slab[host])
+            self.store.read_into(self._ssd_slot(layer, index), self.slab[host]).wait()
+            self.store.write(self._ssd_slot(layer, index), self.slab[spill]).wait()
+        finally:
+            self._spill_free.append(spill)
+        self._ssd_index[layer, host_block], self._ssd_index[layer, ssd_block] = index, -1
+        self._host_slot[layer, ssd_block], self._host_slot[layer, host_block] = host, -1
+        self.all_tables[layer] = np.stack([self._layer_table(layer, a) for a in range(self._areas)])
+        self.tables[layer][:] = self.all_tables[layer, self.area_of[layer]]
+        self.bytes_from_ssd += self.store.block_bytes
+        self.bytes_to_ssd += self.store.block_bytes
 
     def read_by(self, layer: int, fence: Fence) -> None:
         """Record a reader of the layer's staging area: the area is reused only after it."""

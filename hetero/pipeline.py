@@ -217,6 +217,12 @@ class Pipeline:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
+    def quiesce(self) -> None:
+        """Wait until no host job, kernel or transfer is under way: the memory they read may change then."""
+        if hasattr(self, "_worker"):
+            self._worker.submit(lambda: None).result()  # one worker, in order: every earlier job is done
+        self.synchronize()
+
     def time_work(self, on: bool = True) -> None:
         """Start (or stop) timing the fetch ring's copies and the host jobs, for `take_work_times`."""
         self._clock = _WorkClock() if on else None

@@ -337,7 +337,8 @@ class Speculator:
     def select(self, layer_idx: int, hidden: torch.Tensor | None, position: int, lo: int, hi: int,
                valid_from: torch.Tensor | None = None, ordered: bool = True,
                budget: float = 1.0, query: torch.Tensor | None = None,
-               held: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               held: tuple[torch.Tensor, torch.Tensor] | None = None,
+               excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The middle tokens layer `layer_idx`'s decode step should attend to.
 
         Args:
@@ -355,6 +356,8 @@ class Speculator:
                 layer before. Its tokens rank below every other, so the first `count` entries
                 returned are the best tokens it lacks, best first, and `count` is what the bounds
                 leave beside it (`ordered` must be False).
+            excluded: bool [hi - lo], positions never to select (their blocks are not in host
+                memory), as if they were padding.
 
         Returns:
             token_idx int32 [B, Hkv, N], absolute positions in [lo, hi), ascending in the first
@@ -370,25 +373,38 @@ class Speculator:
         width = min(max(1, int(s.max_count(position) * budget)), hi - lo)
         least = int(s.min_count(position) * budget)
         probs = grouped
-        if valid_from is not None:
-            pad = torch.arange(lo, hi, device=grouped.device) < valid_from.to(grouped.device)[:, None]
-            probs = grouped.masked_fill(pad[:, None, None, :], -math.inf)
+        left_out = _left_out(lo, hi, valid_from, excluded, grouped.device)
+        if left_out is not None:
+            probs = grouped.masked_fill(left_out[:, None, None, :], -math.inf)
         mass = probs.softmax(-1).sum(2)  # which tokens: the most speculated probability over the group
         if held is None:
-            return select_tokens(grouped, lo, s.alpha, least, width, valid_from, ordered, rank=mass)
+            return select_tokens(grouped, lo, s.alpha, least, width, valid_from, ordered, rank=mass, excluded=excluded)
         held_idx, held_count = held
         # Held tokens rank last, with padding: the entries past the count below never reach them.
         # (A fill rather than torch.where of two numbers, which would copy them to the device.)
         rank_last = torch.full(held_idx.shape, math.inf, device=mass.device).masked_fill_(
             live_entries(held_idx, held_count), -math.inf)
         mass.scatter_reduce_(-1, held_idx.long() - lo, rank_last, "amin")
-        token_idx, count = select_tokens(grouped, lo, s.alpha, least, width, valid_from, ordered=False, rank=mass)
+        token_idx, count = select_tokens(grouped, lo, s.alpha, least, width, valid_from, ordered=False, rank=mass,
+                                         excluded=excluded)
         return token_idx, (count - held_count).clamp_min(0)
+
+
+def _left_out(lo: int, hi: int, valid_from: torch.Tensor | None, excluded: torch.Tensor | None,
+              device) -> torch.Tensor | None:
+    """bool [B or 1, hi - lo]: the positions no selection may take (padding, `excluded`), or None."""
+    out = None
+    if valid_from is not None:
+        out = torch.arange(lo, hi, device=device) < valid_from.to(device)[:, None]
+    if excluded is not None:
+        out = excluded[None] if out is None else out | excluded[None]
+    return out
 
 
 def select_tokens(scores: torch.Tensor, lo: int, alpha: float, min_count: int, width: int,
                   valid_from: torch.Tensor | None = None, ordered: bool = True,
-                  rank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  rank: torch.Tensor | None = None,
+                  excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The alpha rule over scores [B, Hkv, G, L] of positions lo .. lo + L - 1.
 
     A token is kept when some query head of the group scores it within `alpha` of that head's
@@ -399,13 +415,15 @@ def select_tokens(scores: torch.Tensor, lo: int, alpha: float, min_count: int, w
     [lo, hi)), which saves the kernels that sort them, for callers that need no order.
     `rank` [B, Hkv, L] (higher first), when given, picks which `count` tokens are kept instead of the
     closeness (the count still comes from the alpha rule and the bounds).
+    `excluded` bool [L]: positions never selected, as padding is not.
     """
     length = scores.shape[-1]
     hi = lo + length
     valid = None
-    if valid_from is not None:
-        valid = torch.arange(lo, hi, device=scores.device) >= valid_from.to(scores.device)[:, None]
-        scores = scores.masked_fill(~valid[:, None, None, :], -math.inf)
+    left_out = _left_out(lo, hi, valid_from, excluded, scores.device)
+    if left_out is not None:
+        valid = ~left_out
+        scores = scores.masked_fill(left_out[:, None, None, :], -math.inf)
     if rank is not None and min_count >= width:
         # The bounds leave the alpha rule nothing to decide (the default): fewer kernels per layer step.
         count = torch.full(scores.shape[:2], width, dtype=torch.int32, device=scores.device)

@@ -29,6 +29,8 @@ class GenerationStats:
     fetched_attention_share: float | None = None  # speculation_debug: the middle's attention the fetched tokens hold
     fetched_attention_share_by_layer: dict | None = None  # the same per layer
     reselected_share: float | None = None  # speculation_debug: of the tokens selected, those selected the step before
+    ssd_skipped_share: float | None = None  # ssd_miss "skip": SSD blocks left out, of those in the spans selected from
+    ssd_swaps: int | None = None  # speculative with an SSD tier: blocks moved between the SSD and host memory
 
     @classmethod
     def from_run(cls, cache, batch, prompt_tokens, new_tokens, started, finished) -> "GenerationStats":
@@ -57,6 +59,8 @@ class GenerationStats:
             fetched_attention_share=s.fetched_attention_share,
             fetched_attention_share_by_layer=s.fetched_attention_share_by_layer,
             reselected_share=s.reselected_share,
+            ssd_skipped_share=s.ssd_skipped_share,
+            ssd_swaps=s.ssd_swaps,
         )
 
     @property
@@ -88,6 +92,8 @@ class GenerationStats:
                if self.fetched_attention_share is not None else "")
             + (f", {self.reselected_share:.0%} of them selected the step before" if self.reselected_share is not None else "")
             + (f" | GPU share {_share_change(self.split_share_start, self.split_share)}" if self.split_share is not None else "")
+            + (f" | SSD blocks left out {self.ssd_skipped_share:.1%}" if self.ssd_skipped_share is not None else "")
+            + (f" | {self.ssd_swaps} SSD blocks traded for host ones" if self.ssd_swaps else "")
         )
 
 

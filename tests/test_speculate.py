@@ -378,3 +378,18 @@ def test_a_selection_beside_a_held_one_takes_the_best_tokens_it_lacks(llama, pad
         s.select(1, None, total, lo, hi, query=query, held=(held, held_count))
     with pytest.raises(ValueError, match="one of them"):
         s.scores(1, None, total, lo, hi)
+
+
+def test_excluded_positions_are_never_selected_and_bound_the_count():
+    g = torch.Generator().manual_seed(61)
+    scores, rank = torch.randn(2, 3, 4, 50, generator=g), torch.rand(2, 3, 50, generator=g)
+    excluded = torch.zeros(50, dtype=torch.bool)
+    excluded[5:45] = True  # ten positions left, fewer than the width
+    for ordered in (True, False):
+        token_idx, count = sp.select_tokens(scores, 100, 5.0, 20, 20, torch.tensor([0, 103]), ordered, rank=rank,
+                                            excluded=excluded)
+        assert count.tolist() == [[10] * 3, [7] * 3]  # row 1 also pads its first three
+        for b in range(2):
+            for h in range(3):
+                taken = token_idx[b, h, : count[b, h]] - 100
+                assert not excluded[taken].any() and (taken >= (0, 3)[b]).all()

@@ -86,3 +86,102 @@ def test_too_small_an_ssd_budget_names_ssd_kv_bytes(six_layers, tmp_path):
     ids = torch.randint(1, 256, (1, 300), generator=torch.Generator().manual_seed(16))
     with pytest.raises(hetero.ConfigError, match="ssd_kv_bytes: the KV beyond the host budget needs"):
         _generate(six_layers, ids, torch.ones_like(ids), 4, {**SSD_CONFIG, "ssd_dir": str(tmp_path), "ssd_kv_bytes": "16KiB"})
+
+
+SPECULATIVE_SSD = {**SSD_CONFIG, "mode": "speculative", "ssd_rebalance_steps": 2}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_speculation_over_the_ssd_equals_speculation_in_host_memory(six_layers, tmp_path, padded):
+    """ssd_miss "wait" reads every SSD block a selection holds before gathering it: the tokens are
+    those of the same speculation with the whole KV in host memory, while the placement moves
+    blocks between the tiers every two steps."""
+    if padded:
+        ids, mask = left_padded([260, 141], seed=16)
+    else:
+        ids = torch.randint(1, 256, (1, 300), generator=torch.Generator().manual_seed(14))
+        mask = torch.ones_like(ids)
+    in_host = {k: v for k, v in SPECULATIVE_SSD.items() if k not in ("cpu_kv_bytes", "ssd_kv_bytes")}
+    if padded:
+        in_host["gpu_kv_bytes"] = "512KiB"
+    expected, _ = _generate(six_layers, ids, mask, 10, in_host)
+    config = {**SPECULATIVE_SSD, "ssd_dir": str(tmp_path)}
+    if padded:
+        config.update(gpu_kv_bytes="512KiB", cpu_kv_bytes="800KiB", ssd_kv_bytes="8MiB")
+    got, stats = _generate(six_layers, ids, mask, 10, config)
+    assert torch.equal(got, expected)
+    assert stats.ssd_swaps > 0 and stats.bytes_from_ssd > 0 and stats.ssd_skipped_share is None
+
+
+def test_skipping_reads_only_the_ssd_blocks_selected_the_step_before(six_layers, tmp_path):
+    ids = torch.randint(1, 256, (1, 300), generator=torch.Generator().manual_seed(15))
+    mask = torch.ones_like(ids)
+    _, waiting = _generate(six_layers, ids, mask, 8, {**SPECULATIVE_SSD, "ssd_dir": str(tmp_path)})
+    _, skipping = _generate(six_layers, ids, mask, 8, {**SPECULATIVE_SSD, "ssd_dir": str(tmp_path), "ssd_miss": "skip"})
+    assert 0 < skipping.ssd_skipped_share <= 1
+    assert skipping.bytes_from_ssd < waiting.bytes_from_ssd
+    assert "SSD blocks left out" in skipping.summary()
+
+
+def test_skipping_beside_a_cpu_that_attends_over_every_token_is_refused(six_layers, tmp_path):
+    with pytest.raises(hetero.ConfigError, match='ssd_miss: "skip" leaves tokens out.*cpu_remainder'):
+        hetero.load(six_layers, {**SPECULATIVE_SSD, "ssd_dir": str(tmp_path), "ssd_miss": "skip",
+                                 "cpu_remainder": "all"}, device="cpu")
+
+
+def test_the_placement_brings_the_most_selected_ssd_block_into_host_memory(tmp_path):
+    from types import SimpleNamespace
+
+    from hetero.host_home import HostHome
+    from hetero.pipeline import Fence, Pipeline
+    from hetero.ssd_placement import SsdPlacement
+
+    layers, blocks, shape = 3, 8, (2, 1, 1, 4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tmpfs takes no O_DIRECT
+        store = NvmeStore(tmp_path, layers * 3, shape, torch.float32, io_threads=2)
+    pool = SimpleNamespace(slab=torch.zeros(HostHome.slots_needed(layers, blocks, 3), *shape))
+    pipeline = Pipeline(torch.device("cpu"))
+    home = HostHome(pool, layers, blocks, sink_blocks=1, ssd_blocks=3, store=store, pipeline=pipeline)
+    for layer in range(layers):
+        for block in range(blocks):
+            home.write_target(layer, block).fill_(100 * layer + block)
+            home.written(layer, block, Fence(None))
+    placement = SsdPlacement(layers, blocks, 4, torch.device("cpu"), rebalance_steps=1)
+    placement.hits[1, 2] = 50  # block 2 sits on the SSD (blocks 1-3 do), selected far more than any other
+    placement.hits[1, 5:8] = 1
+    assert placement.step_boundary(home, pipeline, movable_end=blocks)
+    assert not home.on_ssd(1, 2) and home.on_ssd(1, 4)  # traded for the least selected host block
+    assert [home.on_ssd(2, b) for b in range(blocks)] == [home.on_ssd(0, b) for b in range(blocks)]  # nothing selected
+    assert placement.swaps == 1 and placement.hits[1, 2] == 25  # halved: recent selections weigh more
+    home.wait_staged(1)
+    for block in range(blocks):
+        assert bool((pool.slab[int(home.tables[1][block])] == 100 + block).all()), block
+    home.close()
+    pipeline.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("miss", ["wait", "skip"])
+def test_speculation_over_the_ssd_on_the_gpu(six_layers, tmp_path, miss):
+    """On CUDA, in bf16: "wait" gives the tokens of the KV in host memory while blocks move between
+    the tiers (the gather reads pinned staging slots and the re-uploaded slot tables); "skip" runs."""
+    ids = torch.randint(1, 256, (1, 300), generator=torch.Generator().manual_seed(17)).cuda()
+    mask = torch.ones_like(ids)
+
+    def run(config):
+        model = hetero.load(six_layers, config, dtype=torch.bfloat16, device="cuda")
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                                 pad_token_id=0)
+        return out, model.hetero.last_stats
+
+    in_host = {k: v for k, v in SPECULATIVE_SSD.items() if k not in ("cpu_kv_bytes", "ssd_kv_bytes")}
+    expected, _ = run(in_host)
+    got, stats = run({**SPECULATIVE_SSD, "ssd_dir": str(tmp_path), "ssd_miss": miss})
+    assert stats.bytes_from_ssd > 0
+    if miss == "wait":
+        assert torch.equal(got, expected) and stats.ssd_swaps > 0
+    else:
+        assert 0 < stats.ssd_skipped_share <= 1
