@@ -138,7 +138,7 @@ def test_the_workloads_are_the_issues():
     assert (small.context, small.batch, small.gpu_card_bytes) == (131072, 1, 24 * 10**9)
     assert systems.offload_config("split", small, small.context, config, False, None)["gpu_kv_bytes"] == 4 * GiB
     many, beyond = WORKLOADS["many-sequences"], WORKLOADS["beyond-ram"]
-    assert (many.context, many.batch, many.gpu_kv_share) == (131072, 4, None)
+    assert (many.context, many.batch, many.gpu_kv_share, many.gpu_card_bytes) == (131072, 4, None, 80 * 10**9)
     assert (beyond.context, beyond.batch, beyond.host_kv_share) == (131072, 8, 0.75)
     quick = scaled(small, "quick")
     assert (quick.context, quick.decode_steps, quick.gpu_kv_share) == (32768, 8, 0.25)

@@ -31,8 +31,9 @@ WORKLOADS = {
         Workload("fits", "32K tokens, batch 1: the whole KV fits on the GPU", 32768, 1, 32),
         Workload("small-card", "128K tokens, batch 1, GPU KV budget 4 GiB (a quarter of the KV) and GPU memory capped at 24 GB (a 24 GB card)",
                  131072, 1, 16, gpu_kv_share=0.25, gpu_card_bytes=24 * 10**9),
-        Workload("many-sequences", "128K tokens, batch 4, default budgets: the KV (64 GiB) does not fit beside the weights",
-                 131072, 4, 16),
+        # The card is capped to an H100's 80 GB, so that the KV does not fit on a larger GPU either.
+        Workload("many-sequences", "128K tokens, batch 4, default budgets, GPU memory capped at 80 GB (an H100): the KV "
+                 "(64 GiB) does not fit beside the weights", 131072, 4, 16, gpu_card_bytes=80 * 10**9),
         # The SSD bounds each step (a quarter of 128 GiB read at ~1.5 GB/s): few steps keep it in one run.
         Workload("beyond-ram", "128K tokens, batch 8, host budget 3/4 of the KV: a quarter of it on the SSD",
                  131072, 8, 4, host_kv_share=0.75),
