@@ -603,11 +603,8 @@ class HeteroCache(Cache):
     def _read_selected_ssd_blocks(self, layer_idx: int) -> None:
         """ssd_miss "wait": read the SSD blocks the layer's selection so far holds and were not read
         ahead, before its gather (one wait on the GPU for the selection)."""
-        if self._ssd_skipping:
-            return
-        (hits,), fence = self.pipeline.to_host(self._placement.step_hits[layer_idx])
-        fence.synchronize()
-        self._home.read_now(layer_idx, np.flatnonzero(hits[:-1].numpy() > 0))
+        if not self._ssd_skipping:
+            self._home.read_now(layer_idx, self._placement.selected_now(layer_idx, self.pipeline))
 
     def _rebalance_ssd(self, length: int) -> None:
         """A decode step's boundary: the speculative mode's SSD placement may move blocks now."""

@@ -108,11 +108,15 @@ class HostHome:
         """The host slot that a completed block is copied into from the GPU."""
         if not self.on_ssd(layer, block):
             return self.slab[int(self.tables[layer][block])]
-        if not self._spill_free:
-            self._finish_spill(self._spill_order.popleft())
-        slot = self._spill_free.popleft()
+        slot = self._take_spill_slot()
         self._spills[(layer, block)] = (None, slot)
         return self.slab[slot]
+
+    def _take_spill_slot(self) -> int:
+        """A free spill slot; the oldest write under way is waited for when none is free."""
+        if not self._spill_free:
+            self._finish_spill(self._spill_order.popleft())
+        return self._spill_free.popleft()
 
     def written(self, layer: int, block: int, fence: Fence) -> None:
         """The copy into `write_target(layer, block)` is under way (done at `fence`): for an SSD
@@ -157,19 +161,19 @@ class HostHome:
         self.area_of[layer] = area
         self.tables[layer][:] = self.all_tables[layer, area]
         self._present[layer] = set()
-        index = self._ssd_index[layer]
         blocks = self.written_ssd_blocks(layer)
         if only is not None:
             blocks = np.intersect1d(blocks, np.asarray(list(only), dtype=np.int64))
-        pending = {}
-        for block in blocks.tolist():
-            if (layer, block) in self._spills:  # its write lands before it is read back (and raises if it failed)
-                issued, _ = self._spills[(layer, block)]
-                issued.result().wait()
-            dst = self.slab[int(self.tables[layer][block])]
-            pending[block] = self.store.read_into(self._ssd_slot(layer, int(index[block])), dst)
-        self.bytes_from_ssd += len(pending) * self.store.block_bytes
-        self._staged[layer] = pending
+        self._staged[layer] = {block: self._read_into_area(layer, block) for block in blocks.tolist()}
+
+    def _read_into_area(self, layer: int, block: int):
+        """Start reading a written SSD block into the layer's staging area; returns the pending read."""
+        if (layer, block) in self._spills:  # its write lands before it is read back (and raises if it failed)
+            issued, _ = self._spills[(layer, block)]
+            issued.result().wait()
+        dst = self.slab[int(self.tables[layer][block])]
+        self.bytes_from_ssd += self.store.block_bytes
+        return self.store.read_into(self._ssd_slot(layer, int(self._ssd_index[layer, block])), dst)
 
     def wait_staged(self, layer: int) -> None:
         """Block until the layer's SSD blocks are in their staging area (reading them if not begun)."""
@@ -196,20 +200,12 @@ class HostHome:
         if layer in self._staged:
             raise RuntimeError(f"layer {layer}: read_now before its staged reads were taken")
         present = self._present.setdefault(layer, set())
-        index = self._ssd_index[layer]
-        reads = []
-        for block in blocks:
-            block = int(block)
-            if block in present or not 0 <= index[block] < self._stored[layer]:
-                continue
-            if (layer, block) in self._spills:
-                self._spills[(layer, block)][0].result().wait()
-            dst = self.slab[int(self.tables[layer][block])]
-            reads.append(self.store.read_into(self._ssd_slot(layer, int(index[block])), dst))
-            present.add(block)
+        missing = np.setdiff1d(np.intersect1d(self.written_ssd_blocks(layer), np.asarray(blocks, dtype=np.int64)),
+                               np.asarray(sorted(present), dtype=np.int64))
+        reads = [self._read_into_area(layer, block) for block in missing.tolist()]
+        present.update(missing.tolist())
         for read in reads:
             read.wait()
-        self.bytes_from_ssd += len(reads) * self.store.block_bytes
 
     def drain_reads(self) -> None:
         """Wait for the reads `take_staged` left landing."""
@@ -235,9 +231,7 @@ class HostHome:
         for block in (ssd_block, host_block):
             self._finish_spill((layer, block))
         host = int(self._host_slot[layer, host_block])
-        if not self._spill_free:
-            self._finish_spill(self._spill_order.popleft())
-        spill = self._spill_free.popleft()
+        spill = self._take_spill_slot()
         try:
             self.slab[spill].copy_(self.slab[host])
             self.store.read_into(self._ssd_slot(layer, index), self.slab[host]).wait()

@@ -58,11 +58,12 @@ class SsdPlacement:
     def read_ahead(self, layer: int) -> np.ndarray:
         """The blocks the layer selected at its last step (none before its first)."""
         last = self._last.get(layer)
-        if last is None:
-            return np.empty(0, dtype=np.int64)
-        host, fence = last
-        fence.synchronize()  # a step old: landed long ago
-        return np.flatnonzero(host[:-1].numpy() > 0)
+        return np.empty(0, dtype=np.int64) if last is None else _hit_blocks(*last)  # a step old: landed long ago
+
+    def selected_now(self, layer: int, pipeline: Pipeline) -> np.ndarray:
+        """The blocks the layer's selections of this step hold so far (waits for the GPU to make them)."""
+        (host,), fence = pipeline.to_host(self.step_hits[layer])
+        return _hit_blocks(host, fence)
 
     def left_out(self, home: HostHome, layer: int, first: int, last: int, ready: set[int]) -> torch.Tensor | None:
         """bool [(last - first) x block_size] on the device: the positions of blocks [first, last)
@@ -108,3 +109,9 @@ class SsdPlacement:
     @property
     def skipped_share(self) -> float | None:
         return self.blocks_skipped / self.blocks_needed if self.blocks_needed else None
+
+
+def _hit_blocks(hits: torch.Tensor, fence) -> np.ndarray:
+    """The blocks with a count in `hits` [blocks + 1] (host memory, landed at `fence`)."""
+    fence.synchronize()
+    return np.flatnonzero(hits[:-1].numpy() > 0)
