@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-import numpy as np
 
 from . import gpu_decode
 from .config import Budgets, OffloadConfig
