@@ -56,6 +56,8 @@ _DOCS = {
     "split_ratio": "split mode: share 0..1 of the offloaded KV the GPU fetches (auto: from PCIe vs CPU bandwidth)",
     "alpha": "speculative mode: a token is fetched when its predicted score is within alpha of its head's best",
     "partial_ratio": "speculative mode: share 0..1 of each head's key columns kept for prediction",
+    "min_partial_columns": "speculative mode: fewest key columns kept per head whatever partial_ratio gives (0.25 of "
+                           "128 is 32; smaller heads keep this many too, or all of theirs; 0: partial_ratio alone)",
     "min_tokens": "speculative mode: fewest middle tokens fetched per KV head (a count, or a share < 1 of the context)",
     "max_tokens": "speculative mode: most middle tokens fetched per KV head (a count, or a share < 1 of the context)",
     "cpu_remainder": "speculative mode: none (ignore tokens not fetched) | bounded (the CPU attends over them in the "
@@ -98,6 +100,7 @@ class OffloadConfig:
     split_ratio: float | str = "auto"
     alpha: float = 5.0
     partial_ratio: float = 0.25
+    min_partial_columns: int = 32
     min_tokens: int | float = 0.1
     max_tokens: int | float = 0.1
     cpu_remainder: str = "none"
@@ -251,6 +254,7 @@ def check_speculation_keys(values) -> None:
         raise ConfigError("alpha", f"alpha: got {_shown(alpha)}, expected a number > 0 (InfiniGen uses 4-5)")
     if not _is_number(ratio) or not 0 < ratio <= 1:
         raise ConfigError("partial_ratio", f"partial_ratio: got {_shown(ratio)}, expected a number in (0, 1]")
+    _int("min_partial_columns", values.min_partial_columns, minimum=0)
     for key in ("min_tokens", "max_tokens"):
         value = getattr(values, key)
         if not _is_number(value) or value < 0 or (isinstance(value, float) and not (value < 1 or value.is_integer())):

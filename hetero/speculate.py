@@ -66,6 +66,7 @@ class SpeculationSettings:
 
     alpha: float = OffloadConfig.alpha
     partial_ratio: float = OffloadConfig.partial_ratio
+    min_partial_columns: int = OffloadConfig.min_partial_columns
     min_tokens: int | float = OffloadConfig.min_tokens
     max_tokens: int | float = OffloadConfig.max_tokens
     cpu_remainder: str = OffloadConfig.cpu_remainder
@@ -105,8 +106,9 @@ class LayerSkew:
         return self.rotation[:, :, : self.kept]
 
 
-def fit_skew(queries: torch.Tensor, keys: torch.Tensor, partial_ratio: float) -> LayerSkew:
-    """The skew of one layer from its post-RoPE queries [Hq, N, D] and keys [Hkv, N, D]."""
+def fit_skew(queries: torch.Tensor, keys: torch.Tensor, partial_ratio: float, min_columns: int = 0) -> LayerSkew:
+    """The skew of one layer from its post-RoPE queries [Hq, N, D] and keys [Hkv, N, D]; it keeps
+    `partial_ratio` of the D columns, at least `min_columns` (at most D)."""
     kv_heads, _, dim = keys.shape
     q = queries.double().reshape(kv_heads, -1, dim)  # query head h serves KV head h // group
     k = keys.double() - keys.double().mean(1, keepdim=True)
@@ -119,7 +121,7 @@ def fit_skew(queries: torch.Tensor, keys: torch.Tensor, partial_ratio: float) ->
     importance = q_energy * k_spread
     order = importance.argsort(-1, descending=True)
     rotation = basis.gather(2, order[:, None, :].expand(-1, dim, -1))
-    return LayerSkew(rotation.float(), max(1, round(partial_ratio * dim)))
+    return LayerSkew(rotation.float(), min(dim, max(1, round(partial_ratio * dim), min_columns)))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +183,7 @@ def calibrate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
     Args:
         model: a transformers Llama, Mistral, Qwen2 or Qwen3 `*ForCausalLM` (or its base model).
         input_ids: [B, L] unpadded prompt; None for `calibration_ids` (512 tokens).
-        settings: the speculative mode's knobs; `partial_ratio` is used here.
+        settings: the speculative mode's knobs; `partial_ratio` and `min_partial_columns` are used here.
     """
     check_skewable(model)
     settings = settings or SpeculationSettings()
@@ -194,7 +196,7 @@ def calibrate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         q, k = rotated_query_key(module, hidden, *kwargs["position_embeddings"])
         skews[module.layer_idx] = fit_skew(q.transpose(0, 1).flatten(1, 2), k.transpose(0, 1).flatten(1, 2),
-                                           settings.partial_ratio)
+                                           settings.partial_ratio, settings.min_partial_columns)
 
     hooks = [m.register_forward_pre_hook(fit, with_kwargs=True) for m in modules]
     decoder = getattr(model, "model", model)  # the base model: no logits over the vocabulary

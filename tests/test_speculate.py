@@ -37,7 +37,7 @@ def llama():
 
 @pytest.fixture(scope="module")
 def speculator(llama):
-    return sp.calibrate(llama, settings=sp.SpeculationSettings(partial_ratio=0.25))
+    return sp.calibrate(llama, settings=sp.SpeculationSettings(partial_ratio=0.25, min_partial_columns=0))
 
 
 def _randn(*shape, seed):
@@ -175,7 +175,7 @@ def test_tokens_aligned_with_the_query_are_selected(llama):
 
 
 def test_layer_zero_capacity_and_order_of_calls_are_checked(llama):
-    s = sp.calibrate(llama)
+    s = sp.calibrate(llama, settings=sp.SpeculationSettings(min_partial_columns=0))
     keys = _randn(1, KV_HEADS, 9, HEAD_DIM, seed=30)
     with pytest.raises(RuntimeError, match="before begin"):
         s.append_keys(1, keys)
@@ -319,7 +319,8 @@ def test_cache_gathers_the_selection_and_the_cpu_the_rest_exactly(tmp_path):
 
     path = save_random_model(tmp_path, "llama", seed=1, layers=3, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, vocab=256)
     config = {"mode": "speculative", "block_size": 16, "sink_tokens": 16, "window_tokens": 32, "gpu_kv_bytes": "384KiB",
-              "cpu_kv_bytes": "64MiB", "prefill_chunk_tokens": 96, "cpu_remainder": "all", "max_tokens": 0.3}
+              "cpu_kv_bytes": "64MiB", "prefill_chunk_tokens": 96, "cpu_remainder": "all", "max_tokens": 0.3,
+              "min_partial_columns": 0}
     model = hetero.load(path, config, device="cpu")
     speculator = sp.calibrate(model, settings=sp.SpeculationSettings.from_config(model.hetero.config))
     ids, mask = left_padded([301, 262], seed=60)
@@ -393,3 +394,10 @@ def test_excluded_positions_are_never_selected_and_bound_the_count():
             for h in range(3):
                 taken = token_idx[b, h, : count[b, h]] - 100
                 assert not excluded[taken].any() and (taken >= (0, 3)[b]).all()
+
+
+@pytest.mark.parametrize("dim,ratio,least,kept", [(128, 0.25, 32, 32), (64, 0.25, 32, 32), (16, 0.25, 32, 16),
+                                                  (64, 0.25, 0, 16), (64, 0.75, 32, 48)])
+def test_small_heads_keep_at_least_min_partial_columns(dim, ratio, least, kept):
+    queries, keys = _randn(4, 50, dim, seed=80), _randn(2, 50, dim, seed=81)
+    assert sp.fit_skew(queries, keys, ratio, least).kept == kept

@@ -88,7 +88,7 @@ def test_too_small_an_ssd_budget_names_ssd_kv_bytes(six_layers, tmp_path):
         _generate(six_layers, ids, torch.ones_like(ids), 4, {**SSD_CONFIG, "ssd_dir": str(tmp_path), "ssd_kv_bytes": "16KiB"})
 
 
-SPECULATIVE_SSD = {**SSD_CONFIG, "mode": "speculative", "ssd_rebalance_steps": 2}
+SPECULATIVE_SSD = {**SSD_CONFIG, "mode": "speculative", "ssd_rebalance_steps": 2, "min_partial_columns": 0}
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -42,6 +42,7 @@ def test_bf16_matches_transformers(arch, lengths, mode, mib_per_row, tmp_path):
     ref_tokens, _ = _run(reference.generate, ids, mask)
     config = {**CONFIG, "mode": mode.split("-")[0], "gpu_kv_bytes": f"{mib_per_row * len(lengths)}MiB"}
     if mode.startswith("speculative"):
+        config["min_partial_columns"] = 0  # heads of 32: a quarter of their columns
         config["cpu_remainder"] = "all"  # the CPU attends over what was not fetched: exact
         config["reuse_rows"] = mode.endswith("reuse")
         if mode.endswith("bounded"):  # every block within alpha: the CPU reads them all, exact
@@ -92,8 +93,8 @@ def test_speculative_decode_compiles_nothing_after_load(tmp_path):
     from hetero.gpu_kernels.gather import _gather_tokens_kernel
 
     path = save_random_model(tmp_path, "llama", seed=7, layers=4, hidden=256, heads=8, kv_heads=2, vocab=256)
-    model = hetero.load(path, {**CONFIG, "mode": "speculative", "gpu_kv_bytes": "1MiB"}, dtype=torch.bfloat16,
-                        device="cuda")
+    config = {**CONFIG, "mode": "speculative", "gpu_kv_bytes": "1MiB", "min_partial_columns": 0}
+    model = hetero.load(path, config, dtype=torch.bfloat16, device="cuda")
     before = _compiled_variants(_gather_tokens_kernel), _compiled_variants(_decode_split_kernel)
     ids = torch.randint(1, 256, (1, 1500), device="cuda")
     _run(model.generate, ids, torch.ones_like(ids))

@@ -282,7 +282,7 @@ def gpu_kv_budget(model_config, plan: EvalPlan, batch: int, dtype: torch.dtype, 
     tokens = plan.context + extra_tokens  # prompt and answer: what hetero sizes its cache for
     block_bytes = 2 * batch * kv_heads * res.block * head_dim * size
     resident = layers * (res.sink // res.block + 2 * res.window // res.block + 2) * block_bytes  # slots_per_layer
-    kept_columns = max(1, round(0.25 * head_dim))  # hetero's default partial_ratio
+    kept_columns = min(head_dim, max(1, round(0.25 * head_dim), 32))  # hetero's default partial_ratio and min_partial_columns
     partial_keys = (layers - 1) * batch * kv_heads * tokens * kept_columns * size
     gather = 2 * 2 * batch * kv_heads * int(max_share * tokens) * head_dim * size
     need = resident + partial_keys + gather + 2 * 4 * block_bytes  # two fetch buffers of >= 4 blocks

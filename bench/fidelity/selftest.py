@@ -118,7 +118,8 @@ def check_speculation_recall() -> None:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     sink, window, block = 16, 32, 16
     offload = {"mode": "speculative", "gpu_kv_bytes": "256KiB", "block_size": block, "sink_tokens": sink,
-               "window_tokens": window, "cpu_remainder": "all", "min_tokens": 0, "max_tokens": 0.1}
+               "window_tokens": window, "cpu_remainder": "all", "min_tokens": 0, "max_tokens": 0.1,
+               "min_partial_columns": 0}  # heads of 16: a quarter of their columns, as 128-wide heads keep
     ids = torch.randint(3, 67, (2, 230), generator=torch.Generator().manual_seed(2))
     with tempfile.TemporaryDirectory() as ckpt, torch.no_grad():
         LlamaForCausalLM(config).eval().save_pretrained(ckpt)

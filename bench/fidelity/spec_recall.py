@@ -18,7 +18,7 @@ against the true attention:
    share of the whole context's (sink, window and the token itself being always attended).
 
 Layer 0 has no layer before it: hetero fetches its middle whole, so it has no speculation recall
-(None). Every setting sharing a `partial_ratio` shares one calibration (the skew depends on nothing
+(None). Every setting sharing a `partial_ratio` (and `min_partial_columns`) shares one calibration (the skew depends on nothing
 else), and every setting is measured in the same forward.
 """
 
@@ -48,9 +48,10 @@ class SpeculationRecall:
         calibrated = {}
         self.speculators = {}
         for name, s in settings.items():
-            if s.partial_ratio not in calibrated:  # hetero.load calibrates exactly so (its default prompt)
-                calibrated[s.partial_ratio] = calibrate(model, settings=s)
-            self.speculators[name] = Speculator(model, calibrated[s.partial_ratio].skews, s)
+            columns = (s.partial_ratio, s.min_partial_columns)
+            if columns not in calibrated:  # hetero.load calibrates exactly so (its default prompt)
+                calibrated[columns] = calibrate(model, settings=s)
+            self.speculators[name] = Speculator(model, calibrated[columns].skews, s)
 
     def middle(self, position: int) -> tuple[int, int]:
         r = self.residency
