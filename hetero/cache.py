@@ -379,7 +379,7 @@ class HeteroCache(Cache):
         (selected, count), picked = pick.on_host
         return self.pipeline.run_on_host(
             [picked, ready], attend_host_unselected, q_host, self._home.slab, self._home.tables[layer_idx],
-            lo, hi, selected, count, scale, valid_host, blocks_host,
+            lo, hi, selected, count, scale, valid_host, blocks_host, returns=_partial_shapes(query),
         )
 
     def _blocks_worth_reading(self, layer_idx, query, lo, hi, scale) -> torch.Tensor:
@@ -400,7 +400,7 @@ class HeteroCache(Cache):
         table = self._home.tables[layer_idx]
         return self.pipeline.run_on_host(
             ready, attend_host_blocks, q_host, self._home.slab, table, first, end, scale, valid_host,
-            work_bytes=(end - first) * self.layout.block_bytes,
+            work_bytes=(end - first) * self.layout.block_bytes, returns=_partial_shapes(query),
         )
 
     @staticmethod
@@ -583,7 +583,7 @@ class HeteroCache(Cache):
             home = self._home
             if decode and layer_idx == 0 and self._placement is not None:
                 self._rebalance_ssd(plan.length)
-            if speculate and self._ssd_skipping and plan.host is not None:
+            if speculate and self._ssd_skipping and self._placement is not None and plan.host is not None:
                 # Its SSD blocks read ahead that have landed; the others are left out of the selection.
                 left_out = self._placement.left_out(home, layer_idx, *plan.host, home.take_staged(layer_idx))
             else:
@@ -806,6 +806,11 @@ class HostPoolReuse:
             align = PAGE if block_bytes % PAGE == 0 else 1
             self._pool = HostPool(n_slots, block_shape, dtype, pin, slot_align=align)
         return self._pool
+
+
+def _partial_shapes(query: torch.Tensor) -> tuple:
+    """The (shape, dtype) of a partial attention result for `query` [B, Hq, Lq, D]: out and lse, float32."""
+    return (tuple(query.shape), torch.float32), (tuple(query.shape[:3]), torch.float32)
 
 
 def _mass_share(lse: torch.Tensor, rest_lse: torch.Tensor) -> torch.Tensor:

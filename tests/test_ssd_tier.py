@@ -123,6 +123,17 @@ def test_skipping_reads_only_the_ssd_blocks_selected_the_step_before(six_layers,
     assert "SSD blocks left out" in skipping.summary()
 
 
+def test_skipping_with_every_block_in_host_memory_skips_nothing(six_layers, tmp_path):
+    """An SSD tier the KV never reaches: "skip" has nothing to leave out and gives the tokens of "wait"."""
+    ids = torch.randint(1, 256, (1, 300), generator=torch.Generator().manual_seed(18))
+    mask = torch.ones_like(ids)
+    roomy = {**SPECULATIVE_SSD, "cpu_kv_bytes": "4MiB", "ssd_dir": str(tmp_path)}
+    waiting, _ = _generate(six_layers, ids, mask, 4, roomy)
+    skipping, stats = _generate(six_layers, ids, mask, 4, {**roomy, "ssd_miss": "skip"})
+    assert torch.equal(skipping, waiting)
+    assert stats.bytes_from_ssd == 0 and stats.ssd_skipped_share is None
+
+
 def test_skipping_beside_a_cpu_that_attends_over_every_token_is_refused(six_layers, tmp_path):
     with pytest.raises(hetero.ConfigError, match='ssd_miss: "skip" leaves tokens out.*cpu_remainder'):
         hetero.load(six_layers, {**SPECULATIVE_SSD, "ssd_dir": str(tmp_path), "ssd_miss": "skip",
@@ -177,9 +188,11 @@ def test_speculation_over_the_ssd_on_the_gpu(six_layers, tmp_path, miss):
                                  pad_token_id=0)
         return out, model.hetero.last_stats
 
-    in_host = {k: v for k, v in SPECULATIVE_SSD.items() if k not in ("cpu_kv_bytes", "ssd_kv_bytes")}
+    # bf16 halves the KV: halve the budgets too, so that the same share of it lies on the SSD.
+    halved = {**SPECULATIVE_SSD, "gpu_kv_bytes": "128KiB", "cpu_kv_bytes": "208KiB", "ssd_kv_bytes": "2MiB"}
+    in_host = {k: v for k, v in halved.items() if k not in ("cpu_kv_bytes", "ssd_kv_bytes")}
     expected, _ = run(in_host)
-    got, stats = run({**SPECULATIVE_SSD, "ssd_dir": str(tmp_path), "ssd_miss": miss})
+    got, stats = run({**halved, "ssd_dir": str(tmp_path), "ssd_miss": miss})
     assert stats.bytes_from_ssd > 0
     if miss == "wait":
         assert torch.equal(got, expected) and stats.ssd_swaps > 0
