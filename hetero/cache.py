@@ -761,10 +761,12 @@ class HeteroCache(Cache):
         """Drop queued fetches and wait for transfers in flight."""
         if self.layout is not None:
             self._ring.cancel_pending()
-        self.pipeline.synchronize()
-        self.pipeline.close()
-        if self._home is not None:
-            self._home.close()
+        try:
+            self.pipeline.synchronize()
+            self.pipeline.close()  # raises a host job's error, if one failed
+        finally:
+            if self._home is not None:
+                self._home.close()
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 Two side streams: `copy` brings host blocks to the GPU ahead of the layer that needs them, through a
 ring of fetch buffers; `offload` writes completed blocks from the GPU to their host home. The
-compute stream is whatever stream the model runs on. On a CPU device every operation runs at once,
-in order, so the same callers work unchanged and are testable without a GPU.
+compute stream is whatever stream the model runs on. A host job that returns tensors to the GPU
+posts them to pinned memory and raises a flag there; the compute stream waits for the flag on the
+GPU, so the host thread queues the layers after it instead of blocking. On a CPU device every
+operation runs at once, in order, so the same callers work unchanged and are testable without a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
+from .gpu_kernels.host_flag import wait_for_flag
 
 
 @dataclass
@@ -89,6 +93,25 @@ class FetchTicket:
 
 
 @dataclass
+class _Mailbox:
+    """Pinned slots a host job writes its tensors into, then raises `flag` to the job's number."""
+
+    slots: tuple[torch.Tensor, ...]
+    flag: torch.Tensor  # pinned int32 [1]
+    jobs: int = 0  # jobs posted here so far: the number the next one raises the flag to
+    emptied: object = None  # event after the GPU's copy out of the slots
+
+
+@dataclass
+class HostJob:
+    """A queued host job; with a mailbox, its tensors come back through it (see `Pipeline.host_result`)."""
+
+    future: Future
+    mailbox: _Mailbox | None = None
+    number: int = 0
+
+
+@dataclass
 class _Buffer:
     data: torch.Tensor
     released: object = None  # event recorded on the compute stream when the last reader finished
@@ -102,6 +125,8 @@ class Pipeline:
         self.cuda = self.device.type == "cuda"
         self.counters = TransferCounters()
         self._clock: _WorkClock | None = None
+        self._mailboxes: dict[tuple, list[_Mailbox]] = {}
+        self._posting: deque[Future] = deque()  # jobs posting to a mailbox, checked for errors in order
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.offload_stream = torch.cuda.Stream(self.device)
@@ -170,31 +195,50 @@ class Pipeline:
         event.record(torch.cuda.current_stream(self.device))
         return Fence(event)
 
-    def run_on_host(self, ready: Fence, fn, *args, work_bytes: int = 0) -> Future:
-        """Run `fn(*args)` on the host worker once `ready` (a fence or several) has landed; returns its
-        future. `work_bytes`: the KV it reads, for `take_work_times`."""
+    def run_on_host(self, ready: Fence, fn, *args, work_bytes: int = 0, returns=None) -> HostJob:
+        """Run `fn(*args)` on the host worker once `ready` (a fence or several) has landed; returns the
+        job. `work_bytes`: the KV it reads, for `take_work_times`. `returns`: the (shape, dtype) of each
+        tensor `fn` returns, when known: on CUDA they then come back through a pinned mailbox, and
+        `host_result` does not block the calling thread."""
         if not hasattr(self, "_worker"):
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetero-host")
 
         fences = ready if isinstance(ready, (list, tuple)) else [ready]
         clock = self._clock
+        mailbox = self._take_mailbox(returns) if returns is not None and self.cuda else None
+        number = 0
+        if mailbox is not None:
+            mailbox.jobs += 1
+            number = mailbox.jobs
 
         def job():
-            for fence in fences:
-                fence.synchronize()
-            if clock is None:
-                return fn(*args)
-            started = time.perf_counter()
-            result = fn(*args)
-            with clock.lock:
-                clock.host.append((work_bytes, time.perf_counter() - started))
-            return result
+            try:
+                for fence in fences:
+                    fence.synchronize()
+                started = time.perf_counter()
+                result = fn(*args)
+                if clock is not None:
+                    with clock.lock:
+                        clock.host.append((work_bytes, time.perf_counter() - started))
+                if mailbox is not None:
+                    for slot, t in zip(mailbox.slots, result, strict=True):
+                        slot.copy_(t)
+                return result
+            finally:
+                if mailbox is not None:
+                    # Raised even when `fn` failed, so that the GPU never waits forever; the error
+                    # surfaces from `host_result` or `check_host_jobs`.
+                    mailbox.flag[0] = number
 
-        return self._worker.submit(job)
+        future = self._worker.submit(job)
+        return HostJob(future, mailbox, number)
 
-    def host_result(self, job: Future) -> tuple[torch.Tensor, ...]:
-        """Wait for a host job and bring its tensors to the device."""
-        results = job.result()
+    def host_result(self, job: HostJob) -> tuple[torch.Tensor, ...]:
+        """The job's tensors on the device. With a mailbox, the compute stream waits for them on the
+        GPU and the calling thread goes on at once; otherwise it waits for the job and copies them."""
+        if job.mailbox is not None:
+            return self._collect(job)
+        results = job.future.result()
         if not self.cuda:
             return results
         moved = []
@@ -203,10 +247,42 @@ class Pipeline:
             moved.append(t.pin_memory().to(self.device, non_blocking=True))
         return tuple(moved)
 
+    def check_host_jobs(self) -> None:
+        """Raise the error of the first finished host job that failed while posting to a mailbox."""
+        while self._posting and self._posting[0].done():
+            self._posting.popleft().result()
+
+    def _collect(self, job: HostJob) -> tuple[torch.Tensor, ...]:
+        self.check_host_jobs()
+        mailbox = job.mailbox
+        wait_for_flag(mailbox.flag, job.number)
+        moved = []
+        for slot in mailbox.slots:
+            self.counters.to_gpu += slot.numel() * slot.element_size()
+            moved.append(slot.to(self.device, non_blocking=True))
+        mailbox.emptied = torch.cuda.Event()
+        mailbox.emptied.record(torch.cuda.current_stream(self.device))
+        self._posting.append(job.future)
+        return tuple(moved)
+
+    def _take_mailbox(self, returns) -> _Mailbox:
+        """A mailbox for tensors of these (shape, dtype): one the GPU has emptied, or a new one."""
+        key = tuple((tuple(shape), dtype) for shape, dtype in returns)
+        boxes = self._mailboxes.setdefault(key, [])
+        for box in boxes:
+            if box.emptied is not None and box.emptied.query():
+                box.emptied = None  # taken: not free again until the GPU has copied this job's tensors
+                return box
+        slots = tuple(torch.empty(shape, dtype=dtype, pin_memory=True) for shape, dtype in key)
+        box = _Mailbox(slots, torch.zeros(1, dtype=torch.int32, pin_memory=True))
+        boxes.append(box)
+        return box
+
     def close(self) -> None:
         for name in ("_worker", "_spiller"):
             if hasattr(self, name):
                 getattr(self, name).shutdown(wait=True)
+        self.check_host_jobs()
 
     def wait(self, fence: Fence | None) -> None:
         """Make the compute stream wait for `fence`."""
@@ -222,6 +298,7 @@ class Pipeline:
         if hasattr(self, "_worker"):
             self._worker.submit(lambda: None).result()  # one worker, in order: every earlier job is done
         self.synchronize()
+        self.check_host_jobs()
 
     def time_work(self, on: bool = True) -> None:
         """Start (or stop) timing the fetch ring's copies and the host jobs, for `take_work_times`."""

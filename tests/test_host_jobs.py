@@ -1,0 +1,65 @@
+"""Host jobs whose tensors come back to the GPU: the result, the errors, and on CUDA a host thread that
+goes on while the compute stream waits on the GPU for the job's flag."""
+
+import threading
+
+import pytest
+import torch
+
+from hetero.gpu_kernels.host_flag import wait_for_flag
+from hetero.pipeline import Pipeline
+
+CUDA = torch.cuda.is_available()
+
+
+def test_a_raised_flag_lets_the_stream_through():
+    flag = torch.tensor([5], dtype=torch.int32)
+    wait_for_flag(flag, 3)
+    wait_for_flag(flag, 5)
+
+
+def test_a_flag_that_is_no_single_int32_is_refused():
+    with pytest.raises(ValueError, match="one int32"):
+        wait_for_flag(torch.zeros(2, dtype=torch.int32), 1)
+    with pytest.raises(ValueError, match="one int32"):
+        wait_for_flag(torch.zeros(1, dtype=torch.int64), 1)
+
+
+def test_a_job_with_known_returns_gives_its_tensors_and_its_errors():
+    pipeline = Pipeline("cuda" if CUDA else "cpu")
+    a, b = torch.randn(2, 3, 1, 5), torch.randn(2, 3, 1)
+    returns = ((a.shape, torch.float32), (b.shape, torch.float32))
+    for _ in range(3):  # a mailbox is reused once the GPU has emptied it
+        job = pipeline.run_on_host(pipeline.fence_here(), lambda: (a, b), returns=returns)
+        out_a, out_b = pipeline.host_result(job)
+        torch.testing.assert_close(out_a.cpu(), a, rtol=0, atol=0)
+        torch.testing.assert_close(out_b.cpu(), b, rtol=0, atol=0)
+
+    def broken():
+        raise ArithmeticError("the CPU part failed")
+
+    job = pipeline.run_on_host(pipeline.fence_here(), broken, returns=returns)
+    with pytest.raises(ArithmeticError, match="CPU part failed"):
+        pipeline.host_result(job)
+        pipeline.synchronize()  # on CUDA the GPU goes past the raised flag; the error shows next
+        pipeline.check_host_jobs()
+    pipeline.close()
+
+
+@pytest.mark.gpu
+def test_the_host_thread_goes_on_while_the_gpu_waits_for_the_job():
+    pipeline = Pipeline("cuda")
+    release = threading.Event()
+    value = torch.randn(4, 8, 1, 128)
+
+    def slow():
+        release.wait(timeout=30)
+        return (value,)
+
+    job = pipeline.run_on_host(pipeline.fence_here(), slow, returns=((value.shape, torch.float32),))
+    (on_gpu,) = pipeline.host_result(job)  # returns at once: the wait is queued on the GPU
+    doubled = on_gpu * 2
+    assert not job.future.done()
+    release.set()
+    torch.testing.assert_close(doubled.cpu(), value * 2, rtol=0, atol=0)
+    pipeline.close()
