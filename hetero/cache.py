@@ -185,6 +185,7 @@ class HeteroCache(Cache):
             self.pipeline.time_work()
         self.layout: KVLayout | None = None
         self._plans: dict[int, tuple[LayerPlan, list]] = {}  # layer -> its next plan and fetch tickets
+        self._steps_decoded = 0
         self._fences: dict[int, object] = {}  # GPU slot -> offload fence of the last block it held
         self._home: HostHome | None = None  # none when the whole cache fits the GPU budget
         self._tables: dict[int, tuple[tuple, torch.Tensor]] = {}  # layer -> (resident blocks, slot table)
@@ -289,6 +290,8 @@ class HeteroCache(Cache):
                 self._attention_shares.append((layer_idx, _mass_share(selected_lse, rest[1])))
         if self._home is not None and self._home.ssd_blocks:
             self._home.read_by(layer_idx, self.pipeline.fence_here())
+        if lq == 1 and layer_idx == len(self._layers) - 1:
+            self._steps_decoded += 1
         out, _ = merger.result()
         return out.to(query.dtype)
 
@@ -379,7 +382,7 @@ class HeteroCache(Cache):
         (selected, count), picked = pick.on_host
         return self.pipeline.run_on_host(
             [picked, ready], attend_host_unselected, q_host, self._home.slab, self._home.tables[layer_idx],
-            lo, hi, selected, count, scale, valid_host, blocks_host, returns=_partial_shapes(query),
+            lo, hi, selected, count, scale, valid_host, blocks_host, returns=self._returns_on_gpu(query),
         )
 
     def _blocks_worth_reading(self, layer_idx, query, lo, hi, scale) -> torch.Tensor:
@@ -400,8 +403,15 @@ class HeteroCache(Cache):
         table = self._home.tables[layer_idx]
         return self.pipeline.run_on_host(
             ready, attend_host_blocks, q_host, self._home.slab, table, first, end, scale, valid_host,
-            work_bytes=(end - first) * self.layout.block_bytes, returns=_partial_shapes(query),
+            work_bytes=(end - first) * self.layout.block_bytes, returns=self._returns_on_gpu(query),
         )
+
+    def _returns_on_gpu(self, query: torch.Tensor) -> tuple | None:
+        """The shapes of a CPU part's result, so that the GPU (not the host thread) waits for it; None
+        in the first decode step, whose host thread waits. That step launches the step's kernels for
+        the first time: CUDA loads a kernel lazily at its first launch, and the load waits for the GPU
+        to idle, which a pending wait for the host would hold off."""
+        return _partial_shapes(query) if self._steps_decoded else None
 
     @staticmethod
     def _positions(start: int, count: int, device) -> torch.Tensor:

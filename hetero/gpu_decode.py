@@ -53,7 +53,7 @@ def warmup(device, query_dtype: torch.dtype, kv_dtype: torch.dtype, q_heads: int
     one or two gathered buffers too; with `host_waits`, the wait for a host job's flag) now, at
     load, rather than in the middle of the first decode steps."""
     if host_waits:
-        wait_for_flag(torch.ones(1, dtype=torch.int32).pin_memory(), 1)
+        wait_for_flag(torch.ones(1, dtype=torch.int32).pin_memory(), 1, torch.zeros(1, dtype=torch.int32).pin_memory())
     pool = torch.randn(3, 2, 1, kv_heads, block_size, head_dim, device=device).to(kv_dtype)
     # The query as transformers hands it over: a [B, 1, Hq, D] projection viewed as [B, Hq, 1, D].
     query = torch.randn(1, 1, q_heads, head_dim, device=device).to(query_dtype).transpose(1, 2)

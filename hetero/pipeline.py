@@ -127,6 +127,7 @@ class Pipeline:
         self._clock: _WorkClock | None = None
         self._mailboxes: dict[tuple, list[_Mailbox]] = {}
         self._posting: deque[Future] = deque()  # jobs posting to a mailbox, checked for errors in order
+        self._gave_up: torch.Tensor | None = None  # pinned int32 the GPU sets if a wait for a mailbox timed out
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.offload_stream = torch.cuda.Stream(self.device)
@@ -248,14 +249,23 @@ class Pipeline:
         return tuple(moved)
 
     def check_host_jobs(self) -> None:
-        """Raise the error of the first finished host job that failed while posting to a mailbox."""
+        """Raise the error of the first finished host job that failed while posting to a mailbox, or
+        of a GPU wait for one that gave up."""
         while self._posting and self._posting[0].done():
             self._posting.popleft().result()
+        if self._gave_up is not None and int(self._gave_up[0]):
+            raise RuntimeError(
+                "the GPU gave up waiting for a host job's result, so the attention it fed is wrong; the "
+                "host thread was blocked on the GPU meanwhile (e.g. by CUDA's lazy loading of a kernel first "
+                "launched while the wait was pending): set CUDA_MODULE_LOADING=EAGER before CUDA starts"
+            )
 
     def _collect(self, job: HostJob) -> tuple[torch.Tensor, ...]:
         self.check_host_jobs()
         mailbox = job.mailbox
-        wait_for_flag(mailbox.flag, job.number)
+        if self._gave_up is None:
+            self._gave_up = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        wait_for_flag(mailbox.flag, job.number, self._gave_up)
         moved = []
         for slot in mailbox.slots:
             self.counters.to_gpu += slot.numel() * slot.element_size()

@@ -12,17 +12,33 @@ from hetero.pipeline import Pipeline
 CUDA = torch.cuda.is_available()
 
 
+def _int32(value: int) -> torch.Tensor:
+    t = torch.tensor([value], dtype=torch.int32)
+    return t.pin_memory() if CUDA else t
+
+
 def test_a_raised_flag_lets_the_stream_through():
-    flag = torch.tensor([5], dtype=torch.int32)
-    wait_for_flag(flag, 3)
-    wait_for_flag(flag, 5)
+    flag, gave_up = _int32(5), _int32(0)
+    wait_for_flag(flag, 3, gave_up)
+    wait_for_flag(flag, 5, gave_up)
+    if CUDA:
+        torch.cuda.synchronize()
+    assert int(gave_up[0]) == 0
+
+
+def test_a_wait_that_outlasts_its_polls_goes_on_and_says_so():
+    flag, gave_up = _int32(2), _int32(0)
+    wait_for_flag(flag, 3, gave_up, max_polls=100)
+    if CUDA:
+        torch.cuda.synchronize()
+    assert int(gave_up[0]) == 1
 
 
 def test_a_flag_that_is_no_single_int32_is_refused():
-    with pytest.raises(ValueError, match="one int32"):
-        wait_for_flag(torch.zeros(2, dtype=torch.int32), 1)
-    with pytest.raises(ValueError, match="one int32"):
-        wait_for_flag(torch.zeros(1, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="flag must be one int32"):
+        wait_for_flag(torch.zeros(2, dtype=torch.int32), 1, _int32(0))
+    with pytest.raises(ValueError, match="gave_up must be one int32"):
+        wait_for_flag(_int32(1), 1, torch.zeros(1, dtype=torch.int64))
 
 
 def test_a_job_with_known_returns_gives_its_tensors_and_its_errors():
@@ -51,6 +67,7 @@ def test_the_host_thread_goes_on_while_the_gpu_waits_for_the_job():
     pipeline = Pipeline("cuda")
     release = threading.Event()
     value = torch.randn(4, 8, 1, 128)
+    (value.cuda() * 2).cpu()  # load the multiply's kernel now: loading it later would wait for the GPU
 
     def slow():
         release.wait(timeout=30)
