@@ -16,6 +16,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .gpu_kernels.host_flag import wait_for_flag
@@ -65,18 +66,35 @@ class _WorkClock:
 
 
 class Fence:
-    """Marks the end of an asynchronous transfer; `Pipeline.wait` orders compute after it."""
+    """Marks the end of an asynchronous transfer; `Pipeline.wait` orders compute after it.
 
-    __slots__ = ("event",)
+    A fence from `to_host` also carries a number the stream writes into pinned memory (`landed`)
+    once the copies before it are done: a host thread waits on it without a CUDA call. (A call
+    such as an event's synchronize can queue behind another thread's call that waits for the GPU
+    to idle, while the GPU waits for this thread: see `Pipeline.host_result`.)
+    """
 
-    def __init__(self, event):
+    __slots__ = ("event", "landed", "number")
+
+    def __init__(self, event, landed: np.ndarray | None = None, number: int = 0):
         self.event = event
+        self.landed = landed
+        self.number = number
 
     def done(self) -> bool:
+        if self.landed is not None:
+            return int(self.landed[0]) >= self.number
         return self.event is None or self.event.query()
 
     def synchronize(self) -> None:
         """Block the calling thread until the transfer has landed."""
+        if self.landed is not None:
+            polls = 0
+            while int(self.landed[0]) < self.number:
+                polls += 1
+                if polls > 1000:
+                    time.sleep(20e-6)  # after a short spin, let other threads run
+            return
         if self.event is not None:
             self.event.synchronize()
 
@@ -128,6 +146,7 @@ class Pipeline:
         self._mailboxes: dict[tuple, list[_Mailbox]] = {}
         self._posting: deque[Future] = deque()  # jobs posting to a mailbox, checked for errors in order
         self._gave_up: torch.Tensor | None = None  # pinned int32 the GPU sets if a wait for a mailbox timed out
+        self._landed: torch.Tensor | None = None  # pinned int64: the number of the last `to_host` fence landed
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.offload_stream = torch.cuda.Stream(self.device)
@@ -160,7 +179,25 @@ class Pipeline:
             hosts.append(host)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
-        return tuple(hosts), Fence(event)
+        return tuple(hosts), self._landed_fence(event)
+
+    _NUMBERS = 1 << 16
+
+    def _landed_fence(self, event) -> Fence:
+        """A fence whose number the current stream copies into pinned memory after the work so far,
+        from a device tensor of rising numbers (a copy, no kernel), which moves up by its length
+        each time it is used up."""
+        if self._landed is None:
+            self._numbers = torch.arange(1, self._NUMBERS + 1, dtype=torch.int64, device=self.device)
+            self._landed = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+            self._landed_view = self._landed.numpy()
+            self._fences = 0
+        i = self._fences % self._NUMBERS
+        if i == 0 and self._fences:
+            self._numbers += self._NUMBERS  # on the stream, after every copy of the last round
+        self._fences += 1
+        self._landed.copy_(self._numbers[i : i + 1], non_blocking=True)
+        return Fence(event, self._landed_view, self._fences)
 
     def gather(self, kernel, *args) -> Fence:
         """Run `kernel(*args)`, a gather that reads pinned host memory over PCIe, on the copy stream

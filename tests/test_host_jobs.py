@@ -80,3 +80,16 @@ def test_the_host_thread_goes_on_while_the_gpu_waits_for_the_job():
     release.set()
     torch.testing.assert_close(doubled.cpu(), value * 2, rtol=0, atol=0)
     pipeline.close()
+
+
+@pytest.mark.gpu
+def test_a_host_thread_waits_for_copies_to_the_host_without_a_cuda_call(monkeypatch):
+    monkeypatch.setattr(Pipeline, "_NUMBERS", 3)  # the numbers wrap around twice
+    pipeline = Pipeline("cuda")
+    for i in range(7):
+        value = torch.randn(5, 7, device="cuda") + i
+        (host,), fence = pipeline.to_host(value)
+        fence.synchronize()
+        assert fence.done() and fence.number == i + 1
+        torch.testing.assert_close(host, value.cpu(), rtol=0, atol=0)
+    pipeline.close()
