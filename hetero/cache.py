@@ -407,11 +407,14 @@ class HeteroCache(Cache):
         )
 
     def _returns_on_gpu(self, query: torch.Tensor) -> tuple | None:
-        """The shapes of a CPU part's result, so that the GPU (not the host thread) waits for it; None
-        in the first decode step, whose host thread waits. That step launches the step's kernels for
-        the first time: CUDA loads a kernel lazily at its first launch, and the load waits for the GPU
-        to idle, which a pending wait for the host would hold off."""
-        return _partial_shapes(query) if self._steps_decoded else None
+        """With cpu_part_wait "gpu", the shapes of a CPU part's result, so that the GPU (not the host
+        thread) waits for it; None otherwise, and in the first decode step, whose host thread waits.
+        That step launches the step's kernels for the first time: CUDA loads a kernel lazily at its
+        first launch, and the load waits for the GPU to idle, which a pending wait for the host would
+        hold off."""
+        if self.config.cpu_part_wait != "gpu" or not self._steps_decoded:
+            return None
+        return _partial_shapes(query)
 
     @staticmethod
     def _positions(start: int, count: int, device) -> torch.Tensor:

@@ -25,6 +25,7 @@ MODES = ("stream", "split", "speculative")
 IMPLEMENTED_MODES = {"stream", "split", "speculative"}  # enabling a mode is one line here
 CPU_REMAINDERS = ("none", "bounded", "all")
 SSD_MISSES = ("wait", "skip")
+CPU_PART_WAITS = ("host", "gpu")
 KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
 AUTO_GPU_SHARE = 0.5  # of the GPU memory free once the weights are loaded
 AUTO_CPU_SHARE = 0.8  # of the host memory available
@@ -75,6 +76,9 @@ _DOCS = {
     "ssd_miss": "speculative mode with an SSD tier: wait (read every SSD block of a layer before it attends) | skip "
                 "(read ahead only the SSD blocks the layer selected at the step before; tokens of SSD blocks not "
                 "in host memory when selected are left out, counted in the stats; needs cpu_remainder none)",
+    "cpu_part_wait": "split, and cpu_remainder bounded/all: what waits for the CPU's part of a layer: host (the host "
+                     "thread, before it queues the next layer) | gpu (experimental: the compute stream waits on a flag "
+                     "in pinned memory and the host thread runs ahead; faster, but it stalled in the benchmark harness)",
     "ssd_rebalance_steps": "speculative mode with an SSD tier: every this many decode steps, the blocks selected most "
                            "that sit on the SSD trade places with the least selected in host memory (0: never)",
 }
@@ -109,6 +113,7 @@ class OffloadConfig:
     speculation_debug: bool = False
     ssd_miss: str = "wait"
     ssd_rebalance_steps: int = 16
+    cpu_part_wait: str = "host"
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -148,6 +153,7 @@ class OffloadConfig:
         if not _is_number(self.verify_share) or not 0 <= self.verify_share < 1:
             raise ConfigError("verify_share", f"verify_share: got {_shown(self.verify_share)}, expected a number in [0, 1)")
         _choice("ssd_miss", self.ssd_miss, SSD_MISSES)
+        _choice("cpu_part_wait", self.cpu_part_wait, CPU_PART_WAITS)
         if self.ssd_miss == "skip" and self.cpu_attends_remainder:
             raise ConfigError("ssd_miss", f'ssd_miss: "skip" leaves tokens out, which cpu_remainder '
                                           f'"{self.cpu_remainder}" (or speculation_debug) attends over; use '
