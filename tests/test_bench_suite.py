@@ -172,6 +172,18 @@ def test_the_decode_profiler_records_decode_steps_only(tmp_path):
     assert "fetched" in result["summary"]  # the KV left the GPU: speculation ran
 
 
+def test_step_times_runs_each_variant_on_one_prompt(tmp_path):
+    import step_times
+
+    out = tmp_path / "steps.json"
+    assert step_times.main(["--tiny", "--steps", "4", "--variants", "stream", "split:cpu_part_wait=gpu,split_ratio=0.5",
+                            "--hang-s", "300", "--sync-each-token", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    split = result["variants"]["split:cpu_part_wait=gpu,split_ratio=0.5"]
+    assert split["config"]["cpu_part_wait"] == "gpu" and split["config"]["split_ratio"] == 0.5
+    assert all(len(v["step_ms"]) == 2 and v["median_step_ms"] > 0 for v in result["variants"].values())
+
+
 def test_isolated_systems_run_in_processes_of_their_own_and_land_in_one_call(tmp_path, monkeypatch, capsys):
     from suite import main as suite_main
 

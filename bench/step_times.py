@@ -1,0 +1,108 @@
+"""Decode step times of several offload configs on one model and prompt, side by side, beside the
+PCIe bound of each step's measured traffic.
+
+    python bench/step_times.py --context 131072 --gpu-kv-bytes 4GiB \
+        --variants stream split split:cpu_part_wait=gpu --out steps.json
+    python bench/step_times.py --tiny --variants stream split     # a CPU check of the script
+
+An 8B-class Llama (random bf16 weights; `--tiny`: a small one on the CPU) prefills `--context`
+tokens once per variant, then decodes `--steps` tokens; each variant is a mode with optional
+`key=value` overrides. `--sync-each-token` synchronizes the device at each token as `hetero
+bench` does. `--hang-s` dumps every thread's stack and exits if a variant has not
+finished within that many seconds (a stalled pipeline shows where each thread waits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import hetero
+
+sys.path.insert(0, os.path.dirname(__file__))
+from suite.ceilings import pinned_h2d_bytes_per_s  # noqa: E402
+from suite.measure import TokenClock  # noqa: E402
+from suite.model import build_random_model, llama_8b_config, random_prompt, tiny_llama_config  # noqa: E402
+
+TINY = {"block_size": 16, "sink_tokens": 16, "window_tokens": 32, "prefill_chunk_tokens": 64}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """"split:cpu_part_wait=gpu,split_ratio=0.5" -> ("split:...", {"mode": "split", ...}); numbers parsed."""
+    mode, _, rest = text.partition(":")
+    config = {"mode": mode}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"variant {text!r}: expected key=value after the mode, got {item!r}")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    return text, config
+
+
+def run_variant(model, ids, config: dict, steps: int, sync_each_token: bool = False) -> dict:
+    hetero.prepare(model, config)
+    # As `hetero bench` times tokens: a streamer that synchronizes the device at each one.
+    extra = {"streamer": TokenClock(device=ids.device)} if sync_each_token else {}
+    stamps = []
+    model.hetero.progress = lambda tokens: stamps.append((tokens, time.perf_counter()))
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                       do_sample=False, **extra)
+    model.hetero.progress = None
+    stats = model.hetero.last_stats
+    decode = [t for tokens, t in stamps if tokens > ids.shape[1]]
+    step_ms = [1e3 * (b - a) for a, b in zip(decode, decode[1:])]
+    return {"config": config, "step_ms": step_ms, "summary": stats.summary(),
+            "pcie_bytes_per_step": stats.bytes_to_gpu / max(1, stats.new_tokens)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--gpu-kv-bytes", default="1GiB")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--variants", nargs="+", default=["stream", "split"])
+    parser.add_argument("--hang-s", type=float, default=0, help="dump stacks and exit after this long per variant")
+    parser.add_argument("--sync-each-token", action="store_true", help="synchronize the device at each token, as the suite does")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    model = build_random_model(tiny_llama_config() if args.tiny else llama_8b_config(), device)
+    context = 256 if args.tiny else args.context
+    ids = random_prompt(model.config.vocab_size, 1, context, device)
+    pcie = pinned_h2d_bytes_per_s() if device.type == "cuda" else None
+    results = {"context": context, "device": str(device), "pcie_h2d_gbs": pcie and pcie / 1e9, "variants": {}}
+    print(f"{context} tokens x 1 on {device}" + (f"; PCIe host-to-GPU {pcie / 1e9:.1f} GB/s" if pcie else ""))
+    print(f"{'variant':40s} {'median ms/step':>14s} {'PCIe bound ms':>13s}  steps ms")
+    for name, config in map(parse_variant, args.variants):
+        base = {**(TINY if args.tiny else {}), "gpu_kv_bytes": "256KiB" if args.tiny else args.gpu_kv_bytes}
+        if args.hang_s:
+            faulthandler.dump_traceback_later(args.hang_s, exit=True)
+        row = run_variant(model, ids, {**base, **config}, args.steps, args.sync_each_token)
+        faulthandler.cancel_dump_traceback_later()
+        # The first step loads kernels and fills the pipeline: the median of the rest.
+        median = statistics.median(row["step_ms"][1:] or row["step_ms"])
+        bound = 1e3 * row["pcie_bytes_per_step"] / pcie if pcie else None
+        row["median_step_ms"], row["pcie_bound_ms"] = median, bound
+        results["variants"][name] = row
+        print(f"{name:40s} {median:14.1f} {bound or float('nan'):13.1f}  {[round(s, 1) for s in row['step_ms']]}",
+              flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
