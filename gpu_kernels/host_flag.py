@@ -15,8 +15,9 @@ import triton.language as tl
 from ._dispatch import INTERPRET
 
 
-# About ten seconds of polls over PCIe: far beyond any one layer's CPU job.
-MAX_POLLS = 1 << 24
+# One to ten seconds of polls over PCIe (a poll waits behind the copies in flight): far beyond
+# any one layer's CPU job.
+MAX_POLLS = 1 << 21
 
 
 # The target grows by one per job: specializing on its value would compile a variant per value class.
