@@ -15,7 +15,9 @@ Writes fidelity.json, fidelity.md and fidelity.png under --out.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -396,7 +398,8 @@ def main() -> None:
     parser.add_argument("--probes", type=int, help="override the plan's probes per kind")
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
-    results = {}
+    results = {"command": "python3 bench/fidelity/evaluate.py " + " ".join(sys.argv[1:]),
+               "date": datetime.datetime.now().isoformat(timespec="seconds")}
     if args.train_log:
         with open(args.train_log) as f:
             train = json.load(f)

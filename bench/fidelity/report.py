@@ -62,6 +62,8 @@ def markdown(results: dict) -> str:
         "included) and over the middle only (the fetched tokens' share of the middle's attention). Device "
         f"{results['device_name']}, {results['dtype']}.",
         "",
+        f"Produced by `{results.get('command', '?')}` on {results.get('date', '?')}.",
+        "",
         "| setting | budget | fetched tokens | measured fetch | passkey | kv | copy | mean accuracy | text loss "
         "| recall (answers) | middle recall (answers) | recall (text) | middle recall (text) | s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
