@@ -186,6 +186,8 @@ class HeteroCache(Cache):
         self.layout: KVLayout | None = None
         self._plans: dict[int, tuple[LayerPlan, list]] = {}  # layer -> its next plan and fetch tickets
         self._steps_decoded = 0
+        # The GPU waits for the CPU's parts: their host jobs then wait for their inputs without a CUDA call.
+        self._gpu_waits = config.cpu_part_wait == "gpu"
         self._fences: dict[int, object] = {}  # GPU slot -> offload fence of the last block it held
         self._home: HostHome | None = None  # none when the whole cache fits the GPU budget
         self._tables: dict[int, tuple[tuple, torch.Tensor]] = {}  # layer -> (resident blocks, slot table)
@@ -378,7 +380,8 @@ class HeteroCache(Cache):
         else:
             self._bytes_read_by_cpu += (hi - lo) * self.layout.block_bytes // self.config.block_size
         valid_from = None if key_valid is None else (~key_valid[:, :past]).sum(-1)
-        (q_host, valid_host, blocks_host), ready = self.pipeline.to_host(query, valid_from, blocks)
+        (q_host, valid_host, blocks_host), ready = self.pipeline.to_host(query, valid_from, blocks,
+                                                                         numbered=self._gpu_waits)
         (selected, count), picked = pick.on_host
         return self.pipeline.run_on_host(
             [picked, ready], attend_host_unselected, q_host, self._home.slab, self._home.tables[layer_idx],
@@ -399,7 +402,7 @@ class HeteroCache(Cache):
         first, end = blocks
         self._bytes_read_by_cpu += (end - first) * self.layout.block_bytes
         valid_from = None if key_valid is None else (~key_valid[:, :past]).sum(-1)
-        (q_host, valid_host), ready = self.pipeline.to_host(query, valid_from)
+        (q_host, valid_host), ready = self.pipeline.to_host(query, valid_from, numbered=self._gpu_waits)
         table = self._home.tables[layer_idx]
         return self.pipeline.run_on_host(
             ready, attend_host_blocks, q_host, self._home.slab, table, first, end, scale, valid_host,
@@ -412,7 +415,7 @@ class HeteroCache(Cache):
         That step launches the step's kernels for the first time: CUDA loads a kernel lazily at its
         first launch, and the load waits for the GPU to idle, which a pending wait for the host would
         hold off."""
-        if self.config.cpu_part_wait != "gpu" or not self._steps_decoded:
+        if not self._gpu_waits or not self._steps_decoded:
             return None
         return _partial_shapes(query)
 
@@ -652,7 +655,7 @@ class HeteroCache(Cache):
             fetched = count
         self._counts[layer_idx] = _tally(self._counts.get(layer_idx, []), fetched)
         self._context_tokens[layer_idx] = self._context_tokens.get(layer_idx, 0) + plan.length * count.numel()
-        on_host = self.pipeline.to_host(selected, count) if exact else None
+        on_host = self.pipeline.to_host(selected, count, numbered=self._gpu_waits) if exact else None
         if self._debugging:
             self._note_reuse(layer_idx, selected, count, lo, hi)
         return Pick(buffer, count, ready, (lo, hi), on_host, selected, left_out)

@@ -68,7 +68,7 @@ class _WorkClock:
 class Fence:
     """Marks the end of an asynchronous transfer; `Pipeline.wait` orders compute after it.
 
-    A fence from `to_host` also carries a number the stream writes into pinned memory (`landed`)
+    A fence from `to_host(..., numbered=True)` also carries a number the stream writes into pinned memory (`landed`)
     once the copies before it are done: a host thread waits on it without a CUDA call. (A call
     such as an event's synchronize can queue behind another thread's call that waits for the GPU
     to idle, while the GPU waits for this thread: see `Pipeline.host_result`.)
@@ -164,8 +164,10 @@ class Pipeline:
             event.record(self.offload_stream)
         return Fence(event)
 
-    def to_host(self, *tensors: torch.Tensor | None) -> tuple[tuple, Fence]:
-        """Copy small GPU tensors (a query, a mask) to pinned host memory after the compute so far."""
+    def to_host(self, *tensors: torch.Tensor | None, numbered: bool = False) -> tuple[tuple, Fence]:
+        """Copy small GPU tensors (a query, a mask) to pinned host memory after the compute so far.
+        `numbered`: the fence also carries a number the stream writes to pinned memory once they
+        land, so that a host thread waits for them without a CUDA call (see `Fence`)."""
         if not self.cuda:
             return tensors, Fence(None)
         hosts = []
@@ -179,7 +181,7 @@ class Pipeline:
             hosts.append(host)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
-        return tuple(hosts), self._landed_fence(event)
+        return tuple(hosts), self._landed_fence(event) if numbered else Fence(event)
 
     _NUMBERS = 1 << 16
 

@@ -88,7 +88,7 @@ def test_a_host_thread_waits_for_copies_to_the_host_without_a_cuda_call(monkeypa
     pipeline = Pipeline("cuda")
     for i in range(7):
         value = torch.randn(5, 7, device="cuda") + i
-        (host,), fence = pipeline.to_host(value)
+        (host,), fence = pipeline.to_host(value, numbered=True)
         fence.synchronize()
         assert fence.done() and fence.number == i + 1
         torch.testing.assert_close(host, value.cpu(), rtol=0, atol=0)
