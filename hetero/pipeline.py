@@ -68,10 +68,10 @@ class _WorkClock:
 class Fence:
     """Marks the end of an asynchronous transfer; `Pipeline.wait` orders compute after it.
 
-    A fence from `to_host(..., numbered=True)` also carries a number the stream writes into pinned memory (`landed`)
-    once the copies before it are done: a host thread waits on it without a CUDA call. (A call
-    such as an event's synchronize can queue behind another thread's call that waits for the GPU
-    to idle, while the GPU waits for this thread: see `Pipeline.host_result`.)
+    A fence from `to_host(..., numbered=True)` also carries a number the stream writes into pinned
+    memory (`landed`) once the copies before it are done: a host thread waits on it without a CUDA
+    call. (A call such as an event's synchronize can queue behind another thread's call that waits
+    for the GPU to idle, while the GPU waits for this thread: see `Pipeline.host_result`.)
     """
 
     __slots__ = ("event", "landed", "number")
