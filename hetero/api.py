@@ -144,9 +144,10 @@ def _ready_gpu_kernels(config: OffloadConfig, model: PreTrainedModel) -> None:
 
     c = model.config
     head_dim, kv_dtype = _kv_head_dim_and_dtype(config, model)
+    cpu_part = config.mode == "split" or config.cpu_remainder != "none"
     gpu_decode.warmup(model.device, model.dtype, kv_dtype, c.num_attention_heads, c.num_key_value_heads, head_dim,
                       config.block_size, gathers=config.mode == "speculative",
-                      host_waits=config.cpu_part_wait == "gpu" and (config.mode == "split" or config.cpu_remainder != "none"))
+                      host_waits=cpu_part and config.cpu_part_wait == "gpu")
 
 
 class Runtime:
