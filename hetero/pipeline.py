@@ -2,9 +2,9 @@
 
 Two side streams: `copy` brings host blocks to the GPU ahead of the layer that needs them, through a
 ring of fetch buffers; `offload` writes completed blocks from the GPU to their host home. The
-compute stream is whatever stream the model runs on. A host job that returns tensors to the GPU
-posts them to pinned memory and raises a flag there; the compute stream waits for the flag on the
-GPU, so the host thread queues the layers after it instead of blocking. On a CPU device every
+compute stream is whatever stream the model runs on. A host job told the shapes of the tensors it
+returns posts them to pinned memory and raises a flag there; the compute stream waits for the flag
+on the GPU, so the host thread queues the layers after it instead of blocking. On a CPU device every
 operation runs at once, in order, so the same callers work unchanged and are testable without a GPU.
 """
 
