@@ -217,3 +217,11 @@ def test_the_table_names_rows_kept_from_an_earlier_call():
                        for s, extra in (("hetero-stream", {"from_earlier_call": "yesterday"}), ("hetero-split", {}))]}
     table = "\n".join(report.workload_table(result))
     assert "| hetero-stream (from the call of yesterday) | 8 x 1 |" in table and "| hetero-split | 8 x 1 |" in table
+
+
+@pytest.mark.gpu
+def test_pcie_and_the_cpu_are_measured_side_by_side():
+    from suite.ceilings import pcie_and_cpu_at_once
+
+    pcie, cpu = pcie_and_cpu_at_once(64 * 2**20, seconds=0.2, copy_bytes=2**26)
+    assert 1e9 < pcie < 1e12 and 1e8 < cpu < 1e12
