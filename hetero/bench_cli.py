@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser, workload_required: bool = Tru
     parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rebuild summary.md and the plots from the JSON under --out")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an offload config key for every hetero system, e.g. --set cpu_part_wait=gpu (repeatable)")
+    parser.add_argument("--system-timeout", type=float, metavar="SECONDS",
+                        help="run each system in a process of its own and stop it after this long, its threads' "
+                             "stacks printed shortly before; the row reads 'timeout' and the next system runs")
     parser.add_argument("--same-process", action="store_true",
                         help="run every system in this process (default on CUDA: each in a process of its own, "
                              "so that none meets the memory another left cached)")
@@ -49,15 +54,39 @@ def run(args, workloads: list[str] | None = None, program: str = "hetero bench")
         sys.path.insert(0, str(BENCH_DIR))
     from suite.main import run_suite
 
+    overrides = parse_overrides(args.set)
+    if args.system_timeout is not None and args.same_process and args.run_date is None:
+        raise SystemExit("--system-timeout needs each system in a process of its own: drop --same-process")
     run_suite(
         workloads or ([args.workload] if args.workload else []),
         scale="tiny" if args.tiny else "quick" if args.quick else "full",
         systems=args.systems.split(",") if args.systems else None,
         out=args.out, device=args.device, attempt_oom=args.attempt_oom, ssd_dir=args.ssd_dir,
         report_only=args.report_only, command=args.record_command or _command_line(program, args, workloads),
-        isolate=False if args.same_process else None, date=args.run_date,
+        isolate=False if args.same_process else True if args.system_timeout is not None else None,
+        date=args.run_date, overrides=overrides, system_timeout=args.system_timeout,
     )
     return 0
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """--set KEY=VALUE items as a config mapping (values read as JSON where they parse: numbers,
+    booleans), checked against the offload config's keys before anything runs."""
+    import json
+
+    import hetero
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set: got {item!r}, expected KEY=VALUE, e.g. cpu_part_wait=gpu")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    hetero.OffloadConfig.from_dict(overrides)  # an unknown key or a bad value stops here, named
+    return overrides
 
 
 def _command_line(program: str, args, workloads: list[str] | None) -> str:
@@ -66,7 +95,10 @@ def _command_line(program: str, args, workloads: list[str] | None) -> str:
     for flag in ("quick", "tiny", "attempt_oom", "report_only", "same_process"):
         if getattr(args, flag):
             words.append("--" + flag.replace("_", "-"))
-    for option in ("systems", "out", "ssd_dir", "device"):
+    for option in ("systems", "out", "ssd_dir", "device", "system_timeout"):
         if getattr(args, option) is not None:
-            words += ["--" + option.replace("_", "-"), str(getattr(args, option))]
+            words += ["--" + option.replace("_", "-"), f"{getattr(args, option):g}" if option == "system_timeout"
+                      else str(getattr(args, option))]
+    for item in args.set:
+        words += ["--set", item]
     return " ".join([program, *map(shlex.quote, words)])

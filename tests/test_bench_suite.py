@@ -209,6 +209,42 @@ def test_isolated_systems_run_in_processes_of_their_own_and_land_in_one_call(tmp
     assert "### fits (tiny)" in (tmp_path / "summary.md").read_text()
 
 
+def test_a_system_past_its_timeout_is_stopped_and_the_overrides_reach_each_process(tmp_path, monkeypatch):
+    from suite import main as suite_main
+
+    ran = []
+    real_run = suite_main.subprocess.run
+
+    def run(command, **kwargs):
+        ran.append((command, kwargs))
+        if "hetero-stream" in command:  # a process that hangs: stopped at its timeout
+            return real_run([sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.5)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(suite_main.subprocess, "run", run)
+    suite_main.run_suite(["fits"], scale="tiny", systems=["stream", "split"], out=tmp_path, device="cpu",
+                         isolate=True, overrides={"split_ratio": 0.5, "cpu_part_wait": "gpu"}, system_timeout=300)
+    assert all(kwargs["timeout"] == 300 for _, kwargs in ran)
+    assert all(c[c.index("--system-timeout") + 1] == "300" for c, _ in ran)
+    assert all({"split_ratio=0.5", "cpu_part_wait=gpu"} <= set(c) for c, _ in ran)
+    rows = {r["system"]: r for r in json.loads((tmp_path / "fits.json").read_text())["rows"]}
+    assert rows["hetero-stream"]["status"] == "timeout" and "--system-timeout" in rows["hetero-stream"]["reason"]
+    assert rows["hetero-split"]["status"] == "ok"
+    assert rows["hetero-split"]["offload_config"]["split_ratio"] == 0.5
+    assert rows["hetero-split"]["offload_config"]["cpu_part_wait"] == "gpu"
+
+
+def test_bench_set_names_a_bad_key_before_anything_runs():
+    from hetero.bench_cli import parse_overrides
+
+    assert parse_overrides(["split_ratio=0.5", "cpu_part_wait=gpu", "reuse_rows=true"]) == {
+        "split_ratio": 0.5, "cpu_part_wait": "gpu", "reuse_rows": True}
+    with pytest.raises(Exception, match="cpu_part_wai.*did you mean 'cpu_part_wait'"):
+        parse_overrides(["cpu_part_wai=gpu"])
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        parse_overrides(["cpu_part_wait"])
+
+
 def test_the_table_names_rows_kept_from_an_earlier_call():
     result = {"workload": "fits", "scale": "full", "description": "d", "date": "now", "command": "c",
               "machine": {"device": "cpu", "cpu_cores": 2, "ram_gib": 24.0},

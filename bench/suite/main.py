@@ -3,6 +3,7 @@ workload's JSON in the output directory (so that results of separate calls come 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import subprocess
 import sys
@@ -26,12 +27,14 @@ def default_out(scale: str) -> Path:
 def run_suite(workloads: list[str], *, scale: str = "full", systems: list[str] | None = None, out: Path | None = None,
               device: str | None = None, attempt_oom: bool = False, ssd_dir: str | None = None,
               report_only: bool = False, command: str = "", isolate: bool | None = None,
-              date: str | None = None) -> list[Path]:
+              date: str | None = None, overrides: dict | None = None, system_timeout: float | None = None) -> list[Path]:
     """Returns the files written: one JSON per workload run, summary.md and the PNGs.
 
     `isolate` runs each system in a Python process of its own (None: on CUDA), so that none meets
     the memory another left cached (pinned host pools, the GPU allocator's blocks) or inherits its
     peak host memory. `date` joins this call's rows to a parent call's (set for those processes).
+    `overrides`: offload config keys for every hetero system. `system_timeout`: seconds after which
+    an isolated system's process is stopped (its stacks printed shortly before) and recorded as such.
     """
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
@@ -45,11 +48,14 @@ def run_suite(workloads: list[str], *, scale: str = "full", systems: list[str] |
     for name in [] if report_only else workloads:
         if isolate:
             _run_isolated(name, chosen, out, scale=scale, device=device, attempt_oom=attempt_oom, ssd_dir=ssd_dir,
-                          command=command)
+                          command=command, overrides=overrides or {}, timeout=system_timeout)
             written.append(out / f"{name}.json")
             continue
+        if system_timeout is not None:  # in the process the parent stops: its stacks shortly before
+            faulthandler.dump_traceback_later(max(1.0, system_timeout - 10), exit=False)
         result = run_workload(scaled(WORKLOADS[name], scale), chosen, dev, attempt_oom=attempt_oom,
-                              ssd_dir=ssd_dir, command=command, save=lambda r: write_result(r, out), date=date)
+                              ssd_dir=ssd_dir, command=command, save=lambda r: write_result(r, out), date=date,
+                              overrides=overrides)
         written.append(out / f"{name}.json")
         print(f"  wrote {written[-1]} ({result['wall_s']:.0f} s)", flush=True)
     if date is not None:
@@ -66,7 +72,7 @@ def run_suite(workloads: list[str], *, scale: str = "full", systems: list[str] |
 
 
 def _run_isolated(workload: str, systems: list[str], out: Path, *, scale: str, device: str | None, attempt_oom: bool,
-                  ssd_dir: str | None, command: str) -> None:
+                  ssd_dir: str | None, command: str, overrides: dict | None = None, timeout: float | None = None) -> None:
     """Each system of `workload` in a fresh `hetero bench` process; their rows land in one JSON."""
     date = now()
     for system in systems:
@@ -76,16 +82,24 @@ def _run_isolated(workload: str, systems: list[str], out: Path, *, scale: str, d
         child += ["--attempt-oom"] if attempt_oom else []
         child += ["--ssd-dir", ssd_dir] if ssd_dir else []
         child += ["--device", device] if device else []
+        for key, value in (overrides or {}).items():
+            child += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+        child += ["--system-timeout", f"{timeout:g}"] if timeout is not None else []
         print(f"  {system}: in a process of its own", flush=True)
-        code = subprocess.run(child).returncode
-        if code != 0:  # a crash (or the kernel's out-of-memory killer) is a result too
+        try:
+            code = subprocess.run(child, timeout=timeout).returncode
+            status, reason = "error", f"its benchmark process exited with code {code}"
+        except subprocess.TimeoutExpired:
+            code, status = None, "timeout"
+            reason = f"stopped after {timeout:g} s (--system-timeout); its threads' stacks are in the log"
+        if code != 0:  # a crash, a time-out (or the kernel's out-of-memory killer) is a result too
             path = out / f"{workload}.json"
             w = scaled(WORKLOADS[workload], scale)
             result = json.loads(path.read_text()) if path.exists() else {
                 "workload": workload, "description": w.description, "context": w.context, "batch": w.batch,
                 "decode_steps": w.decode_steps, "ceilings": {}, "machine": {}, "command": command, "wall_s": 0.0}
             row = {"system": system, "context": w.context, "batch": w.batch, "decode_steps": w.decode_steps,
-                   "status": "error", "reason": f"its benchmark process exited with code {code}"}
+                   "status": status, "reason": reason}
             write_result(dict(result, scale=scale, date=date, rows=[row]), out)
     path = out / f"{workload}.json"
     result = json.loads(path.read_text())

@@ -42,7 +42,8 @@ def gpu_card(device: torch.device, card_bytes: int | None):
 
 
 def run_workload(workload: Workload, system_names: list[str], device: torch.device, *, attempt_oom: bool = False,
-                 ssd_dir: str | None = None, command: str = "", save=None, date: str | None = None) -> dict:
+                 ssd_dir: str | None = None, command: str = "", save=None, date: str | None = None,
+                 overrides: dict | None = None) -> dict:
     """Run every system on every context of `workload`; `save(result)` after each row, so that a run
     stopped at its time limit keeps the rows it finished. `date` names the call the rows belong to
     (the parent's, when each system runs in a process of its own)."""
@@ -67,7 +68,7 @@ def run_workload(workload: Workload, system_names: list[str], device: torch.devi
             ids = random_prompt(model_config.vocab_size, workload.batch, context, device)
             for system in system_names:
                 row = run_system(system, model, original_generate, ids, workload, ceilings, device, tiny,
-                                 attempt_oom, ssd)
+                                 attempt_oom, ssd, overrides)
                 result["rows"].append(row)
                 add_agreement(result["rows"])
                 result["wall_s"] = time.perf_counter() - started
@@ -78,7 +79,8 @@ def run_workload(workload: Workload, system_names: list[str], device: torch.devi
     return result
 
 
-def run_system(system, model, original_generate, ids, workload, ceilings, device, tiny, attempt_oom, ssd_dir) -> dict:
+def run_system(system, model, original_generate, ids, workload, ceilings, device, tiny, attempt_oom, ssd_dir,
+               overrides: dict | None = None) -> dict:
     batch, context = ids.shape
     row = {"system": system, "context": context, "batch": batch, "decode_steps": workload.decode_steps}
     skip = sy.skip_reason(system, workload, context, model, device, attempt_oom, ssd_dir)
@@ -91,7 +93,8 @@ def run_system(system, model, original_generate, ids, workload, ceilings, device
     mode = sy.hetero_mode(system)
     try:
         if mode:
-            hetero.prepare(model, sy.offload_config(mode, workload, context, model.config, tiny, ssd_dir))
+            config = sy.offload_config(mode, workload, context, model.config, tiny, ssd_dir)
+            hetero.prepare(model, {**config, **(overrides or {})})
             generate = model.generate
         else:
             model.set_attn_implementation("sdpa")
