@@ -177,7 +177,7 @@ class HeteroCache(Cache):
         self._context_tokens: dict[int, int] = {}  # layer -> context tokens of the (step, row, head)s that gathered
         self._valid_from: torch.Tensor | None = None  # [B] first non-padding position, for speculation
         self._placement: SsdPlacement | None = None  # speculative mode with an SSD tier: its policy
-        self._ssd_skipping = speculator is not None and config.ssd_miss == "skip"
+        self._ssd_skipping = False  # ssd_miss "skip" with blocks on the SSD: set with the placement
         self.policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
         self.blocks_per_layer = -(-max_tokens // config.block_size)
         self.pipeline = Pipeline(self.device)
@@ -462,6 +462,7 @@ class HeteroCache(Cache):
             self._home_tables_gpu = torch.from_numpy(home.all_tables).to(self.device)
             if home.ssd_blocks and not cfg.cpu_attends_remainder:  # else the CPU reads every block anyway
                 self._placement = SsdPlacement(nl, bpl, cfg.block_size, self.device, cfg.ssd_rebalance_steps)
+                self._ssd_skipping = cfg.ssd_miss == "skip"
             width = self.speculator.max_selected(self.max_tokens)
             shape = (2, batch, kv_heads, width, head_dim)
             # With reuse_rows, each layer keeps its own rows, and one buffer takes what is fetched on the way.
@@ -599,7 +600,7 @@ class HeteroCache(Cache):
             home = self._home
             if decode and layer_idx == 0 and self._placement is not None:
                 self._rebalance_ssd(plan.length)
-            if speculate and self._ssd_skipping and self._placement is not None and plan.host is not None:
+            if speculate and self._ssd_skipping and plan.host is not None:
                 # Its SSD blocks read ahead that have landed; the others are left out of the selection.
                 left_out = self._placement.left_out(home, layer_idx, *plan.host, home.take_staged(layer_idx))
             else:
