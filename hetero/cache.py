@@ -508,7 +508,10 @@ class HeteroCache(Cache):
         store = None
         if ssd_blocks:
             store = NvmeStore(cfg.ssd_dir, nl * ssd_blocks, layout.block_shape, layout.dtype, io_threads=cfg.io_threads)
-        return HostHome(pool, nl, bpl, self.policy.sink_blocks, ssd_blocks, store, self.pipeline, areas)
+        # The run ends where the blocks that ever leave the GPU do (the last window stays there).
+        ssd_first = max(self.policy.sink_blocks, bpl - self.policy.window_blocks - 1 - ssd_blocks)
+        return HostHome(pool, nl, bpl, self.policy.sink_blocks, ssd_blocks, store, self.pipeline, areas,
+                        ssd_first=ssd_first)
 
     def _ssd_blocks_needed(self, layout: KVLayout, areas: int) -> int:
         """Blocks per layer that must live on the SSD for the host budget to suffice (or a clear error)."""

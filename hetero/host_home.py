@@ -1,8 +1,10 @@
 """The KV's home off the GPU: slots of the pinned host pool, and the SSD for what the host budget
 cannot hold.
 
-Placement starts fixed, when the cache is sized: of each layer, the `ssd_blocks` oldest middle
-blocks (right after the sink) live on the SSD, every other block in a host slot. An exact mode
+Placement starts fixed, when the cache is sized: of each layer, a run of `ssd_blocks` middle blocks
+from `ssd_first` lives on the SSD, every other block in a host slot. The cache puts the run last
+among the blocks that leave the GPU: a chunked prefill attends to every block written before its
+chunk, so a run written late is read back by few chunks (a run right after the sink, by all). An exact mode
 reads every middle block at every step, so no block is colder than another and the fixed choice
 costs nothing. Speculation reads few blocks, and some far more often than others: `swap` trades a
 block on the SSD for one in host memory, so that the speculative mode keeps the blocks it selects
@@ -36,6 +38,7 @@ class HostHome:
         layers, blocks_per_layer: the cache's shape in blocks.
         sink_blocks: blocks at the start of each layer that never leave the host (nor the GPU).
         ssd_blocks: blocks per layer on the SSD (0: no SSD tier).
+        ssd_first: the first of them, in every layer (None: right after the sink).
         store: the NvmeStore holding them (None when `ssd_blocks` is 0).
         pipeline: orders the spill writes after their copies from the GPU.
         areas: staging areas (see above).
@@ -44,9 +47,13 @@ class HostHome:
 
     def __init__(self, pool, layers: int, blocks_per_layer: int, sink_blocks: int, ssd_blocks: int = 0,
                  store: NvmeStore | None = None, pipeline: Pipeline | None = None, areas: int = 3,
-                 spill_slots: int = SPILL_SLOTS):
+                 spill_slots: int = SPILL_SLOTS, ssd_first: int | None = None):
         if ssd_blocks and store is None:
             raise ValueError("ssd_blocks > 0 needs an NvmeStore")
+        ssd_first = sink_blocks if ssd_first is None else ssd_first
+        if not sink_blocks <= ssd_first <= blocks_per_layer - ssd_blocks:
+            raise ValueError(f"ssd_first: got {ssd_first}; the SSD run of {ssd_blocks} blocks must lie in blocks "
+                             f"[{sink_blocks}, {blocks_per_layer}) after the sink")
         self.pool = pool
         self.slab = pool.slab
         self.layers, self.blocks_per_layer = layers, blocks_per_layer
@@ -58,9 +65,9 @@ class HostHome:
         self._spill_free = deque(range(spill_base, spill_base + (spill_slots if ssd_blocks else 0)))
         # Where each (layer, block) lives: its index among the layer's SSD slots (-1: none), else its host slot.
         blocks = np.arange(blocks_per_layer)
-        on_ssd = (sink_blocks <= blocks) & (blocks < sink_blocks + ssd_blocks)
-        self._ssd_index = np.tile(np.where(on_ssd, blocks - sink_blocks, -1).astype(np.int32), (layers, 1))
-        home = np.where(blocks < sink_blocks, blocks, blocks - ssd_blocks)
+        on_ssd = (ssd_first <= blocks) & (blocks < ssd_first + ssd_blocks)
+        self._ssd_index = np.tile(np.where(on_ssd, blocks - ssd_first, -1).astype(np.int32), (layers, 1))
+        home = np.where(blocks < ssd_first, blocks, blocks - ssd_blocks)  # host blocks, in order
         self._host_slot = np.where(on_ssd, -1, np.arange(layers)[:, None] * host_per_layer + home).astype(np.int32)
         self._areas = areas
         # tables[l]: layer l's block -> host slot, its SSD blocks pointing into the area it was last

@@ -172,6 +172,65 @@ def test_the_placement_brings_the_most_selected_ssd_block_into_host_memory(tmp_p
     pipeline.close()
 
 
+def test_an_ssd_run_placed_anywhere_in_the_middle_reads_back_what_was_written(tmp_path):
+    from types import SimpleNamespace
+
+    from hetero.host_home import HostHome
+    from hetero.pipeline import Fence, Pipeline
+
+    layers, blocks, shape = 2, 9, (2, 1, 1, 4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tmpfs takes no O_DIRECT
+        store = NvmeStore(tmp_path, layers * 3, shape, torch.float32, io_threads=2)
+    pool = SimpleNamespace(slab=torch.zeros(HostHome.slots_needed(layers, blocks, 3), *shape))
+    pipeline = Pipeline(torch.device("cpu"))
+    home = HostHome(pool, layers, blocks, sink_blocks=1, ssd_blocks=3, store=store, pipeline=pipeline, ssd_first=5)
+    assert [home.on_ssd(0, b) for b in range(blocks)] == [False] * 5 + [True] * 3 + [False]
+    host_slots = [int(home.tables[1][b]) for b in range(blocks) if not home.on_ssd(1, b)]
+    assert len(set(host_slots)) == len(host_slots)  # every host block has a slot of its own
+    for layer in range(layers):
+        for block in range(blocks):
+            home.write_target(layer, block).fill_(100 * layer + block)
+            home.written(layer, block, Fence(None))
+    home.wait_staged(1)
+    for block in range(blocks):
+        assert bool((pool.slab[int(home.tables[1][block])] == 100 + block).all()), block
+    home.close()
+    pipeline.close()
+    with pytest.raises(ValueError, match="ssd_first"):
+        HostHome(pool, layers, blocks, sink_blocks=1, ssd_blocks=3, store=store, ssd_first=7)
+
+
+def _prefill_ssd_traffic(model_dir, ids, ssd_dir):
+    """Prefill `ids` in 64-token chunks, as generate does; the cache's home and its SSD bytes."""
+    model = hetero.load(model_dir, {**SSD_CONFIG, "mode": "stream", "ssd_dir": str(ssd_dir)}, device="cpu")
+    cache = model.hetero.new_cache(ids.shape[1] + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tmpfs takes no O_DIRECT
+        with torch.no_grad():
+            for start in range(0, ids.shape[1], 64):
+                model(ids[:, start : start + 64], past_key_values=cache, use_cache=True)
+    home = cache._home
+    on_ssd = [b for b in range(cache.blocks_per_layer) if home.on_ssd(0, b)]
+    middle_end = cache.blocks_per_layer - cache.policy.window_blocks - 1
+    cache.close()
+    return on_ssd, middle_end, home.bytes_to_ssd, home.bytes_from_ssd
+
+
+def test_the_ssd_holds_the_latest_blocks_to_leave_the_gpu_so_prefill_reads_little_back(six_layers, tmp_path, monkeypatch):
+    ids = torch.randint(1, 256, (1, 300), generator=torch.Generator().manual_seed(14))
+    on_ssd, middle_end, written, read = _prefill_ssd_traffic(six_layers, ids, tmp_path / "late")
+    assert on_ssd == list(range(middle_end - len(on_ssd), middle_end)) and written > 0
+    # The same prefill with the run right after the sink: every later chunk reads all of it back.
+    from hetero.host_home import HostHome
+
+    init = HostHome.__init__
+    monkeypatch.setattr(HostHome, "__init__", lambda self, *a, ssd_first=None, **k: init(self, *a, **k))
+    early, _, written_early, read_early = _prefill_ssd_traffic(six_layers, ids, tmp_path / "early")
+    assert early[0] == 1 and written_early == written
+    assert 0 < 2 * read < read_early
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("miss", ["wait", "skip"])
 def test_speculation_over_the_ssd_on_the_gpu(six_layers, tmp_path, miss):
