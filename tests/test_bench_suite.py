@@ -234,6 +234,19 @@ def test_a_system_past_its_timeout_is_stopped_and_the_overrides_reach_each_proce
     assert rows["hetero-split"]["offload_config"]["cpu_part_wait"] == "gpu"
 
 
+def test_a_call_whose_only_system_timed_out_still_has_its_table(tmp_path, monkeypatch):
+    from suite import main as suite_main
+
+    real_run = suite_main.subprocess.run
+    monkeypatch.setattr(suite_main.subprocess, "run", lambda command, **kwargs: real_run(
+        [sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.5))
+    suite_main.run_suite(["fits"], scale="tiny", systems=["split"], out=tmp_path, device="cpu", isolate=True,
+                         system_timeout=300)
+    table = (tmp_path / "summary.md").read_text()
+    assert "| hetero-split | " in table and "timeout" in table
+    assert "Machine: cpu, " in table and "none measured" in table
+
+
 def test_bench_set_names_a_bad_key_before_anything_runs():
     from hetero.bench_cli import parse_overrides
 
@@ -245,14 +258,29 @@ def test_bench_set_names_a_bad_key_before_anything_runs():
         parse_overrides(["cpu_part_wait"])
 
 
+def test_rows_kept_from_a_call_on_another_machine_name_it(tmp_path):
+    def result(system, device, date):
+        return {"workload": "fits", "scale": "full", "date": date, "machine": {"device": device},
+                "rows": [{"system": system, "status": "ok"}]}
+
+    runner.write_result(result("hetero-split", "H100", "first"), tmp_path)
+    runner.write_result(result("hetero-stream", "H200", "second"), tmp_path)
+    runner.write_result(result("hetero-speculative", "H200", "third"), tmp_path)
+    rows = {r["system"]: r for r in json.loads((tmp_path / "fits.json").read_text())["rows"]}
+    assert rows["hetero-split"]["from_machine"] == "H100" and rows["hetero-split"]["from_earlier_call"] == "first"
+    assert "from_machine" not in rows["hetero-stream"] and rows["hetero-stream"]["from_earlier_call"] == "second"
+
+
 def test_the_table_names_rows_kept_from_an_earlier_call():
     result = {"workload": "fits", "scale": "full", "description": "d", "date": "now", "command": "c",
               "machine": {"device": "cpu", "cpu_cores": 2, "ram_gib": 24.0},
               "ceilings": {"pcie_h2d_gbs": 1.0, "sources": {"disk_read_gbs": "LIMITS.md"}},
               "rows": [{"system": s, "context": 8, "batch": 1, "status": "error", "reason": "r", **extra}
-                       for s, extra in (("hetero-stream", {"from_earlier_call": "yesterday"}), ("hetero-split", {}))]}
+                       for s, extra in (("hetero-stream", {"from_earlier_call": "yesterday"}), ("hetero-split", {}),
+                                        ("hetero-speculative", {"from_earlier_call": "monday", "from_machine": "H100"}))]}
     table = "\n".join(report.workload_table(result))
     assert "| hetero-stream (from the call of yesterday) | 8 x 1 |" in table and "| hetero-split | 8 x 1 |" in table
+    assert "| hetero-speculative (from the call of monday on H100) | 8 x 1 |" in table
 
 
 @pytest.mark.gpu

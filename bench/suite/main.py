@@ -13,7 +13,7 @@ import torch
 
 from .plots import write_plots
 from .report import load_results, markdown, print_checks
-from .runner import add_agreement, now, run_workload, write_result
+from .runner import add_agreement, machine, now, run_workload, write_result
 from .systems import select_systems
 from .workloads import WORKLOADS, scaled
 
@@ -97,7 +97,8 @@ def _run_isolated(workload: str, systems: list[str], out: Path, *, scale: str, d
             w = scaled(WORKLOADS[workload], scale)
             result = json.loads(path.read_text()) if path.exists() else {
                 "workload": workload, "description": w.description, "context": w.context, "batch": w.batch,
-                "decode_steps": w.decode_steps, "ceilings": {}, "machine": {}, "command": command, "wall_s": 0.0}
+                "decode_steps": w.decode_steps, "ceilings": {}, "command": command, "wall_s": 0.0,
+                "machine": machine(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))}
             row = {"system": system, "context": w.context, "batch": w.batch, "decode_steps": w.decode_steps,
                    "status": status, "reason": reason}
             write_result(dict(result, scale=scale, date=date, rows=[row]), out)

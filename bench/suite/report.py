@@ -92,14 +92,15 @@ def _num(x, fmt: str) -> str:
 
 
 def workload_table(result: dict) -> list[str]:
-    c = result["ceilings"]
+    c, m = result["ceilings"], result["machine"]
+    ceilings = ", ".join(f"{k.removesuffix('_gbs')} {v:.1f} GB/s" for k, v in c.items() if k.endswith("_gbs") and v is not None)
+    if "sources" in c:
+        ceilings += f" (disk: {c['sources']['disk_read_gbs']})"
     lines = [
         f"### {result['workload']} ({result['scale']})", "", result["description"], "",
-        f"Machine: {result['machine']['device']}, {result['machine']['cpu_cores']} cores, "
-        f"{result['machine']['ram_gib']:.0f} GiB RAM; {result['date']}; `{result['command']}`", "",
-        "Ceilings (this run): " + ", ".join(f"{k.removesuffix('_gbs')} {v:.1f} GB/s" for k, v in c.items()
-                                            if k.endswith("_gbs") and v is not None)
-        + f" (disk: {c['sources']['disk_read_gbs']})", "",
+        (f"Machine: {m['device']}, {m['cpu_cores']} cores, {m['ram_gib']:.0f} GiB RAM" if m else "Machine: not recorded")
+        + f"; {result['date']}; `{result['command']}`", "",
+        "Ceilings (this run): " + (ceilings or "none measured (no system finished)"), "",
         "| system | context x batch | status | prefill s | first token s | decode tok/s | ms/step | PCIe to GPU /step "
         "| to host /step | CPU reads /step | SSD reads /step | peak GPU GiB | peak host RSS GiB | bound tok/s (by) "
         "| of bound | vs offloaded |",
@@ -107,7 +108,9 @@ def workload_table(result: dict) -> list[str]:
     ]
     offloaded = {r["context"]: r for r in result["rows"] if r["system"] == OFFLOADED and r["status"] == "ok"}
     for r in result["rows"]:
-        earlier = f" (from the call of {r['from_earlier_call']})" if r.get("from_earlier_call") else ""
+        earlier = f" (from the call of {r['from_earlier_call']}" if r.get("from_earlier_call") else ""
+        if earlier:
+            earlier += f" on {r['from_machine']})" if r.get("from_machine") else ")"
         head = f"| {r['system']}{earlier} | {r['context']} x {r['batch']} | "
         if r["status"] != "ok":
             lines.append(head + f"{r['status']}: {r['reason']} |" + " |" * 13)
