@@ -294,9 +294,11 @@ class Pipeline:
             self._posting.popleft().result()
         if self._gave_up is not None and int(self._gave_up[0]):
             raise RuntimeError(
-                "the GPU gave up waiting for a host job's result, so the attention it fed is wrong; the "
-                "host thread was blocked on the GPU meanwhile (e.g. by CUDA's lazy loading of a kernel first "
-                "launched while the wait was pending): set CUDA_MODULE_LOADING=EAGER before CUDA starts"
+                "the GPU gave up waiting for a host job's result, so the attention it fed is wrong. Known causes: "
+                "the host thread blocked on the GPU meanwhile (CUDA's lazy loading of a kernel first launched while "
+                "the wait was pending: set CUDA_MODULE_LOADING=EAGER before CUDA starts), and a device "
+                "synchronization at each token (a streamer), under which waits ran out of polls although every host "
+                "job had raised its flag by the end (not yet explained); cpu_part_wait \"host\" (the default) has neither"
             )
 
     def _collect(self, job: HostJob) -> tuple[torch.Tensor, ...]:
