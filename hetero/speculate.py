@@ -379,16 +379,16 @@ class Speculator:
         if left_out is not None:
             probs = grouped.masked_fill(left_out[:, None, None, :], -math.inf)
         mass = probs.softmax(-1).sum(2)  # which tokens: the most speculated probability over the group
+        valid = None if left_out is None else ~left_out
         if held is None:
-            return select_tokens(grouped, lo, s.alpha, least, width, valid_from, ordered, rank=mass, excluded=excluded)
+            return _alpha_rule(probs, lo, s.alpha, least, width, valid, ordered, mass)
         held_idx, held_count = held
         # Held tokens rank last, with padding: the entries past the count below never reach them.
         # (A fill rather than torch.where of two numbers, which would copy them to the device.)
         rank_last = torch.full(held_idx.shape, math.inf, device=mass.device).masked_fill_(
             live_entries(held_idx, held_count), -math.inf)
         mass.scatter_reduce_(-1, held_idx.long() - lo, rank_last, "amin")
-        token_idx, count = select_tokens(grouped, lo, s.alpha, least, width, valid_from, ordered=False, rank=mass,
-                                         excluded=excluded)
+        token_idx, count = _alpha_rule(probs, lo, s.alpha, least, width, valid, False, mass)
         return token_idx, (count - held_count).clamp_min(0)
 
 
@@ -419,13 +419,18 @@ def select_tokens(scores: torch.Tensor, lo: int, alpha: float, min_count: int, w
     closeness (the count still comes from the alpha rule and the bounds).
     `excluded` bool [L]: positions never selected, as padding is not.
     """
-    length = scores.shape[-1]
-    hi = lo + length
     valid = None
-    left_out = _left_out(lo, hi, valid_from, excluded, scores.device)
+    left_out = _left_out(lo, lo + scores.shape[-1], valid_from, excluded, scores.device)
     if left_out is not None:
         valid = ~left_out
         scores = scores.masked_fill(left_out[:, None, None, :], -math.inf)
+    return _alpha_rule(scores, lo, alpha, min_count, width, valid, ordered, rank)
+
+
+def _alpha_rule(scores, lo, alpha, min_count, width, valid, ordered, rank):
+    """`select_tokens` once the positions left out are -inf in `scores` and False in `valid`
+    [B or 1, L] (None: none left out)."""
+    hi = lo + scores.shape[-1]
     if rank is not None and min_count >= width:
         # The bounds leave the alpha rule nothing to decide (the default): fewer kernels per layer step.
         count = torch.full(scores.shape[:2], width, dtype=torch.int32, device=scores.device)
