@@ -210,7 +210,7 @@ def main():
         for name, r in sdpa.items():
             add(name, B, "float32" if name.endswith("fp32") else "bfloat16", r)
         if B == 1:
-            for t in args.scaling:
+            for t in sorted({min(t, numba.config.NUMBA_NUM_THREADS) for t in args.scaling}):  # a smaller machine: its cores
                 add(f"numba {t} thr", B, "bfloat16", bench_kernel(q, pool, table, args.tokens, max(2, args.reps // 3), t))
             numba.set_num_threads(1)
             add("same reads 1 thr", B, "bfloat16", bench_pattern(pool, table, args.tokens, max(2, args.reps // 3), 1))
