@@ -29,6 +29,7 @@ import hetero
 sys.path.insert(0, os.path.dirname(__file__))
 from suite.ceilings import pinned_h2d_bytes_per_s  # noqa: E402
 from suite.measure import TokenClock  # noqa: E402
+from suite.runner import _capture_cache_stats  # noqa: E402
 from suite.model import build_random_model, llama_8b_config, random_prompt, tiny_llama_config  # noqa: E402
 
 TINY = {"block_size": 16, "sink_tokens": 16, "window_tokens": 32, "prefill_chunk_tokens": 64}
@@ -53,8 +54,15 @@ def run_variant(model, ids, config: dict, steps: int, sync_each_token: bool = Fa
     hetero.prepare(model, config)
     # As `hetero bench` times tokens: a streamer that synchronizes the device at each one.
     extra = {"streamer": TokenClock(device=ids.device)} if sync_each_token else {}
-    stamps = []
-    model.hetero.progress = lambda tokens: stamps.append((tokens, time.perf_counter()))
+    stamps, snapshot = [], {}
+    at_first_token = _capture_cache_stats(model, snapshot)
+
+    def progress(tokens):
+        stamps.append((tokens, time.perf_counter()))
+        if tokens == ids.shape[1] + 1:
+            at_first_token()  # decode traffic only: the counters from here to the end
+
+    model.hetero.progress = progress
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
                        do_sample=False, **extra)
@@ -62,8 +70,10 @@ def run_variant(model, ids, config: dict, steps: int, sync_each_token: bool = Fa
     stats = model.hetero.last_stats
     decode = [t for tokens, t in stamps if tokens > ids.shape[1]]
     step_ms = [1e3 * (b - a) for a, b in zip(decode, decode[1:])]
+    first = snapshot["stats"].bytes_to_gpu if snapshot else 0
     return {"config": config, "step_ms": step_ms, "summary": stats.summary(),
-            "pcie_bytes_per_step": stats.bytes_to_gpu / max(1, stats.new_tokens)}
+            "pcie_bytes_per_step": (stats.bytes_to_gpu - first) / max(1, stats.new_tokens - 1),
+            "pcie_bytes_with_prefill": stats.bytes_to_gpu}
 
 
 def main(argv: list[str] | None = None) -> int:

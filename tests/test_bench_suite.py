@@ -182,6 +182,9 @@ def test_step_times_runs_each_variant_on_one_prompt(tmp_path):
     split = result["variants"]["split:cpu_part_wait=gpu,split_ratio=0.5"]
     assert split["config"]["cpu_part_wait"] == "gpu" and split["config"]["split_ratio"] == 0.5
     assert all(len(v["step_ms"]) == 2 and v["median_step_ms"] > 0 for v in result["variants"].values())
+    # Decode traffic only: below the whole call's bytes over its 4 tokens, which prefill's fetches swell.
+    stream = result["variants"]["stream"]
+    assert 0 < stream["pcie_bytes_per_step"] < stream["pcie_bytes_with_prefill"] / 4
 
 
 def test_isolated_systems_run_in_processes_of_their_own_and_land_in_one_call(tmp_path, monkeypatch, capsys):
