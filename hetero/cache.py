@@ -508,10 +508,15 @@ class HeteroCache(Cache):
         store = None
         if ssd_blocks:
             store = NvmeStore(cfg.ssd_dir, nl * ssd_blocks, layout.block_shape, layout.dtype, io_threads=cfg.io_threads)
-        # The run ends where the blocks that ever leave the GPU do (the last window stays there).
-        ssd_first = max(self.policy.sink_blocks, bpl - self.policy.window_blocks - 1 - ssd_blocks)
+        # The run ends where the blocks that ever leave the GPU do.
+        ssd_first = max(self.policy.sink_blocks, self._leaving_end() - ssd_blocks)
         return HostHome(pool, nl, bpl, self.policy.sink_blocks, ssd_blocks, store, self.pipeline, areas,
                         ssd_first=ssd_first)
+
+    def _leaving_end(self) -> int:
+        """The end of the blocks that ever leave the GPU, [sink, end): the last window and the block
+        being filled stay there."""
+        return self.blocks_per_layer - self.policy.window_blocks - 1
 
     def _ssd_blocks_needed(self, layout: KVLayout, areas: int) -> int:
         """Blocks per layer that must live on the SSD for the host budget to suffice (or a clear error)."""
@@ -526,7 +531,7 @@ class HeteroCache(Cache):
                 "rest on an SSD, or shorten the generation",
             )
         host_slots = self.budgets.cpu_kv_bytes // block_bytes
-        middle = bpl - self.policy.sink_blocks - self.policy.window_blocks - 1  # blocks that ever leave the GPU
+        middle = self._leaving_end() - self.policy.sink_blocks  # blocks that ever leave the GPU
         ssd_blocks = -(-(HostHome.slots_needed(nl, bpl, 0) + SPILL_SLOTS - host_slots) // max(1, nl - areas))
         if nl <= areas or ssd_blocks > middle:
             least = HostHome.slots_needed(nl, bpl, max(0, middle), areas, SPILL_SLOTS) * block_bytes

@@ -140,24 +140,40 @@ def test_skipping_beside_a_cpu_that_attends_over_every_token_is_refused(six_laye
                                  "cpu_remainder": "all"}, device="cpu")
 
 
-def test_the_placement_brings_the_most_selected_ssd_block_into_host_memory(tmp_path):
+def _home_with_every_block_written(tmp_path, layers, blocks, **kwargs):
+    """A HostHome over a CPU pool and a store of 3 SSD blocks per layer, each block (l, b) filled with
+    100 l + b and written; returns it with its pool and pipeline."""
     from types import SimpleNamespace
 
     from hetero.host_home import HostHome
     from hetero.pipeline import Fence, Pipeline
-    from hetero.ssd_placement import SsdPlacement
 
-    layers, blocks, shape = 3, 8, (2, 1, 1, 4, 8)
+    shape = (2, 1, 1, 4, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tmpfs takes no O_DIRECT
         store = NvmeStore(tmp_path, layers * 3, shape, torch.float32, io_threads=2)
     pool = SimpleNamespace(slab=torch.zeros(HostHome.slots_needed(layers, blocks, 3), *shape))
     pipeline = Pipeline(torch.device("cpu"))
-    home = HostHome(pool, layers, blocks, sink_blocks=1, ssd_blocks=3, store=store, pipeline=pipeline)
+    home = HostHome(pool, layers, blocks, sink_blocks=1, ssd_blocks=3, store=store, pipeline=pipeline, **kwargs)
     for layer in range(layers):
         for block in range(blocks):
             home.write_target(layer, block).fill_(100 * layer + block)
             home.written(layer, block, Fence(None))
+    return home, pool, pipeline
+
+
+def _assert_layer_reads_back(home, pool, layer):
+    """Stage the layer's SSD blocks; every block's slot then holds what was written to it."""
+    home.wait_staged(layer)
+    for block in range(home.blocks_per_layer):
+        assert bool((pool.slab[int(home.tables[layer][block])] == 100 * layer + block).all()), block
+
+
+def test_the_placement_brings_the_most_selected_ssd_block_into_host_memory(tmp_path):
+    from hetero.ssd_placement import SsdPlacement
+
+    layers, blocks = 3, 8
+    home, pool, pipeline = _home_with_every_block_written(tmp_path, layers, blocks)
     placement = SsdPlacement(layers, blocks, 4, torch.device("cpu"), rebalance_steps=1)
     placement.hits[1, 2] = 50  # block 2 sits on the SSD (blocks 1-3 do), selected far more than any other
     placement.hits[1, 5:8] = 1
@@ -165,54 +181,40 @@ def test_the_placement_brings_the_most_selected_ssd_block_into_host_memory(tmp_p
     assert not home.on_ssd(1, 2) and home.on_ssd(1, 4)  # traded for the least selected host block
     assert [home.on_ssd(2, b) for b in range(blocks)] == [home.on_ssd(0, b) for b in range(blocks)]  # nothing selected
     assert placement.swaps == 1 and placement.hits[1, 2] == 25  # halved: recent selections weigh more
-    home.wait_staged(1)
-    for block in range(blocks):
-        assert bool((pool.slab[int(home.tables[1][block])] == 100 + block).all()), block
+    _assert_layer_reads_back(home, pool, 1)
     home.close()
     pipeline.close()
 
 
 def test_an_ssd_run_placed_anywhere_in_the_middle_reads_back_what_was_written(tmp_path):
-    from types import SimpleNamespace
-
     from hetero.host_home import HostHome
-    from hetero.pipeline import Fence, Pipeline
 
-    layers, blocks, shape = 2, 9, (2, 1, 1, 4, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tmpfs takes no O_DIRECT
-        store = NvmeStore(tmp_path, layers * 3, shape, torch.float32, io_threads=2)
-    pool = SimpleNamespace(slab=torch.zeros(HostHome.slots_needed(layers, blocks, 3), *shape))
-    pipeline = Pipeline(torch.device("cpu"))
-    home = HostHome(pool, layers, blocks, sink_blocks=1, ssd_blocks=3, store=store, pipeline=pipeline, ssd_first=5)
+    layers, blocks = 2, 9
+    home, pool, pipeline = _home_with_every_block_written(tmp_path, layers, blocks, ssd_first=5)
     assert [home.on_ssd(0, b) for b in range(blocks)] == [False] * 5 + [True] * 3 + [False]
     host_slots = [int(home.tables[1][b]) for b in range(blocks) if not home.on_ssd(1, b)]
     assert len(set(host_slots)) == len(host_slots)  # every host block has a slot of its own
-    for layer in range(layers):
-        for block in range(blocks):
-            home.write_target(layer, block).fill_(100 * layer + block)
-            home.written(layer, block, Fence(None))
-    home.wait_staged(1)
-    for block in range(blocks):
-        assert bool((pool.slab[int(home.tables[1][block])] == 100 + block).all()), block
+    _assert_layer_reads_back(home, pool, 1)
+    with pytest.raises(ValueError, match="ssd_first"):
+        HostHome(pool, layers, blocks, sink_blocks=1, ssd_blocks=3, store=home.store, ssd_first=7)
     home.close()
     pipeline.close()
-    with pytest.raises(ValueError, match="ssd_first"):
-        HostHome(pool, layers, blocks, sink_blocks=1, ssd_blocks=3, store=store, ssd_first=7)
 
 
 def _prefill_ssd_traffic(model_dir, ids, ssd_dir):
-    """Prefill `ids` in 64-token chunks, as generate does; the cache's home and its SSD bytes."""
+    """Prefill `ids` in the config's chunks, as generate does; the blocks of layer 0 on the SSD, the end
+    of the blocks that leave the GPU, and the bytes written to and read from the SSD."""
     model = hetero.load(model_dir, {**SSD_CONFIG, "mode": "stream", "ssd_dir": str(ssd_dir)}, device="cpu")
     cache = model.hetero.new_cache(ids.shape[1] + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tmpfs takes no O_DIRECT
         with torch.no_grad():
-            for start in range(0, ids.shape[1], 64):
-                model(ids[:, start : start + 64], past_key_values=cache, use_cache=True)
+            chunk = SSD_CONFIG["prefill_chunk_tokens"]
+            for start in range(0, ids.shape[1], chunk):
+                model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True)
     home = cache._home
     on_ssd = [b for b in range(cache.blocks_per_layer) if home.on_ssd(0, b)]
-    middle_end = cache.blocks_per_layer - cache.policy.window_blocks - 1
+    middle_end = cache.blocks_per_layer - cache.policy.window_blocks - 1  # the last window and the open block stay
     cache.close()
     return on_ssd, middle_end, home.bytes_to_ssd, home.bytes_from_ssd
 

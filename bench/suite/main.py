@@ -47,7 +47,7 @@ def run_suite(workloads: list[str], *, scale: str = "full", systems: list[str] |
     written = []
     for name in [] if report_only else workloads:
         if isolate:
-            _run_isolated(name, chosen, out, scale=scale, device=device, attempt_oom=attempt_oom, ssd_dir=ssd_dir,
+            _run_isolated(name, chosen, out, machine(dev), scale=scale, device=device, attempt_oom=attempt_oom, ssd_dir=ssd_dir,
                           command=command, overrides=overrides or {}, timeout=system_timeout)
             written.append(out / f"{name}.json")
             continue
@@ -71,9 +71,10 @@ def run_suite(workloads: list[str], *, scale: str = "full", systems: list[str] |
     return written
 
 
-def _run_isolated(workload: str, systems: list[str], out: Path, *, scale: str, device: str | None, attempt_oom: bool,
+def _run_isolated(workload: str, systems: list[str], out: Path, here: dict, *, scale: str, device: str | None, attempt_oom: bool,
                   ssd_dir: str | None, command: str, overrides: dict | None = None, timeout: float | None = None) -> None:
-    """Each system of `workload` in a fresh `hetero bench` process; their rows land in one JSON."""
+    """Each system of `workload` in a fresh `hetero bench` process; their rows land in one JSON.
+    `here`: this machine, recorded when no system got as far as recording it."""
     date = now()
     for system in systems:
         child = [sys.executable, "-m", "hetero", "bench", "--workload", workload, "--systems", system, "--out", str(out),
@@ -97,8 +98,7 @@ def _run_isolated(workload: str, systems: list[str], out: Path, *, scale: str, d
             w = scaled(WORKLOADS[workload], scale)
             result = json.loads(path.read_text()) if path.exists() else {
                 "workload": workload, "description": w.description, "context": w.context, "batch": w.batch,
-                "decode_steps": w.decode_steps, "ceilings": {}, "command": command, "wall_s": 0.0,
-                "machine": machine(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))}
+                "decode_steps": w.decode_steps, "ceilings": {}, "machine": here, "command": command, "wall_s": 0.0}
             row = {"system": system, "context": w.context, "batch": w.batch, "decode_steps": w.decode_steps,
                    "status": status, "reason": reason}
             write_result(dict(result, scale=scale, date=date, rows=[row]), out)

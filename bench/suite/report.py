@@ -108,9 +108,10 @@ def workload_table(result: dict) -> list[str]:
     ]
     offloaded = {r["context"]: r for r in result["rows"] if r["system"] == OFFLOADED and r["status"] == "ok"}
     for r in result["rows"]:
-        earlier = f" (from the call of {r['from_earlier_call']}" if r.get("from_earlier_call") else ""
-        if earlier:
-            earlier += f" on {r['from_machine']})" if r.get("from_machine") else ")"
+        earlier = ""
+        if r.get("from_earlier_call"):
+            where = f" on {r['from_machine']}" if r.get("from_machine") else ""
+            earlier = f" (from the call of {r['from_earlier_call']}{where})"
         head = f"| {r['system']}{earlier} | {r['context']} x {r['batch']} | "
         if r["status"] != "ok":
             lines.append(head + f"{r['status']}: {r['reason']} |" + " |" * 13)

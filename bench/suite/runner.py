@@ -232,11 +232,16 @@ def write_result(result: dict, out_dir: Path) -> Path:
         ran = {r["system"] for r in result["rows"]}
         if old.get("scale") == result["scale"]:
             earlier = old.get("date") != result.get("date")  # else: this call's own last save
-            other = old.get("machine", {}).get("device")
-            other = other if other != result.get("machine", {}).get("device") else None
-            kept = [dict(r, from_earlier_call=r.get("from_earlier_call", old.get("date")),
-                         **({"from_machine": r.get("from_machine", other)} if r.get("from_machine", other) else {}))
-                    if earlier else r for r in old["rows"] if r["system"] not in ran]
+            device = old.get("machine", {}).get("device")
+            other = device if device != result.get("machine", {}).get("device") else None
+
+            def from_earlier(row: dict) -> dict:
+                row = dict(row, from_earlier_call=row.get("from_earlier_call", old.get("date")))
+                if other and "from_machine" not in row:
+                    row["from_machine"] = other
+                return row
+
+            kept = [from_earlier(r) if earlier else r for r in old["rows"] if r["system"] not in ran]
             result = dict(result, rows=kept + result["rows"])
     path.write_text(json.dumps(result, indent=2))
     return path
