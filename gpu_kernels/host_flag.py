@@ -2,10 +2,8 @@
 
 The CPU's half of an attention step finishes while the host thread has already queued the layers
 after it: the compute stream, not the host thread, waits for the result. The flag is pinned host
-memory read over PCIe (UVA, as the gathers read the KV). Each poll loads with the `.cv` cache
-operator (fetch again, never from a cache) at an address the compiler cannot prove constant: with
-volatile loads alone, on the H200, polls under a per-token device synchronization ran out without
-seeing flags the host had raised.
+memory read over PCIe (UVA, as the gathers read the KV), with volatile loads so that every poll
+reaches the host.
 """
 
 from __future__ import annotations
@@ -23,13 +21,12 @@ MAX_POLLS = 1 << 21
 
 
 # The target grows by one per job: specializing on its value would compile a variant per value class.
-# `zero` is always 0; unspecialized, it keeps each poll's address opaque so that no load is hoisted.
-@triton.jit(do_not_specialize=["target", "max_polls", "zero"])
-def _wait_kernel(flag, gave_up, target, max_polls, zero):
-    seen = tl.load(flag, cache_modifier=".cv")
+@triton.jit(do_not_specialize=["target", "max_polls"])
+def _wait_kernel(flag, gave_up, target, max_polls):
+    seen = tl.load(flag, volatile=True)
     polls = 0
     while (seen < target) & (polls < max_polls):
-        seen = tl.load(flag + (polls & zero), cache_modifier=".cv")
+        seen = tl.load(flag, volatile=True)
         polls += 1
     if seen < target:
         tl.store(gave_up, 1)
@@ -48,6 +45,6 @@ def wait_for_flag(flag: torch.Tensor, target: int, gave_up: torch.Tensor, max_po
         if t.dtype != torch.int32 or t.numel() != 1:
             raise ValueError(f"the {name} must be one int32, got {t.numel()} of {t.dtype}")
     if INTERPRET or (flag.is_pinned() and torch.cuda.is_available()):
-        _wait_kernel[(1,)](flag, gave_up, target, max_polls, 0)
+        _wait_kernel[(1,)](flag, gave_up, target, max_polls)
     elif int(flag[0]) < target:
         gave_up.fill_(1)
