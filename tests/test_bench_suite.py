@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import subprocess
 import sys
 
 import pytest
@@ -194,7 +195,8 @@ def test_isolated_systems_run_in_processes_of_their_own_and_land_in_one_call(tmp
     real_run = suite_main.subprocess.run
 
     def run(command, **kwargs):
-        ran.append(command)
+        if "bench" in command:  # not platform's `uname -p`, which runs on the first machine() call
+            ran.append(command)
         if "hetero-split" in command:
             return real_run([sys.executable, "-c", "raise SystemExit(3)"])  # a process that dies
         return real_run(command, **kwargs)
@@ -210,6 +212,15 @@ def test_isolated_systems_run_in_processes_of_their_own_and_land_in_one_call(tmp
     assert rows["hetero-stream"]["agrees_with"] == "transformers-default"
     assert rows["hetero-split"]["status"] == "error" and "exited with code 3" in rows["hetero-split"]["reason"]
     assert "### fits (tiny)" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_killed_system_process_is_reported_by_its_signal():
+    from suite.main import exit_reason
+
+    code = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]).returncode
+    assert "killed by SIGKILL" in exit_reason(code) and "out-of-memory killer" in exit_reason(code)
+    assert exit_reason(-15) == "its benchmark process was killed by SIGTERM"
+    assert exit_reason(3) == "its benchmark process exited with code 3"
 
 
 def test_a_system_past_its_timeout_is_stopped_and_the_overrides_reach_each_process(tmp_path, monkeypatch):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import torch
 
 from .plots import write_plots
@@ -89,7 +91,7 @@ def _run_isolated(workload: str, systems: list[str], out: Path, here: dict, *, s
         print(f"  {system}: in a process of its own", flush=True)
         try:
             code = subprocess.run(child, timeout=timeout).returncode
-            status, reason = "error", f"its benchmark process exited with code {code}"
+            status, reason = "error", exit_reason(code)
         except subprocess.TimeoutExpired:
             code, status = None, "timeout"
             reason = f"stopped after {timeout:g} s (--system-timeout); its threads' stacks are in the log"
@@ -107,3 +109,15 @@ def _run_isolated(workload: str, systems: list[str], out: Path, here: dict, *, s
     add_agreement(result["rows"])
     path.write_text(json.dumps(result, indent=2))
     print(f"  wrote {path}", flush=True)
+
+
+def exit_reason(code: int) -> str:
+    """Why a system's process ended badly, in words: a negative code is the signal that stopped it."""
+    if code >= 0:
+        return f"its benchmark process exited with code {code}"
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    reason = f"its benchmark process was killed by {name}"
+    if -code == signal.SIGKILL:
+        total = psutil.virtual_memory().total / 2**30
+        reason += f" (most often the kernel's out-of-memory killer: this machine has {total:.0f} GiB of RAM)"
+    return reason
