@@ -70,6 +70,16 @@ class SplitTuner:
         """Windows whose measurement counted."""
         return sum(measured_share(w) is not None for w in self.windows)
 
+    def rates(self) -> tuple[float, float] | None:
+        """(PCIe, CPU attention) bytes/s as the counted windows measured them, each the median over
+        windows; None before any window told. Each side's rate alone, not the step's: what the
+        share balances, and where a side runs slower inside the pipeline than in the probe."""
+        told = [w for w in self.windows if measured_share(w) is not None]
+        if not told:
+            return None
+        return (statistics.median(w.copy_bytes / w.copy_seconds for w in told),
+                statistics.median(w.host_bytes / w.host_seconds for w in told))
+
     def observe(self, times: WorkTimes) -> float:
         """Fold one step's measured work in; returns the share for the next step."""
         if self._skip:

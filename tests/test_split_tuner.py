@@ -66,6 +66,15 @@ def test_tuner_skips_the_first_steps_then_refines_a_few_then_holds():
     assert tuner.start == 0.4 and tuner.share == shares[-1]
 
 
+def test_tuner_reports_each_sides_median_rate_over_the_windows_that_told():
+    tuner = SplitTuner(0.5, skip=1, steps=4)
+    assert tuner.rates() is None
+    tuner.observe(_times(1, 1.0, 1, 1.0))  # skipped: not counted
+    for times in (_times(40, 1.0, 60, 3.0), WorkTimes(), _times(30, 1.0, 90, 3.0), _times(50, 1.0, 3, 3.0)):
+        tuner.observe(times)
+    assert tuner.rates() == (40.0, 20.0)
+
+
 def test_tuner_counts_steps_whose_timings_do_not_tell_without_moving():
     tuner = SplitTuner(0.5, skip=0, steps=2)
     assert tuner.observe(WorkTimes()) == 0.5
@@ -140,6 +149,8 @@ def test_refined_split_matches_transformers_and_is_remembered(model_dir):
         if run == 0:
             assert stats.bytes_read_by_cpu > 0, "the CPU must have attended over part of the KV"
         assert runtime.split_share_refined == stats.split_share, "the next generation starts from it"
+        if run == 0:  # the second starts refined and measures no more
+            assert stats.split_pcie_bytes_per_s > 0 and stats.split_cpu_bytes_per_s > 0
     assert "GPU share" in stats.summary()
 
 
@@ -153,6 +164,9 @@ class _ScriptedTuner:
         self.refined_steps = 0
         self.done = False
         self.seen = []
+
+    def rates(self):
+        return None
 
     def observe(self, times):
         self.seen.append(times)

@@ -129,6 +129,10 @@ def run_system(system, model, original_generate, ids, workload, ceilings, device
     print(f"  {system}: prefill {row['prefill_s']:.2f} s, first token {row['ttft_s']:.2f} s, decode "
           f"{row['decode_tok_s']:.2f} tok/s" + (f" ({row['ratio_to_bound']:.0%} of its {bound['limited_by']} bound "
                                                  f"{row['bound_tok_s']:.2f})" if bound else ""), flush=True)
+    stats = row.get("hetero_stats") or {}
+    if stats.get("split_cpu_bytes_per_s"):  # inside the pipeline, beside the ceilings probed alone
+        print(f"  {system}: measured in decode: PCIe {stats['split_pcie_bytes_per_s'] / 1e9:.1f} GB/s, CPU attention "
+              f"{stats['split_cpu_bytes_per_s'] / 1e9:.1f} GB/s; GPU share {stats['split_share']:.2f}", flush=True)
     return row
 
 
