@@ -50,7 +50,7 @@ _DOCS = {
     "sink_tokens": "first tokens of each layer kept on the GPU (the attention sink)",
     "window_tokens": "most recent tokens of each layer kept on the GPU",
     "kv_dtype": "storage dtype of the KV: auto (the model's) | bfloat16 | float16 | float32",
-    "cpu_threads": "threads for CPU attention in split mode (auto: all cores)",
+    "cpu_threads": "threads for CPU attention (split, cpu_remainder; auto: all cores but one, which drives the GPU)",
     "prefetch_layers": "layers ahead of the one computing whose KV is fetched",
     "prefill_chunk_tokens": "prompt tokens per prefill forward (bounds prefill activations)",
     "io_threads": "threads reading and writing the SSD tier",
