@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser, workload_required: bool = Tru
     parser.add_argument("--out", type=Path, help="results directory (default: bench/results, with quick/ or tiny/ below it)")
     parser.add_argument("--ssd-dir", help="where beyond-ram's SSD tier writes (default: the temporary directory)")
     parser.add_argument("--attempt-oom", action="store_true",
-                        help="run transformers' default cache even where its KV is predicted not to fit")
+                        help="run transformers' caches even where they are predicted to run out of GPU or host memory")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rebuild summary.md and the plots from the JSON under --out")

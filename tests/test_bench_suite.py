@@ -62,6 +62,20 @@ def test_the_offloaded_cache_is_skipped_with_its_reason_on_the_cpu(results_dir):
     assert row["status"] == "skipped" and "CUDA" in row["reason"]
 
 
+def test_the_offloaded_cache_is_predicted_out_of_host_memory_where_its_peak_would_not_fit(monkeypatch):
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=llama_8b_config())
+    cuda = torch.device("cuda")  # the rule reads host memory only: no GPU needed to check it
+    monkeypatch.setattr(systems.psutil, "virtual_memory", lambda: SimpleNamespace(available=120 * systems.GiB))
+    many = WORKLOADS["many-sequences"]  # 64 GiB of KV: well within 120 GiB, but not 6 times over
+    status, reason = systems.skip_reason(systems.OFFLOADED, many, many.context, model, cuda, False, "/tmp")
+    assert status == "oom-predicted" and "out of host memory" in reason and "120 GiB available" in reason
+    assert systems.skip_reason(systems.OFFLOADED, many, many.context, model, cuda, True, "/tmp") is None
+    small = WORKLOADS["small-card"]  # 16 GiB of KV: it ran, peaking at 99 GiB
+    assert systems.skip_reason(systems.OFFLOADED, small, small.context, model, cuda, False, "/tmp") is None
+
+
 def test_markdown_and_plots_cover_every_workload_in_the_directory(results_dir):
     summary = (results_dir / "summary.md").read_text()
     assert "### beyond-ram (tiny)" in summary and "### sweep (tiny)" in summary

@@ -20,6 +20,9 @@ from .workloads import Workload
 GiB = 2**30
 DEFAULT = "transformers-default"
 OFFLOADED = "transformers-offloaded"
+# transformers' offloaded cache: its peak host memory over its KV in this suite's runs on the H200
+# (25 GiB for fits' 4 GiB of KV, 99 GiB for small-card's 16 GiB).
+OFFLOADED_HOST_PER_KV = 6
 TINY_OFFLOAD = {"block_size": 16, "sink_tokens": 16, "window_tokens": 32, "prefill_chunk_tokens": 128}
 
 
@@ -79,6 +82,11 @@ def skip_reason(system: str, workload: Workload, context: int, model, device: to
     if system == OFFLOADED and kv > 0.9 * psutil.virtual_memory().available:
         return "skipped", (f"its KV ({kv / GiB:.0f} GiB) lives in host memory, which has "
                            f"{psutil.virtual_memory().available / GiB:.0f} GiB available; transformers has no disk tier")
+    if system == OFFLOADED and not attempt_oom and OFFLOADED_HOST_PER_KV * kv > psutil.virtual_memory().available:
+        return "oom-predicted", (f"out of host memory (predicted, not run): its host memory peaked at about "
+                                 f"{OFFLOADED_HOST_PER_KV}x its KV in this suite's runs (99 GiB for 16 GiB), here "
+                                 f"{OFFLOADED_HOST_PER_KV * kv / GiB:.0f} GiB against "
+                                 f"{psutil.virtual_memory().available / GiB:.0f} GiB available")
     if system == DEFAULT and device.type == "cuda" and not attempt_oom:
         room = gpu_room(device, workload.gpu_card_bytes)
         margin = 2 * kv // model.config.num_hidden_layers + GiB  # a layer's concatenation and the activations
