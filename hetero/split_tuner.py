@@ -68,13 +68,16 @@ class SplitTuner:
     @property
     def refined_steps(self) -> int:
         """Windows whose measurement counted."""
-        return sum(measured_share(w) is not None for w in self.windows)
+        return len(self._told())
+
+    def _told(self) -> list[WorkTimes]:
+        return [w for w in self.windows if measured_share(w) is not None]
 
     def rates(self) -> tuple[float, float] | None:
         """(PCIe, CPU attention) bytes/s as the counted windows measured them, each the median over
         windows; None before any window told. Each side's rate alone, not the step's: what the
         share balances, and where a side runs slower inside the pipeline than in the probe."""
-        told = [w for w in self.windows if measured_share(w) is not None]
+        told = self._told()
         if not told:
             return None
         return (statistics.median(w.copy_bytes / w.copy_seconds for w in told),

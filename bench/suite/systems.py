@@ -77,16 +77,17 @@ def skip_reason(system: str, workload: Workload, context: int, model, device: to
                 attempt_oom: bool, ssd_dir: str) -> tuple[str, str] | None:
     """(status, reason) for a system this workload should not run, or None to run it."""
     kv = kv_bytes(model.config, workload.batch, context + workload.decode_steps + 1)
-    if system == OFFLOADED and device.type != "cuda":
-        return "skipped", "transformers' offloaded cache needs CUDA (it prefetches on a CUDA stream)"
-    if system == OFFLOADED and kv > 0.9 * psutil.virtual_memory().available:
-        return "skipped", (f"its KV ({kv / GiB:.0f} GiB) lives in host memory, which has "
-                           f"{psutil.virtual_memory().available / GiB:.0f} GiB available; transformers has no disk tier")
-    if system == OFFLOADED and not attempt_oom and OFFLOADED_HOST_PER_KV * kv > psutil.virtual_memory().available:
-        return "oom-predicted", (f"out of host memory (predicted, not run): its host memory peaked at about "
-                                 f"{OFFLOADED_HOST_PER_KV}x its KV in this suite's runs (99 GiB for 16 GiB), here "
-                                 f"{OFFLOADED_HOST_PER_KV * kv / GiB:.0f} GiB against "
-                                 f"{psutil.virtual_memory().available / GiB:.0f} GiB available")
+    if system == OFFLOADED:
+        if device.type != "cuda":
+            return "skipped", "transformers' offloaded cache needs CUDA (it prefetches on a CUDA stream)"
+        available = psutil.virtual_memory().available
+        if kv > 0.9 * available:
+            return "skipped", (f"its KV ({kv / GiB:.0f} GiB) lives in host memory, which has "
+                               f"{available / GiB:.0f} GiB available; transformers has no disk tier")
+        if not attempt_oom and OFFLOADED_HOST_PER_KV * kv > available:
+            return "oom-predicted", (f"out of host memory (predicted, not run): its host memory peaked at about "
+                                     f"{OFFLOADED_HOST_PER_KV}x its KV in this suite's runs (99 GiB for 16 GiB), here "
+                                     f"{OFFLOADED_HOST_PER_KV * kv / GiB:.0f} GiB against {available / GiB:.0f} GiB available")
     if system == DEFAULT and device.type == "cuda" and not attempt_oom:
         room = gpu_room(device, workload.gpu_card_bytes)
         margin = 2 * kv // model.config.num_hidden_layers + GiB  # a layer's concatenation and the activations
