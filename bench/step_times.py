@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         bound = 1e3 * row["pcie_bytes_per_step"] / pcie if pcie else None
         row["median_step_ms"], row["pcie_bound_ms"] = median, bound
         results["variants"][name] = row
-        print(f"{name:40s} {median:14.1f} {bound or float('nan'):13.1f}  {[round(s, 1) for s in row['step_ms']]}",
-              flush=True)
+        print(f"{name:40s} {median:14.1f} {bound or float('nan'):13.1f}  {[round(s, 1) for s in row['step_ms']]}\n"
+              f"    {row['summary']}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -11,11 +11,12 @@ import numba
 import numpy as np
 import torch
 
-from ._kernel import attend_tasks, build_tasks
+from ._kernel import attend_tasks, build_units
 
-# Tuning knobs, set from bench/bench_cpu_attention.py --sweep on the 16-core machine: tasks per
-# thread (a few keep the load balanced with uneven ranges), the smallest task, tokens per tile (a
-# multiple of 4), and whether threads take tasks one at a time as they finish (dynamic).
+# Tuning knobs, set from bench/bench_cpu_attention.py --sweep on the 16-core machine: units of work
+# per thread (equal shares of the tokens; more than one lets a thread that runs slow fall behind by
+# less), the smallest unit, tokens per tile (a multiple of 4), and whether threads take units one
+# at a time as they finish (dynamic).
 TASKS_PER_THREAD = 2
 MIN_CHUNK = 256
 TILE_TOKENS = 32
@@ -43,7 +44,7 @@ def host_decode_attention(q, pool, block_table, ranges, scale, threads=None, *, 
             ranges allowed, the ranges of one head must not overlap.
         scale: scores are (q . k) * scale.
         threads: cores to use for this call (default: `set_threads`, else all).
-        chunk: tokens per parallel task (default: about TASKS_PER_THREAD tasks per thread).
+        chunk: tokens per parallel unit of work (default: TASKS_PER_THREAD units per thread).
         out, lse: optional float32 [B, Hq, D] and [B, Hq] to write into.
     Returns:
         (out float32 [B, Hq, D], lse float32 [B, Hq]); a head with no token gets out 0, lse -inf.
@@ -156,16 +157,15 @@ def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale
     B, Hq, D = qa.shape
     if chunk is None:
         chunk = max(MIN_CHUNK, -(-n_tokens // (n_threads * TASKS_PER_THREAD)))
-        chunk = -(-chunk // TILE_TOKENS) * TILE_TOKENS
     elif chunk < 1:
         raise ValueError(f"chunk: got {chunk}, expected a positive number of tokens")
-    tasks, head_begin = build_tasks(spans, chunk)
+    pieces, unit_begin, head_begin, n_parts = build_units(spans, chunk)
     out_np = _output(out, (B, Hq, D), "out")
     lse_np = _output(lse, (B, Hq), "lse")
-    # Tasks differ in length (a head's last chunk, uneven ranges): hand them out one at a time.
     previous = numba.set_parallel_chunksize(1 if DYNAMIC_SCHEDULE else 0)
     try:
-        attend_tasks(qa, rows, fp16, table, idx, indexed, tasks, head_begin, Hkv, bs, TILE_TOKENS, float(scale), out_np, lse_np)
+        attend_tasks(qa, rows, fp16, table, idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs, TILE_TOKENS,
+                     float(scale), out_np, lse_np)
     finally:
         numba.set_parallel_chunksize(previous)
     if isinstance(q, torch.Tensor):

@@ -135,6 +135,28 @@ def test_indexed_matches_reference(dtype, D, G):
     assert torch.isneginf(lse[0, G : 2 * G]).all()
 
 
+def test_units_are_equal_shares_that_cover_every_range_once():
+    """Work is cut by token count across heads and ranges, so no thread count leaves a lone remainder."""
+    from hetero.cpu_kernels._kernel import build_units
+
+    rng = np.random.default_rng(12)
+    ranges = _random_ranges(rng, 2, 3, 4, 500)
+    ranges[1, 2] = 0  # a head with no tokens
+    pieces, unit_begin, head_begin, n_parts = build_units(ranges, 37)
+    lengths = pieces[:, 2] - pieces[:, 1]
+    per_unit = np.add.reduceat(lengths, unit_begin[:-1])
+    total = int(np.clip(ranges[..., 1] - ranges[..., 0], 0, None).sum())
+    assert (per_unit[:-1] == 37).all() and 0 < per_unit[-1] <= 37 and per_unit.sum() == total
+    assert (lengths > 0).all() and n_parts == pieces[-1, 3] + 1
+    for bh in range(6):
+        mine = pieces[pieces[:, 0] == bh]
+        assert set(mine[:, 3]) == set(range(head_begin[bh], head_begin[bh + 1]))
+        covered = np.concatenate([np.arange(a, b) for _, a, b, _ in mine]) if len(mine) else np.empty(0, int)
+        b, h = divmod(bh, 3)
+        wanted = np.concatenate([np.arange(a, b_) for a, b_ in ranges[b, h]])
+        assert np.array_equal(covered, wanted)
+
+
 def test_merged_partials_equal_attention_over_the_union():
     rng = np.random.default_rng(11)
     q, pool, table = _case(rng, "bfloat16", 128, 4, n_blocks=16)

@@ -171,6 +171,8 @@ def test_spill_dir_removed_at_exit_and_after_keyboard_interrupt(tmp_path):
             store.write(store.allocate(1)[0], torch.ones(2, 1, 2, 16, 64, dtype=torch.bfloat16)).wait()
             print(store.dir, flush=True)
             if {ending!r} == "sigint":
+                # A shell that starts jobs in the background has them ignore SIGINT: restore Python's handler.
+                signal.signal(signal.SIGINT, signal.default_int_handler)
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(5)
         """)
