@@ -87,9 +87,11 @@ class CacheStats:
     # left out for not being in host memory in time ("skip"), and the blocks the placement moved.
     ssd_skipped_share: float | None = None
     ssd_swaps: int | None = None
-    # split mode, "auto": each side's bytes/s as the refining steps measured them (SplitTuner.rates)
+    # split mode, "auto": each side's bytes/s and the CPU side's gap per step, as the refining steps
+    # measured them (SplitTuner.rates)
     split_pcie_bytes_per_s: float | None = None
     split_cpu_bytes_per_s: float | None = None
+    split_cpu_gap_s: float | None = None
 
 
 class HeteroLayer(CacheLayerMixin):
@@ -767,7 +769,7 @@ class HeteroCache(Cache):
         stats.fetched_token_share_by_layer = by_layer
         stats.reused_token_share = reused
         rates = self.split_tuner.rates() if self.split_tuner is not None else None
-        stats.split_pcie_bytes_per_s, stats.split_cpu_bytes_per_s = rates or (None, None)
+        stats.split_pcie_bytes_per_s, stats.split_cpu_bytes_per_s, stats.split_cpu_gap_s = rates or (None, None, None)
         if self._placement is not None:
             stats.ssd_skipped_share = self._placement.skipped_share
             stats.ssd_swaps = self._placement.swaps

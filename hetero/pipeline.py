@@ -33,12 +33,16 @@ class TransferCounters:
 @dataclass
 class WorkTimes:
     """Bytes each side of the `split` mode worked through and the seconds it spent on them: the copy
-    engine on the ring's host-to-GPU fetches, the host worker on its attention jobs."""
+    engine on the ring's host-to-GPU fetches, the host worker on its attention jobs. `host_gap_seconds`:
+    how long the worker went without a job between two jobs of the window, from one job's end to the
+    next one's queueing: the host thread's own work between layers (it queues a layer's job only after
+    taking the last one's result), which the CPU side spends every step whatever its share."""
 
     copy_bytes: int = 0
     copy_seconds: float = 0.0
     host_bytes: int = 0
     host_seconds: float = 0.0
+    host_gap_seconds: float = 0.0
 
 
 class _WorkClock:
@@ -46,8 +50,15 @@ class _WorkClock:
 
     def __init__(self):
         self.copies: deque = deque()  # (start event or None, end event or seconds, bytes), in copy order
-        self.host: list[tuple[int, float]] = []  # (bytes, seconds) of finished host jobs
+        self.host: list[tuple[int, float, float]] = []  # (bytes, seconds, gap before) of finished host jobs
+        self.last_end: float | None = None  # when the window's last host job ended
         self.lock = threading.Lock()
+
+    def host_job(self, nbytes: int, queued: float, started: float, ended: float) -> None:
+        with self.lock:
+            gap = 0.0 if self.last_end is None else max(0.0, queued - self.last_end)
+            self.host.append((nbytes, ended - started, gap))
+            self.last_end = ended
 
     def take(self) -> WorkTimes:
         times = WorkTimes()
@@ -60,8 +71,10 @@ class _WorkClock:
             times.copy_seconds += end if start is None else start.elapsed_time(end) / 1e3
         with self.lock:
             host, self.host = self.host, []
-        times.host_bytes = sum(b for b, _ in host)
-        times.host_seconds = sum(s for _, s in host)
+            self.last_end = None  # a window's first job has no gap: the step boundary lies before it
+        times.host_bytes = sum(b for b, _, _ in host)
+        times.host_seconds = sum(s for _, s, _ in host)
+        times.host_gap_seconds = sum(g for _, _, g in host)
         return times
 
 
@@ -250,6 +263,7 @@ class Pipeline:
         if mailbox is not None:
             mailbox.jobs += 1
             number = mailbox.jobs
+        queued = time.perf_counter()
 
         def job():
             try:
@@ -258,8 +272,7 @@ class Pipeline:
                 started = time.perf_counter()
                 result = fn(*args)
                 if clock is not None:
-                    with clock.lock:
-                        clock.host.append((work_bytes, time.perf_counter() - started))
+                    clock.host_job(work_bytes, queued, started, time.perf_counter())
                 if mailbox is not None:
                     for slot, t in zip(mailbox.slots, result, strict=True):
                         slot.copy_(t)

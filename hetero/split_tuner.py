@@ -1,8 +1,11 @@
 """The `split` mode's GPU share r: which share of each layer's offloaded blocks the GPU fetches.
 
-A decode step ends when the slower side does: the GPU fetching r of the offloaded KV over PCIe at P
-bytes/s, or the CPU attending over the other 1 - r where it lies at C bytes/s. Both finish together
-when r = P / (P + C). `split_ratio = "auto"` starts from the bandwidths probed at load
+A decode step ends when the slower side does: the GPU fetching r of the offloaded KV (K bytes) over
+PCIe at P bytes/s, or the CPU attending over the other 1 - r where it lies at C bytes/s, plus the
+time g it waits each step for the host thread to queue the next layer's part (the host thread takes
+one layer's CPU result before it runs the rest of the layer and the next one's projections). Both
+finish together when r K / P = (1 - r) K / C + g, that is r = (K / C + g) / (K / P + K / C); with no
+gap, r = P / (P + C). `split_ratio = "auto"` starts from the bandwidths probed at load
 (hetero.bandwidth_probe) or, without CUDA, from the ceilings of LIMITS.md, and `SplitTuner` refines
 r from what the first decode steps measured, then holds it. A number in the config is used as is.
 
@@ -30,12 +33,17 @@ def ceiling_share(ceilings: Ceilings = Ceilings()) -> float:
 
 
 def measured_share(times: WorkTimes) -> float | None:
-    """The balanced share from one window of measured work, or None when it does not tell: a side
-    that did no work, or a time that is not a positive finite number."""
+    """The balanced share from one window of measured work (the module's formula, within [0, 1]), or
+    None when it does not tell: a side that did no work, or a time that is not a finite number."""
     values = (times.copy_bytes, times.copy_seconds, times.host_bytes, times.host_seconds)
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
         return None
-    return balanced_share(times.copy_bytes / times.copy_seconds, times.host_bytes / times.host_seconds)
+    gap = times.host_gap_seconds
+    if not (isinstance(gap, (int, float)) and math.isfinite(gap) and gap >= 0):
+        return None
+    kv = times.copy_bytes + times.host_bytes
+    pcie_s, cpu_s = kv * times.copy_seconds / times.copy_bytes, kv * times.host_seconds / times.host_bytes
+    return min(1.0, (cpu_s + gap) / (pcie_s + cpu_s))
 
 
 def refine_share(start: float, windows: Sequence[WorkTimes]) -> float:
@@ -73,15 +81,17 @@ class SplitTuner:
     def _told(self) -> list[WorkTimes]:
         return [w for w in self.windows if measured_share(w) is not None]
 
-    def rates(self) -> tuple[float, float] | None:
-        """(PCIe, CPU attention) bytes/s as the counted windows measured them, each the median over
-        windows; None before any window told. Each side's rate alone, not the step's: what the
-        share balances, and where a side runs slower inside the pipeline than in the probe."""
+    def rates(self) -> tuple[float, float, float] | None:
+        """(PCIe bytes/s, CPU attention bytes/s, the CPU side's gap in seconds per window) as the
+        counted windows measured them, each the median over windows; None before any window told.
+        Each side's rate alone, not the step's: what the share balances, and where a side runs slower
+        inside the pipeline than in the probe."""
         told = self._told()
         if not told:
             return None
         return (statistics.median(w.copy_bytes / w.copy_seconds for w in told),
-                statistics.median(w.host_bytes / w.host_seconds for w in told))
+                statistics.median(w.host_bytes / w.host_seconds for w in told),
+                statistics.median(w.host_gap_seconds for w in told))
 
     def observe(self, times: WorkTimes) -> float:
         """Fold one step's measured work in; returns the share for the next step."""

@@ -12,8 +12,9 @@ from batches import left_padded
 from test_stream_exact import SMALL, _hetero, _reference, model_dir  # noqa: F401  (fixture)
 
 
-def _times(gpu_bytes, gpu_s, cpu_bytes, cpu_s):
-    return WorkTimes(copy_bytes=gpu_bytes, copy_seconds=gpu_s, host_bytes=cpu_bytes, host_seconds=cpu_s)
+def _times(gpu_bytes, gpu_s, cpu_bytes, cpu_s, gap_s=0.0):
+    return WorkTimes(copy_bytes=gpu_bytes, copy_seconds=gpu_s, host_bytes=cpu_bytes, host_seconds=cpu_s,
+                     host_gap_seconds=gap_s)
 
 
 def test_refine_moves_toward_the_balance_the_timings_measured():
@@ -26,6 +27,17 @@ def test_refine_moves_toward_the_balance_the_timings_measured():
     # At the balance both sides take equally long: nothing moves.
     assert refine_share(2 / 3, [_times(2, 1.0, 1, 1.0)]) == pytest.approx(2 / 3)
     assert refine_share(0.4, []) == 0.4
+
+
+def test_the_cpu_sides_gap_moves_work_to_the_gpu():
+    # 40 B/s and 20 B/s over 100 bytes: 2.5 s for all of it over PCIe, 5 s on the CPU. With 1 s a
+    # window lost between the CPU's parts, both end together at r * 2.5 = (1 - r) * 5 + 1: r = 0.8.
+    with_gap = _times(40, 1.0, 60, 3.0, gap_s=1.0)
+    assert measured_share(with_gap) == pytest.approx(0.8)
+    assert measured_share(_times(40, 1.0, 60, 3.0, gap_s=0.0)) == pytest.approx(2 / 3)
+    assert measured_share(_times(40, 1.0, 60, 3.0, gap_s=10.0)) == 1.0, "a gap longer than the PCIe side: all on the GPU"
+    assert measured_share(_times(40, 1.0, 60, 3.0, gap_s=math.nan)) is None
+    assert measured_share(_times(40, 1.0, 60, 3.0, gap_s=-1.0)) is None
 
 
 def test_refine_is_not_thrown_by_one_odd_window():
@@ -70,9 +82,9 @@ def test_tuner_reports_each_sides_median_rate_over_the_windows_that_told():
     tuner = SplitTuner(0.5, skip=1, steps=4)
     assert tuner.rates() is None
     tuner.observe(_times(1, 1.0, 1, 1.0))  # skipped: not counted
-    for times in (_times(40, 1.0, 60, 3.0), WorkTimes(), _times(30, 1.0, 90, 3.0), _times(50, 1.0, 3, 3.0)):
+    for times in (_times(40, 1.0, 60, 3.0, 0.1), WorkTimes(), _times(30, 1.0, 90, 3.0, 0.3), _times(50, 1.0, 3, 3.0, 0.2)):
         tuner.observe(times)
-    assert tuner.rates() == (40.0, 20.0)
+    assert tuner.rates() == pytest.approx((40.0, 20.0, 0.2))
 
 
 def test_tuner_counts_steps_whose_timings_do_not_tell_without_moving():
@@ -94,7 +106,21 @@ def test_pipeline_times_the_rings_copies_and_the_host_jobs():
     times = pipeline.take_work_times()
     assert times.copy_bytes == source.numel() * 4 and times.copy_seconds > 0
     assert times.host_bytes == 1234 and times.host_seconds > 0
+    assert times.host_gap_seconds == 0, "a window's first job has no gap before it"
     assert pipeline.take_work_times() == WorkTimes()  # taken: the next window starts empty
+    pipeline.close()
+
+
+def test_pipeline_times_the_host_workers_wait_for_the_next_job():
+    import time
+
+    pipeline = Pipeline("cpu")
+    pipeline.time_work()
+    for _ in range(3):  # the host thread takes each result, then works 50 ms before queueing the next job
+        pipeline.host_result(pipeline.run_on_host(pipeline.fence_here(), lambda: (torch.ones(1),), work_bytes=1))
+        time.sleep(0.05)
+    times = pipeline.take_work_times()
+    assert times.host_bytes == 3 and 0.1 <= times.host_gap_seconds < 0.5, "two gaps of about 50 ms"
     pipeline.close()
 
 
