@@ -1,0 +1,145 @@
+"""Where a `split` decode step's time goes: each layer's fetch and CPU part on one clock.
+
+Generates with an 8B-class Llama in `split` mode and records, for the last `--show` steps, per layer:
+when the host thread queued the fetch and the CPU part, when the copy engine started and ended the
+fetch (CUDA events, put on the host clock), when the CPU part started (its query landed) and ended.
+Prints per-step sums: the copy engine busy, the CPU busy, the CPU's waits for the query (the GPU
+behind) and for the host thread (its gap), and writes every event to JSON.
+
+    python bench/split_timeline.py --context 131072 --gpu-kv-bytes 4GiB --out timeline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import hetero
+from hetero import pipeline as pl
+
+sys.path.insert(0, os.path.dirname(__file__))
+from suite.model import build_random_model, llama_8b_config, random_prompt, tiny_llama_config  # noqa: E402
+
+TINY = {"block_size": 16, "sink_tokens": 16, "window_tokens": 32, "prefill_chunk_tokens": 64}
+
+
+class Recorder:
+    """Patches the pipeline to note host times and keep the copies' timed events."""
+
+    def __init__(self):
+        self.jobs = []  # dicts: queued, started, ended
+        self.copies = []  # (submitted host time, start event, ready event, bytes)
+        self.ref = None
+
+    def install(self):
+        rec = self
+        run_on_host, pump = pl.Pipeline.run_on_host, pl.FetchRing._pump
+
+        def timed_run_on_host(self, ready, fn, *args, **kwargs):
+            entry = {"queued": time.perf_counter()}
+            rec.jobs.append(entry)
+
+            def timed(*a):
+                entry["started"] = time.perf_counter()
+                try:
+                    return fn(*a)
+                finally:
+                    entry["ended"] = time.perf_counter()
+
+            return run_on_host(self, ready, timed, *args, **kwargs)
+
+        def timed_pump(self):
+            clock = self.pipeline._clock
+            if clock is None:
+                self.pipeline.time_work()
+                clock = self.pipeline._clock
+            before = len(clock.copies)
+            pump(self)
+            now = time.perf_counter()
+            for start, ready, nbytes in list(clock.copies)[before:]:
+                rec.copies.append((now, start, ready, nbytes))
+            clock.copies.clear()  # kept here instead: the tuner then sees no copies and holds its share
+
+        pl.Pipeline.run_on_host = timed_run_on_host
+        pl.FetchRing._pump = timed_pump
+
+    def mark(self):
+        torch.cuda.synchronize()
+        self.ref = torch.cuda.Event(enable_timing=True)
+        self.ref.record()
+        self.ref_host = time.perf_counter()
+        torch.cuda.synchronize()
+
+    def on_host_clock(self, event) -> float:
+        return self.ref_host + self.ref.elapsed_time(event) / 1e3
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--context", type=int, default=131072)
+    p.add_argument("--gpu-kv-bytes", default="4GiB")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--show", type=int, default=3, help="steps at the end to report")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an offload config key")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.tiny
+    device = torch.device("cuda" if cuda else "cpu")
+    model = build_random_model(tiny_llama_config() if args.tiny else llama_8b_config(), device)
+    context = 256 if args.tiny else args.context
+    ids = random_prompt(model.config.vocab_size, 1, context, device)
+    config = {**(TINY if args.tiny else {}), "mode": "split", "split_ratio": 0.6,
+              "gpu_kv_bytes": "256KiB" if args.tiny else args.gpu_kv_bytes}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    rec = Recorder()
+    rec.install()
+    hetero.prepare(model, config)
+    steps = []
+    model.hetero.progress = lambda tokens: steps.append((tokens, time.perf_counter(), len(rec.jobs), len(rec.copies)))
+    if cuda:
+        rec.mark()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.steps, min_new_tokens=args.steps,
+                       do_sample=False)
+    if cuda:
+        torch.cuda.synchronize()
+    copies = [dict(submitted=s, start=rec.on_host_clock(a) if cuda else s, end=rec.on_host_clock(b) if cuda else s,
+                   bytes=n) for s, a, b, n in rec.copies]
+    report = []
+    print(f"{context} tokens, split at share {config['split_ratio']}: per step, ms")
+    print(f"{'step':>4} {'wall':>7} {'copy busy':>9} {'CPU busy':>8} {'CPU waits query':>15} {'CPU waits host':>14}")
+    for (_, t0, j0, c0), (_, t1, j1, c1) in list(zip(steps, steps[1:]))[-args.show:]:
+        jobs = rec.jobs[j0:j1]
+        busy_copy = sum(c["end"] - c["start"] for c in copies[c0:c1])
+        busy_cpu = sum(j["ended"] - j["started"] for j in jobs)
+        wait_query = sum(j["started"] - j["queued"] for j in jobs)
+        wait_host = sum(b["queued"] - a["ended"] for a, b in zip(jobs, jobs[1:]))
+        row = dict(wall=t1 - t0, copy_busy=busy_copy, cpu_busy=busy_cpu, cpu_waits_query=wait_query,
+                   cpu_waits_host=wait_host, jobs=[{k: v - t0 for k, v in j.items()} for j in jobs],
+                   copies=[{k: (v - t0 if k != "bytes" else v) for k, v in c.items()} for c in copies[c0:c1]])
+        report.append(row)
+        print(f"{len(report):>4} {1e3 * row['wall']:7.1f} {1e3 * busy_copy:9.1f} {1e3 * busy_cpu:8.1f} "
+              f"{1e3 * wait_query:15.1f} {1e3 * wait_host:14.1f}")
+    last = report[-1]
+    print("last step (ms from its start): the copies' submitted/start/end, then the CPU parts' queued/started/ended")
+    print("  copies: " + "  ".join(f"{1e3 * c['submitted']:.1f}/{1e3 * c['start']:.1f}/{1e3 * c['end']:.1f}" for c in last["copies"]))
+    print("  CPU:    " + "  ".join(f"{1e3 * j['queued']:.1f}/{1e3 * j['started']:.1f}/{1e3 * j['ended']:.1f}" for j in last["jobs"]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"context": context, "config": config, "steps": report}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
