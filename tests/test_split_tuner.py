@@ -220,6 +220,14 @@ def test_share_changing_every_step_still_matches_transformers(model_dir, monkeyp
     assert model.hetero.split_share_refined in _ScriptedTuner.shares
 
 
+def test_cpu_probe_times_the_kernel_after_starting_its_threads():
+    from hetero.bandwidth_probe import cpu_attention
+    from hetero.cache import KVLayout
+
+    layout = KVLayout(1, 1, 2, 64, 16, torch.bfloat16)
+    assert cpu_attention(layout, 4, nbytes=1 << 20) > 1e7  # bytes/s: it ran and timed real work
+
+
 @pytest.mark.gpu
 def test_probe_gives_a_share_between_the_two_sides():
     import time
