@@ -22,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 import hetero
+from hetero.bench_cli import parse_overrides
 
 sys.path.insert(0, os.path.dirname(__file__))
 from suite.model import build_random_model, llama_8b_config, random_prompt, tiny_llama_config  # noqa: E402
@@ -87,12 +88,7 @@ def main(argv=None) -> int:
     config = {"mode": args.mode, "gpu_kv_bytes": args.gpu_kv_bytes}
     if args.tiny:
         config.update(block_size=16, sink_tokens=16, window_tokens=32, prefill_chunk_tokens=256)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            config[key] = json.loads(value)
-        except json.JSONDecodeError:
-            config[key] = value
+    config.update(parse_overrides(args.set))
     result = profile_decode(model, ids, config, args.steps, args.skip, args.rows)
     print(result["summary"])
     print(f"decode step {result['step_ms_median']:.1f} ms (median of the profiled ones), "

@@ -21,6 +21,7 @@ import torch
 
 import hetero
 from hetero import pipeline as pl
+from hetero.bench_cli import parse_overrides
 
 sys.path.insert(0, os.path.dirname(__file__))
 from suite.model import build_random_model, llama_8b_config, random_prompt, tiny_llama_config  # noqa: E402
@@ -65,8 +66,12 @@ class Recorder:
                 rec.copies.append((now, start, ready, nbytes))
             clock.copies.clear()  # kept here instead: the tuner then sees no copies and holds its share
 
+        self._originals = run_on_host, pump
         pl.Pipeline.run_on_host = timed_run_on_host
         pl.FetchRing._pump = timed_pump
+
+    def uninstall(self):
+        pl.Pipeline.run_on_host, pl.FetchRing._pump = self._originals
 
     def mark(self):
         torch.cuda.synchronize()
@@ -96,24 +101,22 @@ def main(argv=None) -> int:
     ids = random_prompt(model.config.vocab_size, 1, context, device)
     config = {**(TINY if args.tiny else {}), "mode": "split", "split_ratio": 0.6,
               "gpu_kv_bytes": "256KiB" if args.tiny else args.gpu_kv_bytes}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            config[key] = json.loads(value)
-        except json.JSONDecodeError:
-            config[key] = value
+    config.update(parse_overrides(args.set))
     rec = Recorder()
     rec.install()
-    hetero.prepare(model, config)
-    steps = []
-    model.hetero.progress = lambda tokens: steps.append((tokens, time.perf_counter(), len(rec.jobs), len(rec.copies)))
-    if cuda:
-        rec.mark()
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.steps, min_new_tokens=args.steps,
-                       do_sample=False)
-    if cuda:
-        torch.cuda.synchronize()
+    try:
+        hetero.prepare(model, config)
+        steps = []
+        model.hetero.progress = lambda tokens: steps.append((tokens, time.perf_counter(), len(rec.jobs), len(rec.copies)))
+        if cuda:
+            rec.mark()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.steps,
+                           min_new_tokens=args.steps, do_sample=False)
+        if cuda:
+            torch.cuda.synchronize()
+    finally:
+        rec.uninstall()
     copies = [dict(submitted=s, start=rec.on_host_clock(a) if cuda else s, end=rec.on_host_clock(b) if cuda else s,
                    bytes=n) for s, a, b, n in rec.copies]
     report = []

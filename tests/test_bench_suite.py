@@ -187,6 +187,20 @@ def test_the_decode_profiler_records_decode_steps_only(tmp_path):
     assert "fetched" in result["summary"]  # the KV left the GPU: speculation ran
 
 
+def test_the_split_timeline_records_each_steps_fetches_and_cpu_parts(tmp_path):
+    import split_timeline
+
+    from hetero import pipeline
+
+    run_on_host = pipeline.Pipeline.run_on_host
+    out = tmp_path / "timeline.json"
+    assert split_timeline.main(["--tiny", "--steps", "4", "--show", "2", "--set", "split_ratio=0.5", "--out", str(out)]) == 0
+    steps = json.loads(out.read_text())["steps"]
+    assert len(steps) == 2 and all(s["jobs"] and s["copies"] and s["cpu_busy"] > 0 for s in steps)
+    assert all(j["queued"] <= j["started"] <= j["ended"] for s in steps for j in s["jobs"])
+    assert pipeline.Pipeline.run_on_host is run_on_host, "the pipeline is left as it was"
+
+
 def test_step_times_runs_each_variant_on_one_prompt(tmp_path):
     import step_times
 
