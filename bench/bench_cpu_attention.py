@@ -95,16 +95,16 @@ def streaming_ceiling(gib, reps, threads):
 
 
 def sweep_knobs(q, pool, table, tokens, reps, threads):
-    """The kernel's GB/s under each tuning knob setting (tile, tasks per thread, schedule)."""
-    saved = (knobs.TILE_TOKENS, knobs.TASKS_PER_THREAD, knobs.DYNAMIC_SCHEDULE)
+    """The kernel's GB/s under each tuning knob setting (tile, units per thread, schedule)."""
+    saved = (knobs.TILE_TOKENS, knobs.UNITS_PER_THREAD, knobs.DYNAMIC_SCHEDULE)
     settings = [(tile, saved[1], saved[2]) for tile in (16, 32, 64)]
-    settings += [(saved[0], tasks, dyn) for tasks in (1, 2, 4, 8, 16) for dyn in (True, False)]
+    settings += [(saved[0], units, dyn) for units in (1, 2, 4, 8, 16) for dyn in (True, False)]
     results = []
-    for tile, tasks, dyn in settings:
-        knobs.TILE_TOKENS, knobs.TASKS_PER_THREAD, knobs.DYNAMIC_SCHEDULE = tile, tasks, dyn
+    for tile, units, dyn in settings:
+        knobs.TILE_TOKENS, knobs.UNITS_PER_THREAD, knobs.DYNAMIC_SCHEDULE = tile, units, dyn
         r = bench_kernel(q, pool, table, tokens, reps, threads)
-        results.append(dict(tile=tile, tasks_per_thread=tasks, dynamic=dyn, gbps=r["gbps"]))
-    knobs.TILE_TOKENS, knobs.TASKS_PER_THREAD, knobs.DYNAMIC_SCHEDULE = saved
+        results.append(dict(tile=tile, units_per_thread=units, dynamic=dyn, gbps=r["gbps"]))
+    knobs.TILE_TOKENS, knobs.UNITS_PER_THREAD, knobs.DYNAMIC_SCHEDULE = saved
     return results
 
 
@@ -237,7 +237,7 @@ def main():
             f"{'' if sb is None else f'{sb:.1f}x':>14}{'' if sf is None else f'{sf:.1f}x':>14}"
         )
     for k in sweep:
-        print(f"knobs tile={k['tile']:<3} tasks/thread={k['tasks_per_thread']:<3} "
+        print(f"knobs tile={k['tile']:<3} units/thread={k['units_per_thread']:<3} "
               f"dynamic={k['dynamic']!s:<5} {k['gbps']:6.1f} GB/s {k['gbps'] / ceiling['uint16']:5.0%} of ceiling")
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "compile_s": compile_s, "ceiling_gbps": ceiling, "rows": rows, "sweep": sweep,

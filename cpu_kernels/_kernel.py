@@ -5,7 +5,7 @@ with 8 KV heads still fills every core and no thread count leaves one unit of a 
 running alone (cut per head, 15 threads ran 25% slower than 16); each unit leaves a partial (max,
 sum, unnormalized accumulator) per head it touches, and a second parallel loop merges a head's
 partials.
-Within a task, tokens go by tiles. The pool is seen as rows of D elements; each K and V row is
+Within a unit, tokens go by tiles. The pool is seen as rows of D elements; each K and V row is
 read straight from the pool once, widened to float32 in registers, and used by 4 query heads
 and 4 tokens at a time, so that the D-long inner loops vectorize and reuse every load.
 
@@ -166,7 +166,7 @@ def _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh,
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-def attend_tasks(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs,
+def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs,
                  tile, scale, out, lse):
     """Decode attention of q [B, Hq, D] over the tokens that `pieces` name; writes out and lse.
 

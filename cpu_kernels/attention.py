@@ -2,7 +2,7 @@
 
 Front-ends over the Numba kernel in `_kernel`: they accept numpy arrays or torch CPU tensors
 (bfloat16 pools are viewed as uint16 bits, zero-copy), check what the kernel would otherwise
-read out of bounds, cut the work into per-core tasks and return the kind they were given.
+read out of bounds, cut the work into per-core units and return the kind they were given.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import numba
 import numpy as np
 import torch
 
-from ._kernel import attend_tasks, build_units
+from ._kernel import attend_units, build_units
 
 # Tuning knobs, set from bench/bench_cpu_attention.py --sweep on the 16-core machine: units of work
 # per thread (equal shares of the tokens; more than one lets a thread that runs slow fall behind by
 # less), the smallest unit, tokens per tile (a multiple of 4), and whether threads take units one
 # at a time as they finish (dynamic).
-TASKS_PER_THREAD = 2
+UNITS_PER_THREAD = 2
 MIN_CHUNK = 256
 TILE_TOKENS = 32
 DYNAMIC_SCHEDULE = True
@@ -44,7 +44,7 @@ def host_decode_attention(q, pool, block_table, ranges, scale, threads=None, *, 
             ranges allowed, the ranges of one head must not overlap.
         scale: scores are (q . k) * scale.
         threads: cores to use for this call (default: `set_threads`, else all).
-        chunk: tokens per parallel unit of work (default: TASKS_PER_THREAD units per thread).
+        chunk: tokens per parallel unit of work (default: UNITS_PER_THREAD units per thread).
         out, lse: optional float32 [B, Hq, D] and [B, Hq] to write into.
     Returns:
         (out float32 [B, Hq, D], lse float32 [B, Hq]); a head with no token gets out 0, lse -inf.
@@ -156,7 +156,7 @@ def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale
     numba.set_num_threads(n_threads)
     B, Hq, D = qa.shape
     if chunk is None:
-        chunk = max(MIN_CHUNK, -(-n_tokens // (n_threads * TASKS_PER_THREAD)))
+        chunk = max(MIN_CHUNK, -(-n_tokens // (n_threads * UNITS_PER_THREAD)))
     elif chunk < 1:
         raise ValueError(f"chunk: got {chunk}, expected a positive number of tokens")
     pieces, unit_begin, head_begin, n_parts = build_units(spans, chunk)
@@ -164,7 +164,7 @@ def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale
     lse_np = _output(lse, (B, Hq), "lse")
     previous = numba.set_parallel_chunksize(1 if DYNAMIC_SCHEDULE else 0)
     try:
-        attend_tasks(qa, rows, fp16, table, idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs, TILE_TOKENS,
+        attend_units(qa, rows, fp16, table, idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs, TILE_TOKENS,
                      float(scale), out_np, lse_np)
     finally:
         numba.set_parallel_chunksize(previous)

@@ -229,6 +229,6 @@ def test_bad_inputs_are_refused():
 
 def test_warmup_compiles_every_pool_dtype():
     warmup()
-    from hetero.cpu_kernels._kernel import attend_tasks
+    from hetero.cpu_kernels._kernel import attend_units
 
-    assert {sig[1].dtype.name for sig in attend_tasks.signatures} == {"uint16", "float32"}
+    assert {sig[1].dtype.name for sig in attend_units.signatures} == {"uint16", "float32"}
