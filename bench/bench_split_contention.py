@@ -56,11 +56,8 @@ class Copier:
                 self.dst.copy_(self.src, non_blocking=True)
                 event.record(self.stream)
         time.sleep(0.01)  # the copies are under way before the first timed call
-        began, durations = time.perf_counter(), []
-        while time.perf_counter() - began < seconds:
-            t0 = time.perf_counter()
-            fn()
-            durations.append(time.perf_counter() - t0)
+        began = time.perf_counter()
+        durations = timed_calls(fn, seconds)
         window = time.perf_counter() - began + 0.01
         self.stream.synchronize()
         times = [start.elapsed_time(e) / 1e3 for e in landed]
@@ -70,14 +67,20 @@ class Copier:
         return len(inside) * self.src.numel() / inside[-1], durations
 
 
-def repeated(fn, seconds: float) -> list[float]:
-    fn()
+def timed_calls(fn, seconds: float) -> list[float]:
+    """The durations of back-to-back calls of `fn` for about `seconds`."""
     began, durations = time.perf_counter(), []
     while time.perf_counter() - began < seconds:
         t0 = time.perf_counter()
         fn()
         durations.append(time.perf_counter() - t0)
     return durations
+
+
+def repeated(fn, seconds: float) -> list[float]:
+    """`timed_calls` after one untimed call."""
+    fn()
+    return timed_calls(fn, seconds)
 
 
 def make_pool(batch: int, tokens: int, huge_pages: bool, hq=32, hkv=8, d=128, bs=256, seed=0):
