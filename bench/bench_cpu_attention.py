@@ -95,16 +95,16 @@ def streaming_ceiling(gib, reps, threads):
 
 
 def sweep_knobs(q, pool, table, tokens, reps, threads):
-    """The kernel's GB/s under each tuning knob setting (tile, units per thread, schedule)."""
-    saved = (knobs.TILE_TOKENS, knobs.UNITS_PER_THREAD, knobs.DYNAMIC_SCHEDULE)
-    settings = [(tile, saved[1], saved[2]) for tile in (16, 32, 64)]
-    settings += [(saved[0], units, dyn) for units in (1, 2, 4, 8, 16) for dyn in (True, False)]
+    """The kernel's GB/s under each tuning knob setting (tile, units per thread, schedule, prefetch)."""
+    saved = (knobs.TILE_TOKENS, knobs.UNITS_PER_THREAD, knobs.DYNAMIC_SCHEDULE, knobs.PREFETCH_NEXT_TILE)
+    settings = [(tile, saved[1], saved[2], pf) for pf in (True, False) for tile in (16, 32, 64)]
+    settings += [(saved[0], units, dyn, saved[3]) for units in (1, 2, 4, 8) for dyn in (True, False)]
     results = []
-    for tile, units, dyn in settings:
-        knobs.TILE_TOKENS, knobs.UNITS_PER_THREAD, knobs.DYNAMIC_SCHEDULE = tile, units, dyn
+    for tile, units, dyn, pf in settings:
+        knobs.TILE_TOKENS, knobs.UNITS_PER_THREAD, knobs.DYNAMIC_SCHEDULE, knobs.PREFETCH_NEXT_TILE = tile, units, dyn, pf
         r = bench_kernel(q, pool, table, tokens, reps, threads)
-        results.append(dict(tile=tile, units_per_thread=units, dynamic=dyn, gbps=r["gbps"]))
-    knobs.TILE_TOKENS, knobs.UNITS_PER_THREAD, knobs.DYNAMIC_SCHEDULE = saved
+        results.append(dict(tile=tile, units_per_thread=units, dynamic=dyn, prefetch=pf, gbps=r["gbps"]))
+    knobs.TILE_TOKENS, knobs.UNITS_PER_THREAD, knobs.DYNAMIC_SCHEDULE, knobs.PREFETCH_NEXT_TILE = saved
     return results
 
 
@@ -238,7 +238,7 @@ def main():
         )
     for k in sweep:
         print(f"knobs tile={k['tile']:<3} units/thread={k['units_per_thread']:<3} "
-              f"dynamic={k['dynamic']!s:<5} {k['gbps']:6.1f} GB/s {k['gbps'] / ceiling['uint16']:5.0%} of ceiling")
+              f"dynamic={k['dynamic']!s:<5} prefetch={k['prefetch']!s:<5} {k['gbps']:6.1f} GB/s {k['gbps'] / ceiling['uint16']:5.0%} of ceiling")
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "compile_s": compile_s, "ceiling_gbps": ceiling, "rows": rows, "sweep": sweep,
                    "numba_threading_layer": numba.threading_layer(),

@@ -1,4 +1,4 @@
-"""LLVM-level helpers for the Numba kernels: 16-bit float widening and 2**k.
+"""LLVM-level helpers for the Numba kernels: 16-bit float widening, 2**k and prefetch hints.
 
 Numba has no bfloat16 or float16 type, so 16-bit pools reach the kernels as uint16 bit
 patterns. The conversions emit the LLVM operation directly (a 16-bit shift for bfloat16,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 _I32 = ir.IntType(32)
@@ -62,3 +63,28 @@ def _to_f32_impl(x, fp16):
     if x == types.float32:
         return lambda x, fp16: x
     return None
+
+
+@intrinsic
+def prefetch(typingctx, arr, row, col):
+    """Hint the CPU to bring the cache line holding arr[row, col] (a 2-D array) into L1; no effect
+    on results. The hardware prefetchers stop at 4 KiB pages, and a tile's rows span several."""
+    if not isinstance(arr, types.Array) or arr.ndim != 2:
+        return None
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        array = context.make_array(array_type)(context, builder, args[0])
+        index = [context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], signature.args[1:])]
+        pointer = cgutils.get_item_pointer2(
+            context, builder, data=array.data, shape=cgutils.unpack_tuple(builder, array.shape),
+            strides=cgutils.unpack_tuple(builder, array.strides), layout=array_type.layout, inds=index,
+            wraparound=False, boundscheck=False)
+        byte_pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
+        hint = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
+        # read (0), keep in all cache levels (3), data cache (1)
+        builder.call(hint, [byte_pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, row, col), codegen

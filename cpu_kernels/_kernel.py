@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._intrinsics import exponent_to_f32, to_f32
+from ._intrinsics import exponent_to_f32, prefetch, to_f32
 
 # No "nnan"/"ninf": the softmax state starts at -inf and empty heads must end at lse -inf.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -50,10 +50,12 @@ def _exp_nonpositive(x):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _score_tile(qs, pool, fp16, rows, n4, scores):
-    """scores[g, j] = qs[g] . pool[rows[j]] for j < n4 (a multiple of 4)."""
+def _score_tile(qs, pool, fp16, rows, n4, scores, ahead, n_ahead):
+    """scores[g, j] = qs[g] . pool[rows[j]] for j < n4 (a multiple of 4); meanwhile prefetches
+    the K rows ahead[:n_ahead] of the next tile."""
     G, D = qs.shape
     for j in range(0, n4, 4):
+        _prefetch_rows(pool, ahead, j, n_ahead if j + 4 >= n4 else min(j + 4, n_ahead), 0)
         r0, r1, r2, r3 = rows[j], rows[j + 1], rows[j + 2], rows[j + 3]
         if G % 4 == 0:
             for g in range(0, G, 4):
@@ -113,10 +115,12 @@ def _softmax_tile(scores, n, n4, m, l, acc):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _accumulate_tile(p, pool, fp16, rows, v_rows, n4, acc):
-    """acc[g] += sum_j p[g, j] * pool[rows[j] + v_rows] for j < n4 (a multiple of 4)."""
+def _accumulate_tile(p, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead):
+    """acc[g] += sum_j p[g, j] * pool[rows[j] + v_rows] for j < n4 (a multiple of 4); meanwhile
+    prefetches the V rows of the next tile (K rows ahead[:n_ahead])."""
     G, D = acc.shape
     for j in range(0, n4, 4):
+        _prefetch_rows(pool, ahead, j, n_ahead if j + 4 >= n4 else min(j + 4, n_ahead), v_rows)
         r0, r1, r2, r3 = rows[j] + v_rows, rows[j + 1] + v_rows, rows[j + 2] + v_rows, rows[j + 3] + v_rows
         if G % 4 == 0:
             for g in range(0, G, 4):
@@ -138,6 +142,15 @@ def _accumulate_tile(p, pool, fp16, rows, v_rows, n4, acc):
                     v0, v1 = to_f32(pool[r0, d], fp16), to_f32(pool[r1, d], fp16)
                     v2, v3 = to_f32(pool[r2, d], fp16), to_f32(pool[r3, d], fp16)
                     acc[g, d] += (a0 * v0 + a1 * v1) + (a2 * v2 + a3 * v3)
+
+
+@njit(cache=True)
+def _prefetch_rows(pool, rows, first, stop, offset):
+    """Prefetch every cache line of pool rows rows[first:stop] + offset."""
+    step = max(1, 64 // pool.itemsize)
+    for j in range(first, stop):
+        for d in range(0, pool.shape[1], step):
+            prefetch(pool, rows[j] + offset, d)
 
 
 @njit(cache=True)
@@ -167,7 +180,7 @@ def _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh,
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs,
-                 tile, scale, out, lse):
+                 tile, prefetch_next, scale, out, lse):
     """Decode attention of q [B, Hq, D] over the tokens that `pieces` name; writes out and lse.
 
     pool [rows, D]: the pool's rows (uint16 bits when 16-bit, `fp16` telling which kind, else
@@ -175,7 +188,8 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
     are logical token positions, or positions in token_idx[b, h] when `indexed`. Unit u, one
     parallel task, works through pieces unit_begin[u] to unit_begin[u + 1] and leaves one partial
     (max, sum, unnormalized accumulator) per part; a head's parts are head_begin[bh] to
-    head_begin[bh + 1]. `tile`: tokens per tile, a multiple of 4.
+    head_begin[bh + 1]. `tile`: tokens per tile, a multiple of 4. `prefetch_next`: while a tile
+    is computed, prefetch the next one's rows.
     Releases the GIL, so that the caller's other threads (GPU launches) run meanwhile.
     """
     B, Hq, D = q.shape
@@ -188,6 +202,7 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
     for u in prange(unit_begin.shape[0] - 1):
         qs = np.empty((G, D), np.float32)
         rows = np.empty(tile + 3, np.int64)
+        ahead = np.empty(tile + 3, np.int64)
         scores = np.empty((G, tile + 3), np.float32)
         m = np.empty(G, np.float32)
         l = np.empty(G, np.float32)
@@ -209,13 +224,23 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
                         qs[g, d] = q[b, h * G + g, d] * scale
                         acc[g, d] = 0.0
             pos, last = pieces[i, 1], pieces[i, 2]
-            while pos < last:
-                n = _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh, bs, slot_rows)
+            n = _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh, bs, slot_rows)
+            while True:
+                n_ahead = 0
+                if prefetch_next and pos + n < last:
+                    n_ahead = _fill_rows(ahead, pos + n, last, tile, block_table, token_idx, indexed, b, h, bh, bs,
+                                         slot_rows)
                 n4 = (n + 3) // 4 * 4
-                _score_tile(qs, pool, fp16, rows, n4, scores)
+                _score_tile(qs, pool, fp16, rows, n4, scores, ahead, n_ahead)
                 _softmax_tile(scores, n, n4, m, l, acc)
-                _accumulate_tile(scores, pool, fp16, rows, v_rows, n4, acc)
+                _accumulate_tile(scores, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead)
                 pos += n
+                if pos >= last:
+                    break
+                if n_ahead:
+                    rows, ahead, n = ahead, rows, n_ahead
+                else:
+                    n = _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh, bs, slot_rows)
         if part >= 0:
             _leave_partial(part, m, l, acc, part_m, part_l, part_acc)
     for bh in prange(B * Hkv):

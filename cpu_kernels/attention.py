@@ -16,11 +16,12 @@ from ._kernel import attend_units, build_units
 # Tuning knobs, set from bench/bench_cpu_attention.py --sweep on the 16-core machine: units of work
 # per thread (equal shares of the tokens; more than one lets a thread that runs slow fall behind by
 # less), the smallest unit, tokens per tile (a multiple of 4), and whether threads take units one
-# at a time as they finish (dynamic).
+# at a time as they finish (dynamic), and whether a tile's computation prefetches the next tile.
 UNITS_PER_THREAD = 2
 MIN_CHUNK = 256
 TILE_TOKENS = 32
 DYNAMIC_SCHEDULE = True
+PREFETCH_NEXT_TILE = True
 _threads: int | None = None
 
 
@@ -165,7 +166,7 @@ def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale
     previous = numba.set_parallel_chunksize(1 if DYNAMIC_SCHEDULE else 0)
     try:
         attend_units(qa, rows, fp16, table, idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs, TILE_TOKENS,
-                     float(scale), out_np, lse_np)
+                     PREFETCH_NEXT_TILE, float(scale), out_np, lse_np)
     finally:
         numba.set_parallel_chunksize(previous)
     if isinstance(q, torch.Tensor):

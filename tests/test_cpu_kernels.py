@@ -78,6 +78,22 @@ def test_ranges_match_reference(dtype, D, G, chunk):
     _assert_close(out, lse, *reference.decode_attention(q, pool, table, ranges, D**-0.5), dtype)
 
 
+def test_prefetching_the_next_tile_changes_nothing(monkeypatch):
+    """The prefetch is only a hint: the results are the same bits with it off, at odd tiles."""
+    from hetero.cpu_kernels import attention
+
+    rng = np.random.default_rng(11)
+    q, pool, table = _case(rng, "bfloat16", 96, 4, bs=24)
+    ranges = torch.from_numpy(_random_ranges(rng, 2, 2, 3, table.numel() * 24 - 5))
+    results = []
+    for prefetch in (True, False):
+        monkeypatch.setattr(attention, "PREFETCH_NEXT_TILE", prefetch)
+        monkeypatch.setattr(attention, "TILE_TOKENS", 20)
+        results.append(host_decode_attention(q, pool, table, ranges, 0.1, chunk=45))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    _assert_close(*results[0], *reference.decode_attention(q, pool, table, ranges.numpy(), 0.1), "bfloat16")
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_numpy_pools_in_numpy_out(dtype):
     rng = np.random.default_rng(7)
