@@ -97,7 +97,7 @@ def streaming_ceiling(gib, reps, threads):
 def sweep_knobs(q, pool, table, tokens, reps, threads):
     """The kernel's GB/s under each tuning knob setting (tile, units per thread, schedule, prefetch)."""
     saved = (knobs.TILE_TOKENS, knobs.UNITS_PER_THREAD, knobs.DYNAMIC_SCHEDULE, knobs.PREFETCH_NEXT_TILE)
-    settings = [(tile, saved[1], saved[2], pf) for pf in (True, False) for tile in (16, 32, 64)]
+    settings = [(tile, saved[1], saved[2], pf) for pf in (1, 2, 0) for tile in (16, 32, 64)]
     settings += [(saved[0], units, dyn, saved[3]) for units in (1, 2, 4, 8) for dyn in (True, False)]
     results = []
     for tile, units, dyn, pf in settings:
@@ -226,7 +226,7 @@ def main():
         add("numba", 1, str(dtype).split(".")[1], bench_kernel(q, pool, table, args.tokens, args.reps, args.threads))
         del pool
     print(f"threads={args.threads} tokens={args.tokens} {shape} compile+load {compile_s:.1f}s"
-          f" numba features: {os.environ.get('NUMBA_CPU_FEATURES', 'host default')[-40:]}")
+          f" numba features: {numba.core.config.CPU_FEATURES or 'host default'}"[-60:])
     print(f"(a) streaming-read ceiling: uint16 {ceiling['uint16']:.1f} GB/s, float32 {ceiling['float32']:.1f} GB/s"
           f" (LIMITS.md probe's float64 sum: {ceiling['float64_probe']:.1f} GB/s)")
     print(f"{'case':<20}{'B':>3} {'dtype':<9}{'ms':>9}{'GB/s':>8}{'of ceil':>9}{'vs sdpa bf16':>14}{'vs sdpa fp32':>14}")
@@ -242,7 +242,7 @@ def main():
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "compile_s": compile_s, "ceiling_gbps": ceiling, "rows": rows, "sweep": sweep,
                    "numba_threading_layer": numba.threading_layer(),
-                   "numba_cpu_features": os.environ.get("NUMBA_CPU_FEATURES"), "torch": torch.__version__}, f, indent=1)
+                   "numba_cpu_features": numba.core.config.CPU_FEATURES, "torch": torch.__version__}, f, indent=1)
 
 
 if __name__ == "__main__":

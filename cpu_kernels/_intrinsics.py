@@ -65,26 +65,36 @@ def _to_f32_impl(x, fp16):
     return None
 
 
-@intrinsic
-def prefetch(typingctx, arr, row, col):
-    """Hint the CPU to bring the cache line holding arr[row, col] (a 2-D array) into L1; no effect
-    on results. The hardware prefetchers stop at 4 KiB pages, and a tile's rows span several."""
-    if not isinstance(arr, types.Array) or arr.ndim != 2:
-        return None
 
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        array = context.make_array(array_type)(context, builder, args[0])
-        index = [context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], signature.args[1:])]
-        pointer = cgutils.get_item_pointer2(
-            context, builder, data=array.data, shape=cgutils.unpack_tuple(builder, array.shape),
-            strides=cgutils.unpack_tuple(builder, array.strides), layout=array_type.layout, inds=index,
-            wraparound=False, boundscheck=False)
-        byte_pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
-        hint = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
-        # read (0), keep in all cache levels (3), data cache (1)
-        builder.call(hint, [byte_pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-        return context.get_dummy_value()
+def _prefetch_intrinsic(locality, doc):
+    @intrinsic
+    def prefetch(typingctx, arr, row, col):
+        if not isinstance(arr, types.Array) or arr.ndim != 2:
+            return None
 
-    return types.none(arr, row, col), codegen
+        def codegen(context, builder, signature, args):
+            array_type = signature.args[0]
+            array = context.make_array(array_type)(context, builder, args[0])
+            index = [context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], signature.args[1:])]
+            pointer = cgutils.get_item_pointer2(
+                context, builder, data=array.data, shape=cgutils.unpack_tuple(builder, array.shape),
+                strides=cgutils.unpack_tuple(builder, array.strides), layout=array_type.layout, inds=index,
+                wraparound=False, boundscheck=False)
+            byte_pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
+            hint = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer.type, _I32, _I32, _I32]),
+                "llvm.prefetch.p0")
+            # a read (0), the locality, into the data cache (1)
+            builder.call(hint, [byte_pointer, ir.Constant(_I32, 0), ir.Constant(_I32, locality), ir.Constant(_I32, 1)])
+            return context.get_dummy_value()
+
+        return types.none(arr, row, col), codegen
+
+    prefetch.__doc__ = doc
+    return prefetch
+
+
+# Hints only, no effect on results. The hardware prefetchers stop at 4 KiB pages, and a tile's rows
+# span several.
+prefetch_l1 = _prefetch_intrinsic(3, "Bring the cache line of arr[row, col] (a 2-D array) into every cache level.")
+prefetch_l2 = _prefetch_intrinsic(2, "Bring the cache line of arr[row, col] (a 2-D array) into L2 and L3, not L1.")

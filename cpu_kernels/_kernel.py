@@ -8,10 +8,8 @@ partials.
 Within a unit, tokens go by tiles. The pool is seen as rows of D elements; each K and V row is
 read straight from the pool once, widened to float32 in registers, and used by 4 query heads
 and 4 tokens at a time, so that the D-long inner loops vectorize and reuse every load.
-
-On Intel AVX-512 servers LLVM prefers 256-bit vectors; a process that sets NUMBA_CPU_FEATURES to
-the host's features plus ",-prefer-256-bit" before Numba's first compile gets 512-bit code
-(measured +4% at batch 1, +16% at batch 4 on the 16-core Xeon).
+While a tile is computed, the next tile's rows are prefetched: the hardware prefetchers stop at
+4 KiB pages, and tiles jump between blocks and between K and V.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._intrinsics import exponent_to_f32, prefetch, to_f32
+from ._intrinsics import exponent_to_f32, prefetch_l1, prefetch_l2, to_f32
 
 # No "nnan"/"ninf": the softmax state starts at -inf and empty heads must end at lse -inf.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -50,12 +48,12 @@ def _exp_nonpositive(x):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _score_tile(qs, pool, fp16, rows, n4, scores, ahead, n_ahead):
+def _score_tile(qs, pool, fp16, rows, n4, scores, ahead, n_ahead, level):
     """scores[g, j] = qs[g] . pool[rows[j]] for j < n4 (a multiple of 4); meanwhile prefetches
     the K rows ahead[:n_ahead] of the next tile."""
     G, D = qs.shape
     for j in range(0, n4, 4):
-        _prefetch_rows(pool, ahead, j, n_ahead if j + 4 >= n4 else min(j + 4, n_ahead), 0)
+        _prefetch_rows(pool, ahead, j, n_ahead if j + 4 >= n4 else min(j + 4, n_ahead), 0, level)
         r0, r1, r2, r3 = rows[j], rows[j + 1], rows[j + 2], rows[j + 3]
         if G % 4 == 0:
             for g in range(0, G, 4):
@@ -115,12 +113,12 @@ def _softmax_tile(scores, n, n4, m, l, acc):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _accumulate_tile(p, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead):
+def _accumulate_tile(p, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead, level):
     """acc[g] += sum_j p[g, j] * pool[rows[j] + v_rows] for j < n4 (a multiple of 4); meanwhile
     prefetches the V rows of the next tile (K rows ahead[:n_ahead])."""
     G, D = acc.shape
     for j in range(0, n4, 4):
-        _prefetch_rows(pool, ahead, j, n_ahead if j + 4 >= n4 else min(j + 4, n_ahead), v_rows)
+        _prefetch_rows(pool, ahead, j, n_ahead if j + 4 >= n4 else min(j + 4, n_ahead), v_rows, level)
         r0, r1, r2, r3 = rows[j] + v_rows, rows[j + 1] + v_rows, rows[j + 2] + v_rows, rows[j + 3] + v_rows
         if G % 4 == 0:
             for g in range(0, G, 4):
@@ -145,12 +143,15 @@ def _accumulate_tile(p, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead):
 
 
 @njit(cache=True)
-def _prefetch_rows(pool, rows, first, stop, offset):
-    """Prefetch every cache line of pool rows rows[first:stop] + offset."""
+def _prefetch_rows(pool, rows, first, stop, offset, level):
+    """Prefetch every cache line of pool rows rows[first:stop] + offset into L1 (level 1) or L2."""
     step = max(1, 64 // pool.itemsize)
     for j in range(first, stop):
         for d in range(0, pool.shape[1], step):
-            prefetch(pool, rows[j] + offset, d)
+            if level == 1:
+                prefetch_l1(pool, rows[j] + offset, d)
+            else:
+                prefetch_l2(pool, rows[j] + offset, d)
 
 
 @njit(cache=True)
@@ -189,7 +190,7 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
     parallel task, works through pieces unit_begin[u] to unit_begin[u + 1] and leaves one partial
     (max, sum, unnormalized accumulator) per part; a head's parts are head_begin[bh] to
     head_begin[bh + 1]. `tile`: tokens per tile, a multiple of 4. `prefetch_next`: while a tile
-    is computed, prefetch the next one's rows.
+    is computed, prefetch the next one's rows into L1 (1), L2 (2), or not (0).
     Releases the GIL, so that the caller's other threads (GPU launches) run meanwhile.
     """
     B, Hq, D = q.shape
@@ -231,9 +232,9 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
                     n_ahead = _fill_rows(ahead, pos + n, last, tile, block_table, token_idx, indexed, b, h, bh, bs,
                                          slot_rows)
                 n4 = (n + 3) // 4 * 4
-                _score_tile(qs, pool, fp16, rows, n4, scores, ahead, n_ahead)
+                _score_tile(qs, pool, fp16, rows, n4, scores, ahead, n_ahead, prefetch_next)
                 _softmax_tile(scores, n, n4, m, l, acc)
-                _accumulate_tile(scores, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead)
+                _accumulate_tile(scores, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead, prefetch_next)
                 pos += n
                 if pos >= last:
                     break

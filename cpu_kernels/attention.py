@@ -16,12 +16,13 @@ from ._kernel import attend_units, build_units
 # Tuning knobs, set from bench/bench_cpu_attention.py --sweep on the 16-core machine: units of work
 # per thread (equal shares of the tokens; more than one lets a thread that runs slow fall behind by
 # less), the smallest unit, tokens per tile (a multiple of 4), and whether threads take units one
-# at a time as they finish (dynamic), and whether a tile's computation prefetches the next tile.
+# at a time as they finish (dynamic), and into which cache a tile's computation prefetches the next
+# tile's rows (1: L1, 2: L2, 0: none).
 UNITS_PER_THREAD = 2
 MIN_CHUNK = 256
 TILE_TOKENS = 32
 DYNAMIC_SCHEDULE = True
-PREFETCH_NEXT_TILE = True
+PREFETCH_NEXT_TILE = 1
 _threads: int | None = None
 
 

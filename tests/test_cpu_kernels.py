@@ -1,5 +1,7 @@
 """The Numba host attention kernels against the float64 PyTorch reference, on fresh random inputs."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -86,11 +88,12 @@ def test_prefetching_the_next_tile_changes_nothing(monkeypatch):
     q, pool, table = _case(rng, "bfloat16", 96, 4, bs=24)
     ranges = torch.from_numpy(_random_ranges(rng, 2, 2, 3, table.numel() * 24 - 5))
     results = []
-    for prefetch in (True, False):
+    for prefetch in (1, 2, 0):
         monkeypatch.setattr(attention, "PREFETCH_NEXT_TILE", prefetch)
         monkeypatch.setattr(attention, "TILE_TOKENS", 20)
         results.append(host_decode_attention(q, pool, table, ranges, 0.1, chunk=45))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    for other in results[1:]:
+        assert torch.equal(results[0][0], other[0]) and torch.equal(results[0][1], other[1])
     _assert_close(*results[0], *reference.decode_attention(q, pool, table, ranges.numpy(), 0.1), "bfloat16")
 
 
@@ -248,3 +251,22 @@ def test_warmup_compiles_every_pool_dtype():
     from hetero.cpu_kernels._kernel import attend_units
 
     assert {sig[1].dtype.name for sig in attend_units.signatures} == {"uint16", "float32"}
+
+
+def test_vector_width_leaves_a_users_numba_features_alone():
+    """NUMBA_CPU_FEATURES set by the user wins; without it, AVX-512 hosts get 512-bit vectors."""
+    import subprocess
+    import sys
+
+    import llvmlite.binding as llvm
+
+    probe = "import hetero.cpu_kernels; from numba.core import config; print(config.CPU_FEATURES)"
+    env = dict(os.environ, NUMBA_CPU_FEATURES="+sse2")
+    given = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert given.stdout.strip() == "+sse2"
+    env.pop("NUMBA_CPU_FEATURES")
+    chosen = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    if llvm.get_host_cpu_features().get("avx512f"):
+        assert chosen.stdout.strip().endswith(",-prefer-256-bit")
+    else:
+        assert chosen.stdout.strip() == "None"
