@@ -8,9 +8,6 @@ reaches the host.
 
 from __future__ import annotations
 
-import ctypes
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -47,33 +44,7 @@ def wait_for_flag(flag: torch.Tensor, target: int, gave_up: torch.Tensor, max_po
     for name, t in (("flag", flag), ("gave_up", gave_up)):
         if t.dtype != torch.int32 or t.numel() != 1:
             raise ValueError(f"the {name} must be one int32, got {t.numel()} of {t.dtype}")
-    if not INTERPRET and flag.is_pinned() and torch.cuda.is_available() and _driver_wait(flag, target):
-        return
     if INTERPRET or (flag.is_pinned() and torch.cuda.is_available()):
         _wait_kernel[(1,)](flag, gave_up, target, max_polls)
     elif int(flag[0]) < target:
         gave_up.fill_(1)
-
-
-_stream_wait_value = None  # cuStreamWaitValue32, False where the driver lacks it
-
-
-def _driver_wait(flag: torch.Tensor, target: int) -> bool:
-    """With HETERO_FLAG_WAIT=driver (an experiment), hold the stream in the GPU's front end
-    (cuStreamWaitValue32: no kernel, no poll limit, hence no `gave_up`); False if unavailable."""
-    global _stream_wait_value
-    if os.environ.get("HETERO_FLAG_WAIT") != "driver":
-        return False
-    if _stream_wait_value is None:
-        try:
-            lib = ctypes.CDLL("libcuda.so.1")
-            fn = getattr(lib, "cuStreamWaitValue32_v2", None) or lib.cuStreamWaitValue32
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            _stream_wait_value = fn
-        except (OSError, AttributeError):
-            _stream_wait_value = False
-    if not _stream_wait_value:
-        return False
-    stream = torch.cuda.current_stream(flag.device if flag.is_cuda else None).cuda_stream
-    return _stream_wait_value(stream, flag.data_ptr(), target & 0xFFFFFFFF, 0) == 0  # 0: wait until >= target
