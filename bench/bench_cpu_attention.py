@@ -226,7 +226,7 @@ def main():
         add("numba", 1, str(dtype).split(".")[1], bench_kernel(q, pool, table, args.tokens, args.reps, args.threads))
         del pool
     print(f"threads={args.threads} tokens={args.tokens} {shape} compile+load {compile_s:.1f}s"
-          f" numba features: {numba.core.config.CPU_FEATURES or 'host default'}"[-60:])
+          f" numba features: ...{(numba.core.config.CPU_FEATURES or 'host default')[-40:]}")
     print(f"(a) streaming-read ceiling: uint16 {ceiling['uint16']:.1f} GB/s, float32 {ceiling['float32']:.1f} GB/s"
           f" (LIMITS.md probe's float64 sum: {ceiling['float64_probe']:.1f} GB/s)")
     print(f"{'case':<20}{'B':>3} {'dtype':<9}{'ms':>9}{'GB/s':>8}{'of ceil':>9}{'vs sdpa bf16':>14}{'vs sdpa fp32':>14}")

@@ -65,7 +65,6 @@ def _to_f32_impl(x, fp16):
     return None
 
 
-
 def _prefetch_intrinsic(locality, doc):
     @intrinsic
     def prefetch(typingctx, arr, row, col):

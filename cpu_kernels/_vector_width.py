@@ -19,7 +19,7 @@ def prefer_512_bit_vectors() -> bool:
 
     if os.environ.get("NUMBA_CPU_FEATURES") or config.CPU_FEATURES is not None or config.CPU_NAME is not None:
         return False
-    if getattr(cpu_target, "_target_context", None) is not None:  # already compiled with the defaults
+    if "_toplevel_target_context" in vars(cpu_target):  # created (by the first @njit) with the defaults
         return False
     try:
         import llvmlite.binding as llvm
