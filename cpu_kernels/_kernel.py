@@ -53,7 +53,7 @@ def _score_tile(qs, pool, fp16, rows, n4, scores, ahead, n_ahead, level):
     the K rows ahead[:n_ahead] of the next tile."""
     G, D = qs.shape
     for j in range(0, n4, 4):
-        _prefetch_rows(pool, ahead, j, n_ahead if j + 4 >= n4 else min(j + 4, n_ahead), 0, level)
+        _prefetch_step(pool, ahead, j, n4, n_ahead, 0, level)
         r0, r1, r2, r3 = rows[j], rows[j + 1], rows[j + 2], rows[j + 3]
         if G % 4 == 0:
             for g in range(0, G, 4):
@@ -118,7 +118,7 @@ def _accumulate_tile(p, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead, level
     prefetches the V rows of the next tile (K rows ahead[:n_ahead])."""
     G, D = acc.shape
     for j in range(0, n4, 4):
-        _prefetch_rows(pool, ahead, j, n_ahead if j + 4 >= n4 else min(j + 4, n_ahead), v_rows, level)
+        _prefetch_step(pool, ahead, j, n4, n_ahead, v_rows, level)
         r0, r1, r2, r3 = rows[j] + v_rows, rows[j + 1] + v_rows, rows[j + 2] + v_rows, rows[j + 3] + v_rows
         if G % 4 == 0:
             for g in range(0, G, 4):
@@ -143,15 +143,18 @@ def _accumulate_tile(p, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead, level
 
 
 @njit(cache=True)
-def _prefetch_rows(pool, rows, first, stop, offset, level):
-    """Prefetch every cache line of pool rows rows[first:stop] + offset into L1 (level 1) or L2."""
+def _prefetch_step(pool, ahead, j, n4, n_ahead, offset, level):
+    """At the 4-token step j of a tile of n4 tokens, prefetch the next tile's rows ahead[j:j + 4]
+    + offset (the last step takes all that remain, when the next tile is the longer) into L1
+    (level 1) or L2: every cache line of each row."""
+    stop = n_ahead if j + 4 >= n4 else min(j + 4, n_ahead)
     step = max(1, 64 // pool.itemsize)
-    for j in range(first, stop):
+    for k in range(j, stop):
         for d in range(0, pool.shape[1], step):
             if level == 1:
-                prefetch_l1(pool, rows[j] + offset, d)
+                prefetch_l1(pool, ahead[k] + offset, d)
             else:
-                prefetch_l2(pool, rows[j] + offset, d)
+                prefetch_l2(pool, ahead[k] + offset, d)
 
 
 @njit(cache=True)
