@@ -270,3 +270,9 @@ def test_vector_width_leaves_a_users_numba_features_alone():
         assert chosen.stdout.strip().endswith(",-prefer-256-bit")
     else:
         assert chosen.stdout.strip() == "None"
+    # An AVX-512 host, as LLVM would describe it (nothing compiles in the probe, so nothing runs).
+    fake_host = ("import llvmlite.binding as llvm\n"
+                 "class Features(dict):\n    def flatten(self):\n        return '+avx512f,+sse2'\n"
+                 "llvm.get_host_cpu_features = lambda: Features(avx512f=True, sse2=True)\n")
+    wide = subprocess.run([sys.executable, "-c", fake_host + probe], env=env, capture_output=True, text=True, check=True)
+    assert wide.stdout.strip() == "+avx512f,+sse2,-prefer-256-bit"
