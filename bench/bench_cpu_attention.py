@@ -23,6 +23,13 @@ from numba import njit, prange
 
 from hetero.cpu_kernels import attention as knobs
 from hetero.cpu_kernels import host_decode_attention, host_decode_attention_indexed, warmup
+from hetero.cpu_kernels._bf16_tiles import uses_dpbf16
+
+
+@njit
+def dpbf16():
+    """Whether the bfloat16 loops use vdpbf16ps on this machine."""
+    return uses_dpbf16()
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -94,18 +101,39 @@ def streaming_ceiling(gib, reps, threads):
     return result
 
 
+_KNOBS = ("TILE_TOKENS", "UNITS_PER_THREAD", "DYNAMIC_SCHEDULE", "PREFETCH_NEXT_TILE", "BF16_TILES")
+
+
 def sweep_knobs(q, pool, table, tokens, reps, threads):
-    """The kernel's GB/s under each tuning knob setting (tile, units per thread, schedule, prefetch)."""
-    saved = (knobs.TILE_TOKENS, knobs.UNITS_PER_THREAD, knobs.DYNAMIC_SCHEDULE, knobs.PREFETCH_NEXT_TILE)
-    settings = [(tile, saved[1], saved[2], pf) for pf in (1, 2, 0) for tile in (16, 32, 64)]
-    settings += [(saved[0], units, dyn, saved[3]) for units in (1, 2, 4, 8) for dyn in (True, False)]
+    """The kernel's GB/s under each tuning knob setting (tile, units per thread, schedule, prefetch,
+    hand-built bfloat16 loops)."""
+    saved = {name: getattr(knobs, name) for name in _KNOBS}
+    settings = [dict(TILE_TOKENS=tile, PREFETCH_NEXT_TILE=pf, BF16_TILES=tiles)
+                for tiles in (True, False) for pf in (1, 2, 0) for tile in (16, 32, 64)]
+    settings += [dict(UNITS_PER_THREAD=units, DYNAMIC_SCHEDULE=dyn) for units in (1, 2, 4, 8) for dyn in (True, False)]
     results = []
-    for tile, units, dyn, pf in settings:
-        knobs.TILE_TOKENS, knobs.UNITS_PER_THREAD, knobs.DYNAMIC_SCHEDULE, knobs.PREFETCH_NEXT_TILE = tile, units, dyn, pf
-        r = bench_kernel(q, pool, table, tokens, reps, threads)
-        results.append(dict(tile=tile, units_per_thread=units, dynamic=dyn, prefetch=pf, gbps=r["gbps"]))
-    knobs.TILE_TOKENS, knobs.UNITS_PER_THREAD, knobs.DYNAMIC_SCHEDULE, knobs.PREFETCH_NEXT_TILE = saved
+    try:
+        for changed in settings:
+            setting = {**saved, **changed}
+            for name, value in setting.items():
+                setattr(knobs, name, value)
+            r = bench_kernel(q, pool, table, tokens, reps, threads)
+            results.append(dict(tile=setting["TILE_TOKENS"], units_per_thread=setting["UNITS_PER_THREAD"],
+                                dynamic=setting["DYNAMIC_SCHEDULE"], prefetch=setting["PREFETCH_NEXT_TILE"],
+                                bf16_tiles=setting["BF16_TILES"], gbps=r["gbps"]))
+    finally:
+        for name, value in saved.items():
+            setattr(knobs, name, value)
     return results
+
+
+def numba_loops(fn):
+    """fn() with the bfloat16 pools on Numba's own loops (BF16_TILES off): the kernel before them."""
+    saved, knobs.BF16_TILES = knobs.BF16_TILES, False
+    try:
+        return fn()
+    finally:
+        knobs.BF16_TILES = saved
 
 
 def make_case(B, tokens, dtype, Hq, Hkv, D, bs, seed=0):
@@ -206,12 +234,16 @@ def main():
         sdpa["sdpa_fp32"] = bench_sdpa(q, kf, vf, args.sdpa_reps)
         del kf, vf
         add("numba", B, "bfloat16", bench_kernel(q, pool, table, args.tokens, args.reps, args.threads), sdpa)
+        add("numba, own loops", B, "bfloat16",
+            numba_loops(lambda: bench_kernel(q, pool, table, args.tokens, args.reps, args.threads)), sdpa)
         add("same reads, no math", B, "bfloat16", bench_pattern(pool, table, args.tokens, args.reps, args.threads))
         for name, r in sdpa.items():
             add(name, B, "float32" if name.endswith("fp32") else "bfloat16", r)
         if B == 1:
             for t in sorted({min(t, numba.config.NUMBA_NUM_THREADS) for t in args.scaling}):  # a smaller machine: its cores
                 add(f"numba {t} thr", B, "bfloat16", bench_kernel(q, pool, table, args.tokens, max(2, args.reps // 3), t))
+                add(f"own loops {t} thr", B, "bfloat16",
+                    numba_loops(lambda: bench_kernel(q, pool, table, args.tokens, max(2, args.reps // 3), t)))
             numba.set_num_threads(1)
             add("same reads 1 thr", B, "bfloat16", bench_pattern(pool, table, args.tokens, max(2, args.reps // 3), 1))
             numba.set_num_threads(args.threads)
@@ -221,12 +253,15 @@ def main():
         del pool
     q, pool, table = make_case(1, args.resident_tokens, torch.bfloat16, **shape)
     add("numba cache-resident", 1, "bfloat16", bench_kernel(q, pool, table, args.resident_tokens, args.reps * 20, args.threads))
+    add("own loops resident", 1, "bfloat16",
+        numba_loops(lambda: bench_kernel(q, pool, table, args.resident_tokens, args.reps * 20, args.threads)))
     for dtype in (torch.float16, torch.float32):
         q, pool, table = make_case(1, args.tokens, dtype, **shape)
         add("numba", 1, str(dtype).split(".")[1], bench_kernel(q, pool, table, args.tokens, args.reps, args.threads))
         del pool
     print(f"threads={args.threads} tokens={args.tokens} {shape} compile+load {compile_s:.1f}s"
-          f" numba features: ...{(numba.core.config.CPU_FEATURES or 'host default')[-40:]}")
+          f" numba features: ...{(numba.core.config.CPU_FEATURES or 'host default')[-40:]}"
+          f" vdpbf16ps: {dpbf16()}")
     print(f"(a) streaming-read ceiling: uint16 {ceiling['uint16']:.1f} GB/s, float32 {ceiling['float32']:.1f} GB/s"
           f" (LIMITS.md probe's float64 sum: {ceiling['float64_probe']:.1f} GB/s)")
     print(f"{'case':<20}{'B':>3} {'dtype':<9}{'ms':>9}{'GB/s':>8}{'of ceil':>9}{'vs sdpa bf16':>14}{'vs sdpa fp32':>14}")
@@ -237,12 +272,13 @@ def main():
             f"{'' if sb is None else f'{sb:.1f}x':>14}{'' if sf is None else f'{sf:.1f}x':>14}"
         )
     for k in sweep:
-        print(f"knobs tile={k['tile']:<3} units/thread={k['units_per_thread']:<3} "
-              f"dynamic={k['dynamic']!s:<5} prefetch={k['prefetch']!s:<5} {k['gbps']:6.1f} GB/s {k['gbps'] / ceiling['uint16']:5.0%} of ceiling")
+        print(f"knobs tile={k['tile']:<3} units/thread={k['units_per_thread']:<3} dynamic={k['dynamic']!s:<5} "
+              f"prefetch={k['prefetch']!s:<5} bf16_tiles={k['bf16_tiles']!s:<5} {k['gbps']:6.1f} GB/s {k['gbps'] / ceiling['uint16']:5.0%} of ceiling")
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "compile_s": compile_s, "ceiling_gbps": ceiling, "rows": rows, "sweep": sweep,
                    "numba_threading_layer": numba.threading_layer(),
-                   "numba_cpu_features": numba.core.config.CPU_FEATURES, "torch": torch.__version__}, f, indent=1)
+                   "numba_cpu_features": numba.core.config.CPU_FEATURES, "vdpbf16ps": dpbf16(),
+                   "torch": torch.__version__}, f, indent=1)
 
 
 if __name__ == "__main__":

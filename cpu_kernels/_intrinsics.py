@@ -1,4 +1,4 @@
-"""LLVM-level helpers for the Numba kernels: 16-bit float widening, 2**k and prefetch hints.
+"""LLVM-level helpers for the Numba kernels: 16-bit float widening, bit casts, 2**k and prefetch hints.
 
 Numba has no bfloat16 or float16 type, so 16-bit pools reach the kernels as uint16 bit
 patterns. The conversions emit the LLVM operation directly (a 16-bit shift for bfloat16,
@@ -46,6 +46,26 @@ def exponent_to_f32(typingctx, k):
         return builder.bitcast(builder.shl(biased, ir.Constant(_I32, 23)), ir.FloatType())
 
     return types.float32(types.int32), codegen
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The bit pattern of a float32, as uint32."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _I32)
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def bits_f32(typingctx, bits):
+    """The float32 whose bit pattern is `bits` (uint32)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
 
 
 def to_f32(x, fp16):

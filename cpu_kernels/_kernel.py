@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._bf16_tiles import HEADS, accumulate_step, query_parts, score_step, split_index
 from ._intrinsics import exponent_to_f32, prefetch_l1, prefetch_l2, to_f32
 
 # No "nnan"/"ninf": the softmax state starts at -inf and empty heads must end at lse -inf.
@@ -142,6 +143,21 @@ def _accumulate_tile(p, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead, level
                     acc[g, d] += (a0 * v0 + a1 * v1) + (a2 * v2 + a3 * v3)
 
 
+@njit(fastmath=FASTMATH, cache=True)
+def _bf16_tile(q_bf16, q_f32, parts, pool, rows, v_rows, n, n4, scale, scores, m, l, acc, ahead, n_ahead, level):
+    """One tile through the hand-built loops of `_bf16_tiles` (bfloat16 pool, head_dim a multiple
+    of 32, query heads a multiple of 4); prefetches the next tile's K and V rows meanwhile."""
+    G = acc.shape[0]
+    for j in range(0, n4, 4):
+        _prefetch_step(pool, ahead, j, n4, n_ahead, 0, level)
+        _prefetch_step(pool, ahead, j, n4, n_ahead, v_rows, level)
+        for g in range(0, G, HEADS):
+            score_step(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores)
+    _softmax_tile(scores, n, n4, m, l, acc)
+    for g in range(0, G, HEADS):
+        accumulate_step(scores, g, pool, rows, v_rows, n, acc)
+
+
 @njit(cache=True)
 def _prefetch_step(pool, ahead, j, n4, n_ahead, offset, level):
     """At the 4-token step j of a tile of n4 tokens, prefetch the next tile's rows ahead[j:j + 4]
@@ -184,7 +200,7 @@ def _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh,
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs,
-                 tile, prefetch_next, scale, out, lse):
+                 tile, prefetch_next, bf16_tiles, scale, out, lse):
     """Decode attention of q [B, Hq, D] over the tokens that `pieces` name; writes out and lse.
 
     pool [rows, D]: the pool's rows (uint16 bits when 16-bit, `fp16` telling which kind, else
@@ -193,7 +209,9 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
     parallel task, works through pieces unit_begin[u] to unit_begin[u + 1] and leaves one partial
     (max, sum, unnormalized accumulator) per part; a head's parts are head_begin[bh] to
     head_begin[bh + 1]. `tile`: tokens per tile, a multiple of 4. `prefetch_next`: while a tile
-    is computed, prefetch the next one's rows into L1 (1), L2 (2), or not (0).
+    is computed, prefetch the next one's rows into L1 (1), L2 (2), or not (0). `bf16_tiles`: use
+    the hand-built loops of `_bf16_tiles` (the caller checks that they apply: bfloat16 pool, D a
+    multiple of 32, G a multiple of 4); the partial accumulators are then in split order.
     Releases the GIL, so that the caller's other threads (GPU launches) run meanwhile.
     """
     B, Hq, D = q.shape
@@ -211,6 +229,9 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
         m = np.empty(G, np.float32)
         l = np.empty(G, np.float32)
         acc = np.empty((G, D), np.float32)
+        q_bf16 = np.empty((3, G, D // 2), np.uint32)
+        q_f32 = np.empty((1, G, D), np.float32)
+        parts = 1
         part = -1
         b = h = bh = 0
         for i in range(unit_begin[u], unit_begin[u + 1]):
@@ -227,6 +248,8 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
                     for d in range(D):
                         qs[g, d] = q[b, h * G + g, d] * scale
                         acc[g, d] = 0.0
+                if bf16_tiles:
+                    parts = query_parts(q, b, h * G, G, q_bf16, q_f32)
             pos, last = pieces[i, 1], pieces[i, 2]
             n = _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh, bs, slot_rows)
             while True:
@@ -235,9 +258,13 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
                     n_ahead = _fill_rows(ahead, pos + n, last, tile, block_table, token_idx, indexed, b, h, bh, bs,
                                          slot_rows)
                 n4 = (n + 3) // 4 * 4
-                _score_tile(qs, pool, fp16, rows, n4, scores, ahead, n_ahead, prefetch_next)
-                _softmax_tile(scores, n, n4, m, l, acc)
-                _accumulate_tile(scores, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead, prefetch_next)
+                if bf16_tiles:
+                    _bf16_tile(q_bf16, q_f32, parts, pool, rows, v_rows, n, n4, np.float32(scale), scores, m, l, acc, ahead,
+                               n_ahead, prefetch_next)
+                else:
+                    _score_tile(qs, pool, fp16, rows, n4, scores, ahead, n_ahead, prefetch_next)
+                    _softmax_tile(scores, n, n4, m, l, acc)
+                    _accumulate_tile(scores, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead, prefetch_next)
                 pos += n
                 if pos >= last:
                     break
@@ -264,8 +291,12 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
             for t in range(first, stop):
                 w = np.exp(part_m[t, g] - top)
                 total += part_l[t, g] * w
-                for d in range(D):
-                    row[d] += w * part_acc[t, g, d]
+                if bf16_tiles:
+                    for d in range(D):
+                        row[d] += w * part_acc[t, g, split_index(d)]
+                else:
+                    for d in range(D):
+                        row[d] += w * part_acc[t, g, d]
             inv = np.float32(1.0) / total
             for d in range(D):
                 row[d] *= inv

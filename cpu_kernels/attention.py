@@ -11,18 +11,21 @@ import numba
 import numpy as np
 import torch
 
+from ._bf16_tiles import CHUNK, HEADS
 from ._kernel import attend_units, build_units
 
 # Tuning knobs, set from bench/bench_cpu_attention.py --sweep on the 16-core machine: units of work
 # per thread (equal shares of the tokens; more than one lets a thread that runs slow fall behind by
 # less), the smallest unit, tokens per tile (a multiple of 4), and whether threads take units one
 # at a time as they finish (dynamic), and into which cache a tile's computation prefetches the next
-# tile's rows (1: L1, 2: L2, 0: none).
+# tile's rows (1: L1, 2: L2, 0: none), and whether bfloat16 pools take the hand-built loops of
+# `_bf16_tiles` where they apply (head_dim a multiple of 32, query heads per kv head a multiple of 4).
 UNITS_PER_THREAD = 2
 MIN_CHUNK = 256
 TILE_TOKENS = 32
 DYNAMIC_SCHEDULE = True
 PREFETCH_NEXT_TILE = 1
+BF16_TILES = True
 _threads: int | None = None
 
 
@@ -164,10 +167,11 @@ def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale
     pieces, unit_begin, head_begin, n_parts = build_units(spans, chunk)
     out_np = _output(out, (B, Hq, D), "out")
     lse_np = _output(lse, (B, Hq), "lse")
+    bf16_tiles = BF16_TILES and rows.dtype == np.uint16 and not fp16 and D % CHUNK == 0 and (Hq // Hkv) % HEADS == 0
     previous = numba.set_parallel_chunksize(1 if DYNAMIC_SCHEDULE else 0)
     try:
         attend_units(qa, rows, fp16, table, idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs, TILE_TOKENS,
-                     PREFETCH_NEXT_TILE, float(scale), out_np, lse_np)
+                     PREFETCH_NEXT_TILE, bf16_tiles, float(scale), out_np, lse_np)
     finally:
         numba.set_parallel_chunksize(previous)
     if isinstance(q, torch.Tensor):

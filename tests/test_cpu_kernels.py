@@ -276,3 +276,48 @@ def test_vector_width_leaves_a_users_numba_features_alone():
                  "llvm.get_host_cpu_features = lambda: Features(avx512f=True, sse2=True)\n")
     wide = subprocess.run([sys.executable, "-c", fake_host + probe], env=env, capture_output=True, text=True, check=True)
     assert wide.stdout.strip() == "+avx512f,+sse2,-prefer-256-bit"
+
+
+def test_bfloat16_query_parts_sum_exactly_to_the_query():
+    """vdpbf16ps takes the query as bfloat16 parts: their sum must be the float32 query, bit for bit."""
+    from hetero.cpu_kernels._bf16_tiles import bfloat16_parts
+
+    rng = np.random.default_rng(13)
+    q = rng.standard_normal((2, 8, 96)).astype(np.float32) * np.float32(30)
+    q[0, 5, 7] = 0.0
+    packed = np.zeros((3, 4, 48), np.uint32)
+    assert bfloat16_parts(q, 1, 4, 4, packed) == 3
+    halves = np.stack([packed << np.uint32(16), packed & np.uint32(0xFFFF0000)], axis=-1).reshape(3, 4, 96)
+    parts = halves.view(np.float32).astype(np.float64)
+    assert np.array_equal(parts.sum(0), q[1, 4:8].astype(np.float64))
+    exact = torch.from_numpy(q).to(torch.bfloat16).float().numpy()
+    assert bfloat16_parts(exact, 0, 0, 8, np.zeros((3, 8, 48), np.uint32)) == 1
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_bfloat16_tiles_match_the_numba_loops(monkeypatch, indexed):
+    """The hand-built bfloat16 loops and Numba's own agree with the reference, at an odd tile and
+    chunk, with scores that grow along the sequence (online rescales), at G 4 and 8."""
+    from hetero.cpu_kernels import attention
+
+    rng = np.random.default_rng(14 + indexed)
+    for G in (4, 8):
+        q, pool, table = _case(rng, "bfloat16", 128, G, n_blocks=20)
+        growth = 1 + torch.linspace(0, 3, table.numel() * 16).reshape(-1, 1, 1, 16, 1)
+        pool[table.long(), 0] = (pool[table.long(), 0].float() * growth).to(torch.bfloat16)
+        n_tokens = table.numel() * 16
+        idx = np.stack([rng.permutation(n_tokens)[:150] for _ in range(4)]).reshape(2, 2, 150).astype(np.int32)
+        count = np.array([[150, 0], [77, 3]], np.int32)
+        ranges = _random_ranges(rng, 2, 2, 3, n_tokens)
+        results = []
+        for tiles in (True, False):
+            monkeypatch.setattr(attention, "BF16_TILES", tiles)
+            monkeypatch.setattr(attention, "TILE_TOKENS", 20)
+            if indexed:
+                results.append(host_decode_attention_indexed(q, pool, table, idx, count, 0.2, chunk=47))
+            else:
+                results.append(host_decode_attention(q, pool, table, ranges, 0.2, chunk=47))
+        ref = (reference.decode_attention_indexed(q, pool, table, idx, count, 0.2) if indexed
+               else reference.decode_attention(q, pool, table, ranges, 0.2))
+        for out, lse in results:
+            _assert_close(out, lse, *ref, "bfloat16")

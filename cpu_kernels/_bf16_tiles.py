@@ -1,0 +1,310 @@
+"""Hand-built LLVM for the two inner loops of the decode kernel over bfloat16 pools: the scores of 4
+query heads against 4 keys, and a tile's values summed into 4 heads' accumulators.
+
+Numba's own loops (`_kernel._score_tile`, `_accumulate_tile`) leave LLVM to vectorize over
+head_dim, and three costs with it: each of the 16 dot products of a 4 x 4 step ends in its own
+horizontal sum, the accumulators go to memory and back every 4 keys, and each vectorized loop
+starts with run-time checks that the arrays do not overlap. Here, for head_dim a multiple of 32:
+- 32 bfloat16 values are one 64-byte load seen as 16 int32, each holding an even and an odd
+  element: a shift widens the even ones to float32, a mask the odd ones;
+- the 16 dot products are summed together by a tree of shuffles (45 instructions, not 128);
+- on CPUs with AVX512-BF16, `vdpbf16ps` multiplies and adds the pairs of 16 int32 in one
+  instruction; the query is then given as bfloat16 parts whose sum is exactly the float32 query (one
+  part when the model runs in bfloat16);
+- a tile's value sum keeps the 4 heads' accumulators for 32 elements in registers over all its keys.
+Accumulators are kept in "split" order: within each 32 elements, the 16 even ones, then the 16 odd
+ones (`split_index` maps back).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from ._intrinsics import bits_f32, f32_bits
+
+_I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_F32 = ir.FloatType()
+_V16F = ir.VectorType(_F32, 16)
+_V16I = ir.VectorType(_I32, 16)
+_V4F = ir.VectorType(_F32, 4)
+HEADS = 4  # query heads per call: 16 score sums, or 8 accumulator vectors, fit in registers with room to spare
+CHUNK = 32  # head_dim elements per 64-byte load
+
+
+class _BFloat(ir.Type):
+    """llvmlite has no bfloat type; the intrinsic's signature needs one."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_V32BF = ir.VectorType(_BFloat(), 32)
+
+
+def _has_dpbf16(context) -> bool:
+    """Whether the code being compiled may use AVX512-BF16 (the features Numba compiles for)."""
+    return "+avx512bf16" in context.codegen()._tm_features.split(",")
+
+
+@intrinsic
+def uses_dpbf16(typingctx):
+    """True where `score_4x4` uses vdpbf16ps (its query then comes as bfloat16 parts), a constant of the compiled code."""
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.IntType(1), int(_has_dpbf16(context)))
+
+    return types.boolean(), codegen
+
+
+def _c_array(context, builder, array_type, value):
+    """(data pointer, shape values) of a C-contiguous array argument."""
+    array = context.make_array(array_type)(context, builder, value)
+    return array.data, cgutils.unpack_tuple(builder, array.shape)
+
+
+def _vector_at(builder, data, offset, vector_type):
+    """Pointer to the vector at element `offset` of `data`."""
+    return builder.bitcast(builder.gep(data, [offset]), vector_type.as_pointer())
+
+
+def _load(builder, data, offset, vector_type, align):
+    return builder.load(_vector_at(builder, data, offset, vector_type), align=align)
+
+
+def _splat(builder, scalar, vector_type):
+    undefined = ir.Constant(vector_type, ir.Undefined)
+    one = builder.insert_element(undefined, scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, undefined, ir.Constant(ir.VectorType(_I32, vector_type.count), [0] * vector_type.count))
+
+
+def _widen_pairs(builder, packed):
+    """float32 (even, odd) elements of 16 int32 that each hold two bfloat16 (even in the low half)."""
+    even = builder.shl(packed, ir.Constant(_V16I, [16] * 16))
+    odd = builder.and_(packed, ir.Constant(_V16I, [-65536] * 16))
+    return builder.bitcast(even, _V16F), builder.bitcast(odd, _V16F)
+
+
+def _fma(builder, a, b, c):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+    return builder.call(fn, [a, b, c])
+
+
+def _dpbf16(builder, acc, a, b):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F, _V32BF, _V32BF]),
+                                        "llvm.x86.avx512bf16.dpbf16ps.512")
+    return builder.call(fn, [acc, builder.bitcast(a, _V32BF), builder.bitcast(b, _V32BF)])
+
+
+def _sum_lanes_together(builder, vectors):
+    """One vector whose lane i is the sum of the lanes of vectors[i] (16 vectors of 16 lanes).
+
+    Each round pairs neighbours: lane groups of width w become 2 groups of w / 2 (the halves of each
+    group added), the first vector's groups first.
+    """
+    width = 16
+    while len(vectors) > 1:
+        half = width // 2
+        groups = 16 // width
+        low = [g * width + i for g in range(groups) for i in range(half)]
+        low = low + [16 + x for x in low]
+        high = [x + half for x in low]
+        paired = []
+        for first, second in zip(vectors[::2], vectors[1::2]):
+            a = builder.shuffle_vector(first, second, ir.Constant(_V16I, low))
+            b = builder.shuffle_vector(first, second, ir.Constant(_V16I, high))
+            paired.append(builder.fadd(a, b, flags=("reassoc", "nsz")))
+        vectors = paired
+        width = half
+    return vectors[0]
+
+
+def _check(name, array_type, ndim, dtype):
+    if not (isinstance(array_type, types.Array) and array_type.ndim == ndim and array_type.layout == "C"
+            and array_type.dtype == dtype):
+        raise TypeError(f"{name}: expected a C-contiguous {ndim}-d array of {dtype}, got {array_type}")
+
+
+@intrinsic
+def score_4x4(typingctx, q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
+    """scores[g + a, j + t] = scale * (q[g + a] . pool[rows[j + t]]) for a, t < 4.
+
+    pool [rows, D] uint16 (bfloat16 bits), D a multiple of 32. The query (of the kv head's G heads):
+    where `uses_dpbf16`, `parts` bfloat16 parts packed in pairs, q_bf16 uint32 [3, G, D / 2] (their
+    sum is the query); otherwise q_f32 float32 [1, G, D] in split order, and `parts` is 1.
+    """
+    _check("q_bf16", q_bf16, 3, types.uint32)
+    _check("q_f32", q_f32, 3, types.float32)
+    _check("pool", pool, 2, types.uint16)
+    _check("rows", rows, 1, types.int64)
+    _check("scores", scores, 2, types.float32)
+
+    def codegen(context, builder, signature, args):
+        at = signature.args
+        q_bf16_data, (_, heads, half_d) = _c_array(context, builder, at[0], args[0])
+        q_f32_data, _ = _c_array(context, builder, at[1], args[1])
+        first_head = context.cast(builder, args[3], at[3], types.int64)
+        first_key = context.cast(builder, args[6], at[6], types.int64)
+        pool_data, (_, dim) = _c_array(context, builder, at[4], args[4])
+        rows_data, _ = _c_array(context, builder, at[5], args[5])
+        scale = context.cast(builder, args[7], at[7], types.float32)
+        scores_data, (_, width) = _c_array(context, builder, at[8], args[8])
+        dp = _has_dpbf16(context)
+        starts = [builder.mul(builder.load(builder.gep(rows_data, [builder.add(first_key, _I64(t))])), dim)
+                  for t in range(4)]
+        sums = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(16)]
+        n_chunks = builder.udiv(dim, _I64(CHUNK))
+        n_parts = context.cast(builder, args[2], at[2], types.int64)
+        with cgutils.for_range(builder, n_chunks) as chunk:
+            offset = builder.mul(chunk.index, _I64(CHUNK))
+            keys = [_load(builder, pool_data, builder.add(s, offset), _V16I, 2) for s in starts]
+            if dp:
+                with cgutils.for_range(builder, n_parts) as part:
+                    for a in range(HEADS):
+                        head = builder.add(builder.mul(part.index, heads), builder.add(first_head, _I64(a)))
+                        at_q = builder.add(builder.mul(head, half_d), builder.udiv(offset, _I64(2)))
+                        query = _load(builder, q_bf16_data, at_q, _V16I, 4)
+                        for t in range(4):
+                            acc = sums[a * 4 + t]
+                            builder.store(_dpbf16(builder, builder.load(acc), keys[t], query), acc)
+            else:
+                widened = [_widen_pairs(builder, k) for k in keys]
+                for a in range(HEADS):
+                    at_q = builder.add(builder.mul(builder.add(first_head, _I64(a)), dim), offset)
+                    q_even = _load(builder, q_f32_data, at_q, _V16F, 4)
+                    q_odd = _load(builder, q_f32_data, builder.add(at_q, _I64(16)), _V16F, 4)
+                    for t in range(4):
+                        acc = sums[a * 4 + t]
+                        even, odd = widened[t]
+                        builder.store(_fma(builder, odd, q_odd, _fma(builder, even, q_even, builder.load(acc))), acc)
+        total = _sum_lanes_together(builder, [builder.load(s) for s in sums])
+        total = builder.fmul(total, _splat(builder, scale, _V16F))
+        for a in range(HEADS):
+            row = builder.add(builder.mul(builder.add(first_head, _I64(a)), width), first_key)
+            four = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_I32, 4), [a * 4 + t for t in range(4)]))
+            builder.store(four, _vector_at(builder, scores_data, row, _V4F), align=4)
+        return context.get_dummy_value()
+
+    return types.none(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores), codegen
+
+
+@intrinsic
+def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc):
+    """acc[g + a] += sum over t < n of probs[g + a, t] * pool[rows[t] + v_rows], for a < 4, in split order.
+
+    probs float32 [G, >= n]; pool [rows, D] uint16 (bfloat16 bits), D a multiple of 32; acc float32 [G, D].
+    """
+    _check("probs", probs, 2, types.float32)
+    _check("pool", pool, 2, types.uint16)
+    _check("rows", rows, 1, types.int64)
+    _check("acc", acc, 2, types.float32)
+
+    def codegen(context, builder, signature, args):
+        at = signature.args
+        probs_data, (_, width) = _c_array(context, builder, at[0], args[0])
+        first_head = context.cast(builder, args[1], at[1], types.int64)
+        pool_data, (_, dim) = _c_array(context, builder, at[2], args[2])
+        rows_data, _ = _c_array(context, builder, at[3], args[3])
+        v_rows = context.cast(builder, args[4], at[4], types.int64)
+        n = context.cast(builder, args[5], at[5], types.int64)
+        acc_data, _ = _c_array(context, builder, at[6], args[6])
+        heads = [builder.add(first_head, _I64(a)) for a in range(HEADS)]
+        sums = [cgutils.alloca_once(builder, _V16F) for _ in range(2 * HEADS)]
+        n_chunks = builder.udiv(dim, _I64(CHUNK))
+        with cgutils.for_range(builder, n_chunks) as chunk:
+            offset = builder.mul(chunk.index, _I64(CHUNK))
+            at_acc = [builder.add(builder.mul(h, dim), offset) for h in heads]
+            for a in range(HEADS):
+                builder.store(_load(builder, acc_data, at_acc[a], _V16F, 4), sums[2 * a])
+                builder.store(_load(builder, acc_data, builder.add(at_acc[a], _I64(16)), _V16F, 4), sums[2 * a + 1])
+            with cgutils.for_range(builder, n) as key:
+                row = builder.add(builder.load(builder.gep(rows_data, [key.index])), v_rows)
+                even, odd = _widen_pairs(builder, _load(builder, pool_data, builder.add(builder.mul(row, dim), offset), _V16I, 2))
+                for a in range(HEADS):
+                    p = builder.load(builder.gep(probs_data, [builder.add(builder.mul(heads[a], width), key.index)]))
+                    weight = _splat(builder, p, _V16F)
+                    builder.store(_fma(builder, weight, even, builder.load(sums[2 * a])), sums[2 * a])
+                    builder.store(_fma(builder, weight, odd, builder.load(sums[2 * a + 1])), sums[2 * a + 1])
+            for a in range(HEADS):
+                builder.store(builder.load(sums[2 * a]), _vector_at(builder, acc_data, at_acc[a], _V16F), align=4)
+                builder.store(builder.load(sums[2 * a + 1]), _vector_at(builder, acc_data, builder.add(at_acc[a], _I64(16)), _V16F),
+                              align=4)
+        return context.get_dummy_value()
+
+    return types.none(probs, g, pool, rows, v_rows, n, acc), codegen
+
+
+def score_step(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
+    """`score_4x4` where the pool is bfloat16 bits; never called otherwise (Numba-only)."""
+    raise NotImplementedError("score_step is only callable from Numba-compiled code")
+
+
+@overload(score_step)
+def _score_step_impl(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
+    if pool.dtype == types.uint16:
+        return lambda q_bf16, q_f32, parts, g, pool, rows, j, scale, scores: score_4x4(
+            q_bf16, q_f32, parts, g, pool, rows, j, scale, scores)
+    return lambda q_bf16, q_f32, parts, g, pool, rows, j, scale, scores: None
+
+
+def accumulate_step(probs, g, pool, rows, v_rows, n, acc):
+    """`accumulate_tile` where the pool is bfloat16 bits; never called otherwise (Numba-only)."""
+    raise NotImplementedError("accumulate_step is only callable from Numba-compiled code")
+
+
+@overload(accumulate_step)
+def _accumulate_step_impl(probs, g, pool, rows, v_rows, n, acc):
+    if pool.dtype == types.uint16:
+        return lambda probs, g, pool, rows, v_rows, n, acc: accumulate_tile(probs, g, pool, rows, v_rows, n, acc)
+    return lambda probs, g, pool, rows, v_rows, n, acc: None
+
+
+@njit(cache=True)
+def split_index(d):
+    """Where element d of a head_dim vector sits in split order (even elements, then odd, per 32)."""
+    base = d // CHUNK * CHUNK
+    k = d - base
+    return base + k // 2 + (CHUNK // 2) * (k % 2)
+
+
+@njit(cache=True)
+def query_parts(q, b, first, G, q_bf16, q_f32):
+    """Lay out query heads q[b, first:first + G] for `score_4x4`; returns its `parts`: bfloat16
+    parts (`bfloat16_parts`) where it uses vdpbf16ps, else the float32 query in split order."""
+    if uses_dpbf16():
+        return bfloat16_parts(q, b, first, G, q_bf16)
+    for g in range(G):
+        for d in range(q.shape[2]):
+            q_f32[0, g, split_index(d)] = q[b, first + g, d]
+    return 1
+
+
+@njit(cache=True)
+def bfloat16_parts(q, b, first, G, q_bf16):
+    """Split q[b, first:first + G] (float32) into bfloat16 parts whose sum is exactly the query,
+    packed in pairs into q_bf16 [3, G, D / 2] (element 2i in the low half); returns how many the
+    heads need: 1 where the query is bfloat16 already, at most 3 (8 significant bits each).
+    Each part is the top bits of what the parts before it left, cut (not rounded), so that the
+    remainder stays exact."""
+    parts = 1
+    for g in range(G):
+        for i in range(q.shape[2] // 2):
+            even, odd = q[b, first + g, 2 * i], q[b, first + g, 2 * i + 1]
+            for p in range(3):
+                top_even = f32_bits(even) & np.uint32(0xFFFF0000)
+                top_odd = f32_bits(odd) & np.uint32(0xFFFF0000)
+                q_bf16[p, g, i] = (top_even >> np.uint32(16)) | top_odd
+                even -= bits_f32(top_even)
+                odd -= bits_f32(top_odd)
+                if p < 2 and (even != 0 or odd != 0):
+                    parts = max(parts, p + 2)
+    return parts
