@@ -109,7 +109,8 @@ def sweep_knobs(q, pool, table, tokens, reps, threads):
     hand-built bfloat16 loops)."""
     saved = {name: getattr(knobs, name) for name in _KNOBS}
     settings = [dict(TILE_TOKENS=tile, PREFETCH_NEXT_TILE=pf, BF16_TILES=tiles)
-                for tiles in (True, False) for pf in (1, 2, 0) for tile in (16, 32, 64)]
+                for tiles in (True, False) for pf in (1, 2) for tile in (32, 64, 128)]
+    settings += [dict(TILE_TOKENS=64, PREFETCH_NEXT_TILE=0, BF16_TILES=tiles) for tiles in (True, False)]
     settings += [dict(UNITS_PER_THREAD=units, DYNAMIC_SCHEDULE=dyn) for units in (1, 2, 4, 8) for dyn in (True, False)]
     results = []
     try:

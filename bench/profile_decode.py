@@ -2,6 +2,7 @@
 
     python bench/profile_decode.py --mode speculative --context 32768 --gpu-kv-bytes 1GiB --out prof.json
     python bench/profile_decode.py --tiny --mode speculative            # a CPU check of the script
+    python bench/profile_decode.py --mode split --python --context 32768  # the host thread's own Python
 
 An 8B-class Llama (random bf16 weights; `--tiny`: a small one on the CPU) prefills `--context`
 tokens, then decodes; the profiler records `--steps` decode steps after `--skip` warm ones, and
@@ -12,9 +13,11 @@ beside the same model's plain transformers forward time when the KV fits (`--bas
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import math
 import os
+import pstats
 import sys
 import time
 
@@ -68,6 +71,47 @@ def profile_decode(model, ids, config: dict, steps: int, skip: int, rows: int) -
     }
 
 
+def profile_python(model, ids, config: dict, steps: int, skip: int, rows: int) -> dict:
+    """cProfile of the calling (host) thread over `steps` decode steps: where its own time goes,
+    which in `split` mode lies between a layer's CPU part and the next one's."""
+    hetero.prepare(model, config)
+    chunks = math.ceil(ids.shape[1] / hetero.OffloadConfig.from_dict(config).prefill_chunk_tokens)
+    profiler = cProfile.Profile()
+    stamps = []
+
+    def step(_tokens):
+        stamps.append(time.perf_counter())
+        if len(stamps) == chunks + skip:
+            profiler.enable()
+        elif len(stamps) == chunks + skip + steps:
+            profiler.disable()
+
+    model.hetero.progress = step
+    new = skip + steps + 3
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    model.hetero.progress = None
+    stats = pstats.Stats(profiler)
+    total = sum(row[2] for row in stats.stats.values())  # tottime over every function: the profiled span
+
+    def top(index):
+        ranked = sorted(stats.stats.items(), key=lambda kv: kv[1][index], reverse=True)[:rows]
+        return [{"name": f"{os.path.basename(f)}:{line}({fn})", "calls": v[1], "self_ms": v[2] * 1e3 / steps,
+                 "cumulative_ms": v[3] * 1e3 / steps} for (f, line, fn), v in ranked]
+
+    result = {"config": config, "context": ids.shape[1], "batch": ids.shape[0], "profiled_steps": steps,
+              "host_thread_ms_per_step": total * 1e3 / steps, "summary": model.hetero.last_stats.summary(),
+              "top_self": top(2), "top_cumulative": top(3)}
+    print(result["summary"])
+    print(f"host thread: {result['host_thread_ms_per_step']:.1f} ms per step under cProfile (which slows Python)")
+    for title, key in (("self", "top_self"), ("cumulative", "top_cumulative")):
+        print(f"\ntop functions by {title} time, per step:")
+        for row in result[key]:
+            print(f"  {row['self_ms']:8.2f} ms self {row['cumulative_ms']:8.2f} ms cum {row['calls'] // steps:6d} calls/step  "
+                  f"{row['name'][:80]}")
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", default="speculative", help="stream | split | speculative")
@@ -80,6 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip", type=int, default=2, help="decode steps before the profiled ones")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU (checks the script)")
+    parser.add_argument("--python", action="store_true", help="cProfile the host thread's Python instead")
     parser.add_argument("--out", help="JSON file")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -89,6 +134,12 @@ def main(argv=None) -> int:
     if args.tiny:
         config.update(block_size=16, sink_tokens=16, window_tokens=32, prefill_chunk_tokens=256)
     config.update(parse_overrides(args.set))
+    if args.python:
+        result = profile_python(model, ids, config, args.steps, args.skip, args.rows)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
     result = profile_decode(model, ids, config, args.steps, args.skip, args.rows)
     print(result["summary"])
     print(f"decode step {result['step_ms_median']:.1f} ms (median of the profiled ones), "

@@ -4,7 +4,10 @@ Generates with an 8B-class Llama in `split` mode and records, for the last `--sh
 when the host thread queued the fetch and the CPU part, when the copy engine started and ended the
 fetch (CUDA events, put on the host clock), when the CPU part started (its query landed) and ended.
 Prints per-step sums: the copy engine busy, the CPU busy, the CPU's waits for the query (the GPU
-behind) and for the host thread (its gap), and writes every event to JSON.
+behind) and for the host thread (its gap), and writes every event to JSON. The gap is then cut
+into the host thread's phases between one CPU part's end and the next one's queueing: late (it
+was still queueing the layer's GPU side when the part ended), collect (taking the result), merge,
+model (the model's code up to the next layer's cache update), store (the update) and start.
 
     python bench/split_timeline.py --context 131072 --gpu-kv-bytes 4GiB --out timeline.json
 """
@@ -36,6 +39,7 @@ class Recorder:
         self.jobs = []  # dicts: queued, started, ended
         self.copies = []  # (submitted host time, start event, ready event, bytes)
         self.ref = None
+        self.marks = []  # (name, host time) of the host thread's calls into the cache
 
     def install(self):
         rec = self
@@ -66,12 +70,52 @@ class Recorder:
                 rec.copies.append((now, start, ready, nbytes))
             clock.copies.clear()  # kept here instead: the tuner then sees no copies and holds its share
 
-        self._originals = run_on_host, pump
+        def marked(name, fn):
+            def wrapper(*a, **kw):
+                rec.marks.append((name + "_in", time.perf_counter()))
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    rec.marks.append((name + "_out", time.perf_counter()))
+
+            return wrapper
+
+        from hetero.cache import HeteroCache
+
+        self._originals = run_on_host, pump, HeteroCache.update, HeteroCache.attend, pl.Pipeline.host_result
         pl.Pipeline.run_on_host = timed_run_on_host
         pl.FetchRing._pump = timed_pump
+        HeteroCache.update = marked("update", HeteroCache.update)
+        HeteroCache.attend = marked("attend", HeteroCache.attend)
+        pl.Pipeline.host_result = marked("result", pl.Pipeline.host_result)
 
     def uninstall(self):
-        pl.Pipeline.run_on_host, pl.FetchRing._pump = self._originals
+        from hetero.cache import HeteroCache
+
+        pl.Pipeline.run_on_host, pl.FetchRing._pump, HeteroCache.update, HeteroCache.attend, pl.Pipeline.host_result = (
+            self._originals)
+
+    def host_phases(self, jobs):
+        """The host thread's phases (seconds) between each job's end and the next one's queueing."""
+        phases = dict(late=0.0, collect=0.0, merge=0.0, model=0.0, store=0.0, start=0.0)
+        for a, b in zip(jobs, jobs[1:]):
+            after = [(n, t) for n, t in self.marks if a["ended"] - 1 < t <= b["queued"]]
+            first = lambda name, since: next((t for n, t in after if n == name and t >= since), None)  # noqa: E731
+            result_in = max((t for n, t in after if n == "result_in" and t <= a["ended"] + 1 and t >= a["queued"]),
+                            default=None)
+            result_out = first("result_out", a["queued"])
+            attend_out = first("attend_out", result_out or a["queued"])
+            update_in = first("update_in", attend_out or a["queued"])
+            attend_in = first("attend_in", update_in or a["queued"])
+            if None in (result_in, result_out, attend_out, update_in, attend_in):
+                continue
+            phases["late"] += max(0.0, result_in - a["ended"])
+            phases["collect"] += result_out - max(result_in, a["ended"])
+            phases["merge"] += attend_out - result_out
+            phases["model"] += update_in - attend_out
+            phases["store"] += attend_in - update_in
+            phases["start"] += b["queued"] - attend_in
+        return phases
 
     def mark(self):
         torch.cuda.synchronize()
@@ -132,8 +176,10 @@ def main(argv=None) -> int:
                    cpu_waits_host=wait_host, jobs=[{k: v - t0 for k, v in j.items()} for j in jobs],
                    copies=[{k: (v - t0 if k != "bytes" else v) for k, v in c.items()} for c in copies[c0:c1]])
         report.append(row)
+        row["host_phases"] = rec.host_phases(jobs)
         print(f"{len(report):>4} {1e3 * row['wall']:7.1f} {1e3 * busy_copy:9.1f} {1e3 * busy_cpu:8.1f} "
-              f"{1e3 * wait_query:15.1f} {1e3 * wait_host:14.1f}")
+              f"{1e3 * wait_query:15.1f} {1e3 * wait_host:14.1f}   host: "
+              + " ".join(f"{k} {1e3 * v:.1f}" for k, v in row["host_phases"].items()))
     last = report[-1]
     print("last step (ms from its start): the copies' submitted/start/end, then the CPU parts' queued/started/ended")
     print("  copies: " + "  ".join(f"{1e3 * c['submitted']:.1f}/{1e3 * c['start']:.1f}/{1e3 * c['end']:.1f}" for c in last["copies"]))

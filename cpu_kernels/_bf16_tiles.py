@@ -197,16 +197,36 @@ def score_4x4(typingctx, q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
     return types.none(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores), codegen
 
 
+def _prefetch(builder, address, locality):
+    hint = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [address.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
+    builder.call(hint, [address, _I32(0), _I32(locality), _I32(1)])  # a read, into the data cache
+
+
+def _prefetch_row(builder, data, row, dim, level):
+    """Prefetch every 64-byte line of row `row` (dim uint16) into L1 (level 1) or L2 (level 2)."""
+    with cgutils.for_range(builder, builder.udiv(dim, _I64(CHUNK))) as line:
+        address = builder.gep(data, [builder.add(builder.mul(row, dim), builder.mul(line.index, _I64(CHUNK)))])
+        with builder.if_else(builder.icmp_signed("==", level, _I64(1))) as (into_l1, into_l2):
+            with into_l1:
+                _prefetch(builder, address, 3)
+            with into_l2:
+                _prefetch(builder, address, 2)
+
+
 @intrinsic
-def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc):
+def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level):
     """acc[g + a] += sum over t < n of probs[g + a, t] * pool[rows[t] + v_rows], for a < 4, in split order.
 
     probs float32 [G, >= n]; pool [rows, D] uint16 (bfloat16 bits), D a multiple of 32; acc float32 [G, D].
+    Meanwhile, unless `level` is 0, prefetches the V rows of ahead[:min(n, n_ahead)] (the next
+    tile's K rows) into L1 (1) or L2 (2), one per key of the first 32 elements' pass.
     """
     _check("probs", probs, 2, types.float32)
     _check("pool", pool, 2, types.uint16)
     _check("rows", rows, 1, types.int64)
     _check("acc", acc, 2, types.float32)
+    _check("ahead", ahead, 1, types.int64)
 
     def codegen(context, builder, signature, args):
         at = signature.args
@@ -217,16 +237,24 @@ def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc):
         v_rows = context.cast(builder, args[4], at[4], types.int64)
         n = context.cast(builder, args[5], at[5], types.int64)
         acc_data, _ = _c_array(context, builder, at[6], args[6])
+        ahead_data, _ = _c_array(context, builder, at[7], args[7])
+        n_ahead = context.cast(builder, args[8], at[8], types.int64)
+        level = context.cast(builder, args[9], at[9], types.int64)
         heads = [builder.add(first_head, _I64(a)) for a in range(HEADS)]
         sums = [cgutils.alloca_once(builder, _V16F) for _ in range(2 * HEADS)]
         n_chunks = builder.udiv(dim, _I64(CHUNK))
+        prefetching = builder.icmp_signed("!=", level, _I64(0))
         with cgutils.for_range(builder, n_chunks) as chunk:
             offset = builder.mul(chunk.index, _I64(CHUNK))
             at_acc = [builder.add(builder.mul(h, dim), offset) for h in heads]
             for a in range(HEADS):
                 builder.store(_load(builder, acc_data, at_acc[a], _V16F, 4), sums[2 * a])
                 builder.store(_load(builder, acc_data, builder.add(at_acc[a], _I64(16)), _V16F, 4), sums[2 * a + 1])
+            first_pass = builder.and_(prefetching, builder.icmp_signed("==", chunk.index, _I64(0)))
             with cgutils.for_range(builder, n) as key:
+                with builder.if_then(builder.and_(first_pass, builder.icmp_signed("<", key.index, n_ahead)), likely=False):
+                    upcoming = builder.add(builder.load(builder.gep(ahead_data, [key.index])), v_rows)
+                    _prefetch_row(builder, pool_data, upcoming, dim, level)
                 row = builder.add(builder.load(builder.gep(rows_data, [key.index])), v_rows)
                 even, odd = _widen_pairs(builder, _load(builder, pool_data, builder.add(builder.mul(row, dim), offset), _V16I, 2))
                 for a in range(HEADS):
@@ -240,7 +268,7 @@ def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc):
                               align=4)
         return context.get_dummy_value()
 
-    return types.none(probs, g, pool, rows, v_rows, n, acc), codegen
+    return types.none(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level), codegen
 
 
 def score_step(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
@@ -256,16 +284,17 @@ def _score_step_impl(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
     return lambda q_bf16, q_f32, parts, g, pool, rows, j, scale, scores: None
 
 
-def accumulate_step(probs, g, pool, rows, v_rows, n, acc):
+def accumulate_step(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level):
     """`accumulate_tile` where the pool is bfloat16 bits; never called otherwise (Numba-only)."""
     raise NotImplementedError("accumulate_step is only callable from Numba-compiled code")
 
 
 @overload(accumulate_step)
-def _accumulate_step_impl(probs, g, pool, rows, v_rows, n, acc):
+def _accumulate_step_impl(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level):
     if pool.dtype == types.uint16:
-        return lambda probs, g, pool, rows, v_rows, n, acc: accumulate_tile(probs, g, pool, rows, v_rows, n, acc)
-    return lambda probs, g, pool, rows, v_rows, n, acc: None
+        return lambda probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level: accumulate_tile(
+            probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level)
+    return lambda probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level: None
 
 
 @njit(cache=True)

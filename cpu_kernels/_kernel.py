@@ -146,16 +146,18 @@ def _accumulate_tile(p, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead, level
 @njit(fastmath=FASTMATH, cache=True)
 def _bf16_tile(q_bf16, q_f32, parts, pool, rows, v_rows, n, n4, scale, scores, m, l, acc, ahead, n_ahead, level):
     """One tile through the hand-built loops of `_bf16_tiles` (bfloat16 pool, head_dim a multiple
-    of 32, query heads a multiple of 4); prefetches the next tile's K and V rows meanwhile."""
+    of 32, query heads a multiple of 4); prefetches the next tile's K rows while computing scores,
+    its V rows while summing values, as `_score_tile` and `_accumulate_tile` do."""
     G = acc.shape[0]
     for j in range(0, n4, 4):
         _prefetch_step(pool, ahead, j, n4, n_ahead, 0, level)
-        _prefetch_step(pool, ahead, j, n4, n_ahead, v_rows, level)
         for g in range(0, G, HEADS):
             score_step(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores)
     _softmax_tile(scores, n, n4, m, l, acc)
+    if level:
+        _prefetch_rows(pool, ahead, n, n_ahead, v_rows, level)  # those past this tile's length: the loop below takes the rest
     for g in range(0, G, HEADS):
-        accumulate_step(scores, g, pool, rows, v_rows, n, acc)
+        accumulate_step(scores, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level if g == 0 else 0)
 
 
 @njit(cache=True)
@@ -163,9 +165,14 @@ def _prefetch_step(pool, ahead, j, n4, n_ahead, offset, level):
     """At the 4-token step j of a tile of n4 tokens, prefetch the next tile's rows ahead[j:j + 4]
     + offset (the last step takes all that remain, when the next tile is the longer) into L1
     (level 1) or L2: every cache line of each row."""
-    stop = n_ahead if j + 4 >= n4 else min(j + 4, n_ahead)
+    _prefetch_rows(pool, ahead, j, n_ahead if j + 4 >= n4 else min(j + 4, n_ahead), offset, level)
+
+
+@njit(cache=True)
+def _prefetch_rows(pool, ahead, start, stop, offset, level):
+    """Prefetch every cache line of rows ahead[start:stop] + offset into L1 (level 1) or L2."""
     step = max(1, 64 // pool.itemsize)
-    for k in range(j, stop):
+    for k in range(start, stop):
         for d in range(0, pool.shape[1], step):
             if level == 1:
                 prefetch_l1(pool, ahead[k] + offset, d)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .gpu_kernels import merge_two as gpu_merge_two
+
 # Upper bound on the elements of one score matrix; long query chunks are processed in slices.
 _MAX_SCORE_ELEMENTS = 1 << 26
 
@@ -136,7 +138,12 @@ def _empty(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PartialMerger:
-    """Accumulates (out, lse) pieces; `result()` is the attention over their union."""
+    """Accumulates (out, lse) pieces; `result()` is the attention over their union.
+
+    On CUDA, contiguous float32 pieces merge in place into the first piece's tensors, in one Triton
+    launch each (the host thread's time between a layer's CPU part and the next is on `split`'s
+    critical path, and the PyTorch merge is a dozen launches).
+    """
 
     def __init__(self) -> None:
         self.out: torch.Tensor | None = None
@@ -146,7 +153,10 @@ class PartialMerger:
         if self.out is None:
             self.out, self.lse = out, lse
             return
-        self.out, self.lse = merge_two(self.out, self.lse, out, lse)
+        if out.is_cuda:
+            self.out, self.lse = gpu_merge_two(self.out, self.lse, out, lse)
+        else:
+            self.out, self.lse = merge_two(self.out, self.lse, out, lse)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.out is None:
