@@ -135,11 +135,19 @@ class _Mailbox:
 
 @dataclass
 class HostJob:
-    """A queued host job; with a mailbox, its tensors come back through it (see `Pipeline.host_result`)."""
+    """A queued host job; with a mailbox, its tensors come back through it (see `Pipeline.host_result`).
+
+    `inputs` keeps the job's fences and arguments alive until the host thread drops the job, so that
+    their events and pinned tensors are freed by the host thread, never by the worker: each free is
+    a CUDA call (an event's destruction; the host allocator's event records), and one made while
+    the host thread synchronizes the device, behind a GPU wait for this very worker, could wait
+    until the GPU's wait gave up.
+    """
 
     future: Future
     mailbox: _Mailbox | None = None
     number: int = 0
+    inputs: tuple = ()
 
 
 @dataclass
@@ -157,7 +165,7 @@ class Pipeline:
         self.counters = TransferCounters()
         self._clock: _WorkClock | None = None
         self._mailboxes: dict[tuple, list[_Mailbox]] = {}
-        self._posting: deque[Future] = deque()  # jobs posting to a mailbox, checked for errors in order
+        self._posting: deque[HostJob] = deque()  # jobs posting to a mailbox, checked for errors in order
         self._gave_up: torch.Tensor | None = None  # pinned int32 the GPU sets if a wait for a mailbox timed out
         self._landed: torch.Tensor | None = None  # pinned int64: the number of the last `to_host` fence landed
         if self.cuda:
@@ -284,7 +292,7 @@ class Pipeline:
                     mailbox.flag[0] = number
 
         future = self._worker.submit(job)
-        return HostJob(future, mailbox, number)
+        return HostJob(future, mailbox, number, (fences, args))
 
     def host_result(self, job: HostJob) -> tuple[torch.Tensor, ...]:
         """The job's tensors on the device. With a mailbox, the compute stream waits for them on the
@@ -303,8 +311,8 @@ class Pipeline:
     def check_host_jobs(self) -> None:
         """Raise the error of the first finished host job that failed while posting to a mailbox, or
         of a GPU wait for one that gave up."""
-        while self._posting and self._posting[0].done():
-            self._posting.popleft().result()
+        while self._posting and self._posting[0].future.done():
+            self._posting.popleft().future.result()
         if self._gave_up is not None and int(self._gave_up[0]):
             raise RuntimeError(
                 "the GPU gave up waiting for a host job's result, so the attention it fed is wrong. Known causes: "
@@ -326,7 +334,7 @@ class Pipeline:
             moved.append(slot.to(self.device, non_blocking=True))
         mailbox.emptied = torch.cuda.Event()
         mailbox.emptied.record(torch.cuda.current_stream(self.device))
-        self._posting.append(job.future)
+        self._posting.append(job)
         return tuple(moved)
 
     def _take_mailbox(self, returns) -> _Mailbox:
