@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser, workload_required: bool = Tru
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rebuild summary.md and the plots from the JSON under --out")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="an offload config key for every hetero system, e.g. --set cpu_part_wait=gpu (repeatable)")
+                        help="an offload config key for every hetero system, e.g. --set cpu_part_wait=host (repeatable)")
     parser.add_argument("--system-timeout", type=float, metavar="SECONDS",
                         help="run each system in a process of its own and stop it after this long, its threads' "
                              "stacks printed shortly before; the row reads 'timeout' and the next system runs")
@@ -80,7 +80,7 @@ def parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set: got {item!r}, expected KEY=VALUE, e.g. cpu_part_wait=gpu")
+            raise SystemExit(f"--set: got {item!r}, expected KEY=VALUE, e.g. cpu_part_wait=host")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -76,9 +76,9 @@ _DOCS = {
     "ssd_miss": "speculative mode with an SSD tier: wait (read every SSD block of a layer before it attends) | skip "
                 "(read ahead only the SSD blocks the layer selected at the step before; tokens of SSD blocks not "
                 "in host memory when selected are left out, counted in the stats; needs cpu_remainder none)",
-    "cpu_part_wait": "split, and cpu_remainder bounded/all: what waits for the CPU's part of a layer: host (the host "
-                     "thread, before it queues the next layer) | gpu (experimental: the compute stream waits on a flag "
-                     "in pinned memory and the host thread runs ahead; faster, but it stalled in the benchmark harness)",
+    "cpu_part_wait": "split, and cpu_remainder bounded/all: what waits for the CPU's part of a layer: gpu (the compute "
+                     "stream waits on a flag in pinned memory while the host thread queues the layers after it) | "
+                     "host (the host thread waits before it queues the next layer: slower, no GPU-side wait)",
     "ssd_rebalance_steps": "speculative mode with an SSD tier: every this many decode steps, the blocks selected most "
                            "that sit on the SSD trade places with the least selected in host memory (0: never)",
 }
@@ -113,7 +113,7 @@ class OffloadConfig:
     speculation_debug: bool = False
     ssd_miss: str = "wait"
     ssd_rebalance_steps: int = 16
-    cpu_part_wait: str = "host"
+    cpu_part_wait: str = "gpu"
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)

@@ -31,7 +31,7 @@ def _run(generate, ids, mask):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("lengths", [[1800], [1500, 777, 1203]])
-@pytest.mark.parametrize("mode,mib_per_row", [("stream", 1), ("split", 1), ("split-gpuwait", 1), ("stream", 64),
+@pytest.mark.parametrize("mode,mib_per_row", [("stream", 1), ("split", 1), ("split-hostwait", 1), ("stream", 64),
                                                ("speculative", 1), ("speculative-reuse", 1), ("speculative-bounded", 1)])
 def test_bf16_matches_transformers(arch, lengths, mode, mib_per_row, tmp_path):
     """1 MiB per row forces most of the KV through the fetch ring (and the CPU, in split mode);
@@ -41,8 +41,8 @@ def test_bf16_matches_transformers(arch, lengths, mode, mib_per_row, tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     ref_tokens, _ = _run(reference.generate, ids, mask)
     config = {**CONFIG, "mode": mode.split("-")[0], "gpu_kv_bytes": f"{mib_per_row * len(lengths)}MiB"}
-    if mode.endswith("gpuwait"):
-        config["cpu_part_wait"] = "gpu"
+    if mode.endswith("hostwait"):
+        config["cpu_part_wait"] = "host"
     if mode.startswith("speculative"):
         config["min_partial_columns"] = 0  # heads of 32: a quarter of their columns
         config["cpu_remainder"] = "all"  # the CPU attends over what was not fetched: exact
