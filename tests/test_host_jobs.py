@@ -93,3 +93,25 @@ def test_a_host_thread_waits_for_copies_to_the_host_without_a_cuda_call(monkeypa
         assert fence.done() and fence.number == i + 1
         torch.testing.assert_close(host, value.cpu(), rtol=0, atol=0)
     pipeline.close()
+
+
+def test_the_host_thread_frees_a_jobs_inputs_not_the_worker():
+    """Freeing a pinned tensor or an event is a CUDA call: made by the worker while the host thread
+    synchronizes the device behind a GPU wait for that worker, it could stall both."""
+    freed_on = []
+
+    class Input:
+        def __del__(self):
+            freed_on.append(threading.current_thread().name)
+
+    pipeline = Pipeline("cuda" if CUDA else "cpu")
+    a = torch.randn(1, 2, 1, 4)
+    for returns in (None, ((a.shape, torch.float32),)):
+        job = pipeline.run_on_host(pipeline.fence_here(), lambda _: (a,), Input(), returns=returns)
+        job.future.result()  # done: the worker has let go of the job
+        pipeline.host_result(job)
+        pipeline.synchronize()
+        del job
+        pipeline.check_host_jobs()  # drops jobs that posted to a mailbox
+    assert freed_on == [threading.main_thread().name] * 2
+    pipeline.close()
