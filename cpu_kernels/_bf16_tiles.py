@@ -13,7 +13,8 @@ starts with run-time checks that the arrays do not overlap. Here, for head_dim a
   part when the model runs in bfloat16);
 - a tile's value sum keeps the 4 heads' accumulators for 32 elements in registers over all its keys.
 Accumulators are kept in "split" order: within each 32 elements, the 16 even ones, then the 16 odd
-ones (`split_index` maps back).
+ones (`split_index` maps back). Off by default (`attention.BF16_TILES`): on the H200 machine they
+ran slower than Numba's loops.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def _has_dpbf16(context) -> bool:
 
 @intrinsic
 def uses_dpbf16(typingctx):
-    """True where `score_4x4` uses vdpbf16ps (its query then comes as bfloat16 parts), a constant of the compiled code."""
+    """True where `score_4x4` uses vdpbf16ps (its query then comes as bfloat16 parts); a constant of
+    the compiled code."""
 
     def codegen(context, builder, signature, args):
         return ir.Constant(ir.IntType(1), int(_has_dpbf16(context)))
@@ -84,7 +86,8 @@ def _load(builder, data, offset, vector_type, align):
 def _splat(builder, scalar, vector_type):
     undefined = ir.Constant(vector_type, ir.Undefined)
     one = builder.insert_element(undefined, scalar, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, undefined, ir.Constant(ir.VectorType(_I32, vector_type.count), [0] * vector_type.count))
+    zeros = ir.Constant(ir.VectorType(_I32, vector_type.count), [0] * vector_type.count)
+    return builder.shuffle_vector(one, undefined, zeros)
 
 
 def _widen_pairs(builder, packed):
@@ -190,7 +193,8 @@ def score_4x4(typingctx, q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
         total = builder.fmul(total, _splat(builder, scale, _V16F))
         for a in range(HEADS):
             row = builder.add(builder.mul(builder.add(first_head, _I64(a)), width), first_key)
-            four = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_I32, 4), [a * 4 + t for t in range(4)]))
+            lanes = ir.Constant(ir.VectorType(_I32, 4), [a * 4 + t for t in range(4)])
+            four = builder.shuffle_vector(total, total, lanes)
             builder.store(four, _vector_at(builder, scores_data, row, _V4F), align=4)
         return context.get_dummy_value()
 
@@ -256,16 +260,16 @@ def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc, ahead, n_ah
                     upcoming = builder.add(builder.load(builder.gep(ahead_data, [key.index])), v_rows)
                     _prefetch_row(builder, pool_data, upcoming, dim, level)
                 row = builder.add(builder.load(builder.gep(rows_data, [key.index])), v_rows)
-                even, odd = _widen_pairs(builder, _load(builder, pool_data, builder.add(builder.mul(row, dim), offset), _V16I, 2))
+                packed = _load(builder, pool_data, builder.add(builder.mul(row, dim), offset), _V16I, 2)
+                even, odd = _widen_pairs(builder, packed)
                 for a in range(HEADS):
                     p = builder.load(builder.gep(probs_data, [builder.add(builder.mul(heads[a], width), key.index)]))
                     weight = _splat(builder, p, _V16F)
                     builder.store(_fma(builder, weight, even, builder.load(sums[2 * a])), sums[2 * a])
                     builder.store(_fma(builder, weight, odd, builder.load(sums[2 * a + 1])), sums[2 * a + 1])
             for a in range(HEADS):
-                builder.store(builder.load(sums[2 * a]), _vector_at(builder, acc_data, at_acc[a], _V16F), align=4)
-                builder.store(builder.load(sums[2 * a + 1]), _vector_at(builder, acc_data, builder.add(at_acc[a], _I64(16)), _V16F),
-                              align=4)
+                for half, where in ((0, at_acc[a]), (1, builder.add(at_acc[a], _I64(16)))):
+                    builder.store(builder.load(sums[2 * a + half]), _vector_at(builder, acc_data, where, _V16F), align=4)
         return context.get_dummy_value()
 
     return types.none(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level), codegen

@@ -154,8 +154,8 @@ def _bf16_tile(q_bf16, q_f32, parts, pool, rows, v_rows, n, n4, scale, scores, m
         for g in range(0, G, HEADS):
             score_step(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores)
     _softmax_tile(scores, n, n4, m, l, acc)
-    if level:
-        _prefetch_rows(pool, ahead, n, n_ahead, v_rows, level)  # those past this tile's length: the loop below takes the rest
+    if level:  # the V rows past this tile's length; accumulate_step prefetches the others
+        _prefetch_rows(pool, ahead, n, n_ahead, v_rows, level)
     for g in range(0, G, HEADS):
         accumulate_step(scores, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level if g == 0 else 0)
 

@@ -315,11 +315,10 @@ class Pipeline:
             self._posting.popleft().future.result()
         if self._gave_up is not None and int(self._gave_up[0]):
             raise RuntimeError(
-                "the GPU gave up waiting for a host job's result, so the attention it fed is wrong. Known causes: "
-                "the host thread blocked on the GPU meanwhile (CUDA's lazy loading of a kernel first launched while "
-                "the wait was pending: set CUDA_MODULE_LOADING=EAGER before CUDA starts), and a device "
-                "synchronization at each token (a streamer), under which waits ran out of polls although every host "
-                "job had raised its flag by the end (not yet explained); cpu_part_wait \"host\" (the default) has neither"
+                "the GPU gave up waiting for a host job's result, so the attention it fed is wrong. The known cause: "
+                "the host thread or the host worker blocked on the GPU meanwhile (e.g. CUDA's lazy loading of a "
+                "kernel first launched while the wait was pending: set CUDA_MODULE_LOADING=EAGER before CUDA "
+                "starts); cpu_part_wait \"host\" makes the host thread wait instead, with no GPU-side wait"
             )
 
     def _collect(self, job: HostJob) -> tuple[torch.Tensor, ...]:
