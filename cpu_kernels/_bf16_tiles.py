@@ -25,7 +25,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ._intrinsics import bits_f32, f32_bits
+from ._intrinsics import bits_f32, emit_prefetch, f32_bits
 
 _I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32 = ir.FloatType()
@@ -201,21 +201,15 @@ def score_4x4(typingctx, q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
     return types.none(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores), codegen
 
 
-def _prefetch(builder, address, locality):
-    hint = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.VoidType(), [address.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
-    builder.call(hint, [address, _I32(0), _I32(locality), _I32(1)])  # a read, into the data cache
-
-
 def _prefetch_row(builder, data, row, dim, level):
     """Prefetch every 64-byte line of row `row` (dim uint16) into L1 (level 1) or L2 (level 2)."""
     with cgutils.for_range(builder, builder.udiv(dim, _I64(CHUNK))) as line:
         address = builder.gep(data, [builder.add(builder.mul(row, dim), builder.mul(line.index, _I64(CHUNK)))])
         with builder.if_else(builder.icmp_signed("==", level, _I64(1))) as (into_l1, into_l2):
             with into_l1:
-                _prefetch(builder, address, 3)
+                emit_prefetch(builder, address, 3)
             with into_l2:
-                _prefetch(builder, address, 2)
+                emit_prefetch(builder, address, 2)
 
 
 @intrinsic

@@ -85,6 +85,16 @@ def _to_f32_impl(x, fp16):
     return None
 
 
+def emit_prefetch(builder, address, locality: int) -> None:
+    """Emit a prefetch of the cache line at `address` for reading, with LLVM's `locality` (3: every
+    cache level, 2: L2 and L3)."""
+    byte_pointer = builder.bitcast(address, ir.IntType(8).as_pointer())
+    hint = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
+    # a read (0), the locality, into the data cache (1)
+    builder.call(hint, [byte_pointer, ir.Constant(_I32, 0), ir.Constant(_I32, locality), ir.Constant(_I32, 1)])
+
+
 def _prefetch_intrinsic(locality, doc):
     @intrinsic
     def prefetch(typingctx, arr, row, col):
@@ -99,12 +109,7 @@ def _prefetch_intrinsic(locality, doc):
                 context, builder, data=array.data, shape=cgutils.unpack_tuple(builder, array.shape),
                 strides=cgutils.unpack_tuple(builder, array.strides), layout=array_type.layout, inds=index,
                 wraparound=False, boundscheck=False)
-            byte_pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
-            hint = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer.type, _I32, _I32, _I32]),
-                "llvm.prefetch.p0")
-            # a read (0), the locality, into the data cache (1)
-            builder.call(hint, [byte_pointer, ir.Constant(_I32, 0), ir.Constant(_I32, locality), ir.Constant(_I32, 1)])
+            emit_prefetch(builder, pointer, locality)
             return context.get_dummy_value()
 
         return types.none(arr, row, col), codegen

@@ -2,8 +2,9 @@
 
 A decode step ends when the slower side does: the GPU fetching r of the offloaded KV (K bytes) over
 PCIe at P bytes/s, or the CPU attending over the other 1 - r where it lies at C bytes/s, plus the
-time g it waits each step for the host thread to queue the next layer's part (the host thread takes
-one layer's CPU result before it runs the rest of the layer and the next one's projections). Both
+time g it waits each step for the host thread to queue the next layer's part (with cpu_part_wait
+"host", the host thread takes one layer's CPU result before it runs the rest of the layer and the
+next one's projections; with GPU-side waits, g is a few milliseconds). Both
 finish together when r K / P = (1 - r) K / C + g, that is r = (K / C + g) / (K / P + K / C); with no
 gap, r = P / (P + C). `split_ratio = "auto"` starts from the bandwidths probed at load
 (hetero.bandwidth_probe) or, without CUDA, from the ceilings of LIMITS.md, and `SplitTuner` refines

@@ -187,6 +187,18 @@ def test_the_decode_profiler_records_decode_steps_only(tmp_path):
     assert "fetched" in result["summary"]  # the KV left the GPU: speculation ran
 
 
+def test_the_decode_profiler_can_profile_python_functions_instead(tmp_path):
+    import profile_decode
+
+    out = tmp_path / "python.json"
+    assert profile_decode.main(["--tiny", "--mode", "split", "--python", "--context", "300", "--gpu-kv-bytes", "320KiB",
+                                "--steps", "2", "--rows", "40", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["profiled_steps"] == 2 and result["profiled_ms_per_step"] > 0
+    assert len(result["top_self"]) == 40 and len(result["top_cumulative"]) == 40
+    assert any("attend" in row["name"] for row in result["top_cumulative"])  # hetero's attention was profiled
+
+
 def test_the_split_timeline_records_each_steps_fetches_and_cpu_parts(tmp_path):
     import split_timeline
 
