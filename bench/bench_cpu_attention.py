@@ -128,25 +128,35 @@ def sweep_knobs(q, pool, table, tokens, reps, threads):
     return results
 
 
-def numba_loops(fn):
-    """fn() with the bfloat16 pools on Numba's own loops (BF16_TILES off): the kernel before them."""
-    saved, knobs.BF16_TILES = knobs.BF16_TILES, False
+def loops(hand_built, fn):
+    """fn() with the bfloat16 pools on the hand-built loops of `_bf16_tiles` or on Numba's own."""
+    saved, knobs.BF16_TILES = knobs.BF16_TILES, hand_built
     try:
         return fn()
     finally:
         knobs.BF16_TILES = saved
 
 
-def make_case(B, tokens, dtype, Hq, Hkv, D, bs, seed=0):
-    """A pool holding `tokens` tokens under a shuffled block table, and q; random values."""
+def make_case(B, tokens, dtype, Hq, Hkv, D, bs, seed=0, query_dtype=None):
+    """A pool holding `tokens` tokens under a shuffled block table, and q; random values.
+
+    q is float32 holding values of `query_dtype` (default: the pool's dtype), as the query of a
+    model that runs in that dtype is: the hand-built bfloat16 loops then take it in one part."""
     g = torch.Generator().manual_seed(seed)
     n_blocks = -(-tokens // bs)
     pool = torch.empty(n_blocks, 2, B, Hkv, bs, D, dtype=dtype)
     for s in range(n_blocks):  # slot by slot: no float32 copy of the whole pool
         pool[s] = torch.randn(2, B, Hkv, bs, D, generator=g).to(dtype)
     table = torch.randperm(n_blocks, generator=g).int()
-    q = torch.randn(B, Hq, D, generator=g)
+    q = torch.randn(B, Hq, D, generator=g).to(query_dtype or dtype).float()
     return q, pool, table
+
+
+def cached_case(pool, tokens):
+    """A one-slot pool whose block table names that slot for every block: the kernel's reads all
+    hit the caches, so its GB/s is its compute rate."""
+    slot = pool[:1].clone()
+    return slot, torch.zeros(-(-tokens // pool.shape[4]), dtype=torch.int32)
 
 
 def logical_kv(pool, table, tokens):
@@ -234,17 +244,25 @@ def main():
         del k, v
         sdpa["sdpa_fp32"] = bench_sdpa(q, kf, vf, args.sdpa_reps)
         del kf, vf
-        add("numba", B, "bfloat16", bench_kernel(q, pool, table, args.tokens, args.reps, args.threads), sdpa)
-        add("numba, own loops", B, "bfloat16",
-            numba_loops(lambda: bench_kernel(q, pool, table, args.tokens, args.reps, args.threads)), sdpa)
+        for hand_built, name in ((False, "numba"), (True, "hand-built loops")):
+            add(name, B, "bfloat16", loops(hand_built, lambda: bench_kernel(q, pool, table, args.tokens, args.reps, args.threads)), sdpa)
         add("same reads, no math", B, "bfloat16", bench_pattern(pool, table, args.tokens, args.reps, args.threads))
         for name, r in sdpa.items():
             add(name, B, "float32" if name.endswith("fp32") else "bfloat16", r)
         if B == 1:
             for t in sorted({min(t, numba.config.NUMBA_NUM_THREADS) for t in args.scaling}):  # a smaller machine: its cores
-                add(f"numba {t} thr", B, "bfloat16", bench_kernel(q, pool, table, args.tokens, max(2, args.reps // 3), t))
-                add(f"own loops {t} thr", B, "bfloat16",
-                    numba_loops(lambda: bench_kernel(q, pool, table, args.tokens, max(2, args.reps // 3), t)))
+                for hand_built, name in ((False, "numba"), (True, "hand-built")):
+                    add(f"{name} {t} thr", B, "bfloat16",
+                        loops(hand_built, lambda: bench_kernel(q, pool, table, args.tokens, max(2, args.reps // 3), t)))
+            slot, aliased = cached_case(pool, args.tokens)
+            for t in sorted({1, args.threads}):
+                for hand_built, name in ((False, "numba"), (True, "hand-built")):
+                    add(f"{name} in cache {t} thr", B, "bfloat16",
+                        loops(hand_built, lambda: bench_kernel(q, slot, aliased, args.tokens, max(2, args.reps // 3), t)))
+            q32 = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))  # 3 bfloat16 parts
+            for hand_built, name in ((False, "numba"), (True, "hand-built")):
+                add(f"{name}, fp32 query", B, "bfloat16",
+                    loops(hand_built, lambda: bench_kernel(q32, pool, table, args.tokens, args.reps, args.threads)), sdpa)
             numba.set_num_threads(1)
             add("same reads 1 thr", B, "bfloat16", bench_pattern(pool, table, args.tokens, max(2, args.reps // 3), 1))
             numba.set_num_threads(args.threads)
@@ -253,9 +271,9 @@ def main():
                 sweep = sweep_knobs(q, pool, table, args.tokens, args.reps, args.threads)
         del pool
     q, pool, table = make_case(1, args.resident_tokens, torch.bfloat16, **shape)
-    add("numba cache-resident", 1, "bfloat16", bench_kernel(q, pool, table, args.resident_tokens, args.reps * 20, args.threads))
-    add("own loops resident", 1, "bfloat16",
-        numba_loops(lambda: bench_kernel(q, pool, table, args.resident_tokens, args.reps * 20, args.threads)))
+    for hand_built, name in ((False, "numba"), (True, "hand-built")):
+        add(f"{name} cache-resident", 1, "bfloat16",
+            loops(hand_built, lambda: bench_kernel(q, pool, table, args.resident_tokens, args.reps * 20, args.threads)))
     for dtype in (torch.float16, torch.float32):
         q, pool, table = make_case(1, args.tokens, dtype, **shape)
         add("numba", 1, str(dtype).split(".")[1], bench_kernel(q, pool, table, args.tokens, args.reps, args.threads))
@@ -265,11 +283,11 @@ def main():
           f" vdpbf16ps: {dpbf16()}")
     print(f"(a) streaming-read ceiling: uint16 {ceiling['uint16']:.1f} GB/s, float32 {ceiling['float32']:.1f} GB/s"
           f" (LIMITS.md probe's float64 sum: {ceiling['float64_probe']:.1f} GB/s)")
-    print(f"{'case':<20}{'B':>3} {'dtype':<9}{'ms':>9}{'GB/s':>8}{'of ceil':>9}{'vs sdpa bf16':>14}{'vs sdpa fp32':>14}")
+    print(f"{'case':<28}{'B':>3} {'dtype':<9}{'ms':>9}{'GB/s':>8}{'of ceil':>9}{'vs sdpa bf16':>14}{'vs sdpa fp32':>14}")
     for r in rows:
         sb, sf = r.get("speedup_vs_sdpa_bf16"), r.get("speedup_vs_sdpa_fp32")
         print(
-            f"{r['case']:<20}{r['batch']:>3} {r['dtype']:<9}{r['ms']:>9.2f}{r['gbps']:>8.1f}{r['of_ceiling']:>8.0%}"
+            f"{r['case']:<28}{r['batch']:>3} {r['dtype']:<9}{r['ms']:>9.2f}{r['gbps']:>8.1f}{r['of_ceiling']:>8.0%}"
             f"{'' if sb is None else f'{sb:.1f}x':>14}{'' if sf is None else f'{sf:.1f}x':>14}"
         )
     for k in sweep:

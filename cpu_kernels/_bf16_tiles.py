@@ -13,8 +13,7 @@ starts with run-time checks that the arrays do not overlap. Here, for head_dim a
   part when the model runs in bfloat16);
 - a tile's value sum keeps the 4 heads' accumulators for 32 elements in registers over all its keys.
 Accumulators are kept in "split" order: within each 32 elements, the 16 even ones, then the 16 odd
-ones (`split_index` maps back). Off by default (`attention.BF16_TILES`): on the H200 machine they
-ran slower than Numba's loops.
+ones (`split_index` maps back). On by default (`attention.BF16_TILES`).
 """
 
 from __future__ import annotations
@@ -295,7 +294,7 @@ def _accumulate_step_impl(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, 
     return lambda probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level: None
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def split_index(d):
     """Where element d of a head_dim vector sits in split order (even elements, then odd, per 32)."""
     base = d // CHUNK * CHUNK
@@ -303,7 +302,7 @@ def split_index(d):
     return base + k // 2 + (CHUNK // 2) * (k % 2)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def query_parts(q, b, first, G, q_bf16, q_f32):
     """Lay out query heads q[b, first:first + G] for `score_4x4`; returns its `parts`: bfloat16
     parts (`bfloat16_parts`) where it uses vdpbf16ps, else the float32 query in split order."""
@@ -315,7 +314,7 @@ def query_parts(q, b, first, G, q_bf16, q_f32):
     return 1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def bfloat16_parts(q, b, first, G, q_bf16):
     """Split q[b, first:first + G] (float32) into bfloat16 parts whose sum is exactly the query,
     packed in pairs into q_bf16 [3, G, D / 2] (element 2i in the low half); returns how many the

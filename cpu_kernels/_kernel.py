@@ -48,7 +48,7 @@ def _exp_nonpositive(x):
     return p * exponent_to_f32(np.int32(k))
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, _nrt=False)
 def _score_tile(qs, pool, fp16, rows, n4, scores, ahead, n_ahead, level):
     """scores[g, j] = qs[g] . pool[rows[j]] for j < n4 (a multiple of 4); meanwhile prefetches
     the K rows ahead[:n_ahead] of the next tile."""
@@ -87,7 +87,7 @@ def _score_tile(qs, pool, fp16, rows, n4, scores, ahead, n_ahead, level):
                 scores[g, j], scores[g, j + 1], scores[g, j + 2], scores[g, j + 3] = a0, a1, a2, a3
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, _nrt=False)
 def _softmax_tile(scores, n, n4, m, l, acc):
     """Turn scores[:, :n] into exp(score - running max), 0 up to n4; update m, l; rescale acc."""
     G, D = acc.shape
@@ -113,7 +113,7 @@ def _softmax_tile(scores, n, n4, m, l, acc):
         m[g] = m_new
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, _nrt=False)
 def _accumulate_tile(p, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead, level):
     """acc[g] += sum_j p[g, j] * pool[rows[j] + v_rows] for j < n4 (a multiple of 4); meanwhile
     prefetches the V rows of the next tile (K rows ahead[:n_ahead])."""
@@ -143,7 +143,7 @@ def _accumulate_tile(p, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead, level
                     acc[g, d] += (a0 * v0 + a1 * v1) + (a2 * v2 + a3 * v3)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, _nrt=False)
 def _bf16_tile(q_bf16, q_f32, parts, pool, rows, v_rows, n, n4, scale, scores, m, l, acc, ahead, n_ahead, level):
     """One tile through the hand-built loops of `_bf16_tiles` (bfloat16 pool, head_dim a multiple
     of 32, query heads a multiple of 4); prefetches the next tile's K rows while computing scores,
@@ -160,7 +160,7 @@ def _bf16_tile(q_bf16, q_f32, parts, pool, rows, v_rows, n, n4, scale, scores, m
         accumulate_step(scores, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level if g == 0 else 0)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _prefetch_step(pool, ahead, j, n4, n_ahead, offset, level):
     """At the 4-token step j of a tile of n4 tokens, prefetch the next tile's rows ahead[j:j + 4]
     + offset (the last step takes all that remain, when the next tile is the longer) into L1
@@ -168,7 +168,7 @@ def _prefetch_step(pool, ahead, j, n4, n_ahead, offset, level):
     _prefetch_rows(pool, ahead, j, n_ahead if j + 4 >= n4 else min(j + 4, n_ahead), offset, level)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _prefetch_rows(pool, ahead, start, stop, offset, level):
     """Prefetch every cache line of rows ahead[start:stop] + offset into L1 (level 1) or L2."""
     step = max(1, 64 // pool.itemsize)
@@ -180,7 +180,7 @@ def _prefetch_rows(pool, ahead, start, stop, offset, level):
                 prefetch_l2(pool, ahead[k] + offset, d)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh, bs, slot_rows):
     """K row numbers of the tile starting at `pos` into rows; returns its token count n.
 
@@ -310,7 +310,7 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
             lse[b, h * G + g] = top + np.log(total)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _leave_partial(part, m, l, acc, part_m, part_l, part_acc):
     G, D = acc.shape
     for g in range(G):

@@ -20,14 +20,14 @@ from ._kernel import attend_units, build_units
 # at a time as they finish (dynamic), and into which cache a tile's computation prefetches the next
 # tile's rows (1: L1, 2: L2, 0: none), and whether bfloat16 pools take the hand-built loops of
 # `_bf16_tiles` where they apply (head_dim a multiple of 32, query heads per kv head a multiple of 4):
-# off, since on the H200 machine they ran slower than Numba's loops (2026-12-01: 47-56 against
-# 56-66 GB/s at 128K in two runs, and slower on one thread and in cache too), for reasons not found.
+# on, since in split's pipeline at 128K they ran the CPU part at 38.9 against 27.6 GB/s with
+# Numba's loops (H200 machine, 2026-12-01; they had looked slower only under a float32 query).
 UNITS_PER_THREAD = 2
 MIN_CHUNK = 256
 TILE_TOKENS = 64
 DYNAMIC_SCHEDULE = True
 PREFETCH_NEXT_TILE = 1
-BF16_TILES = False
+BF16_TILES = True
 _threads: int | None = None
 
 
