@@ -10,6 +10,9 @@ read straight from the pool once, widened to float32 in registers, and used by 4
 and 4 tokens at a time, so that the D-long inner loops vectorize and reuse every load.
 While a tile is computed, the next tile's rows are prefetched: the hardware prefetchers stop at
 4 KiB pages, and tiles jump between blocks and between K and V.
+The helpers the parallel tasks call compile without Numba's reference counting (`_nrt=False`; they
+allocate nothing): a counted call adds and drops a reference to the pool, which every thread
+shares, with atomic instructions on one cache line.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ _LN2_HI = np.float32(0.693359375)
 _LN2_LO = np.float32(-2.12194440e-4)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, _nrt=False)
 def _exp_nonpositive(x):
     """exp(x) for x <= 0 in float32 that LLVM can vectorize (libm's expf stays scalar).
 
