@@ -23,13 +23,7 @@ from numba import njit, prange
 
 from hetero.cpu_kernels import attention as knobs
 from hetero.cpu_kernels import host_decode_attention, host_decode_attention_indexed, warmup
-from hetero.cpu_kernels._bf16_tiles import uses_dpbf16
-
-
-@njit
-def dpbf16():
-    """Whether the bfloat16 loops use vdpbf16ps on this machine."""
-    return uses_dpbf16()
+from hetero.cpu_kernels._bf16_tiles import cpu_has_dpbf16
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -78,14 +72,18 @@ def _pattern_sum(rows, block_table, n_heads, bs, tokens, chunk):
     return partial.sum()
 
 
-def _time(fn, reps):
+def _timings(fn, reps):
     fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def _time(fn, reps):
+    return statistics.median(_timings(fn, reps))
 
 
 def streaming_ceiling(gib, reps, threads):
@@ -176,6 +174,21 @@ def bench_kernel(q, pool, table, tokens, reps, threads):
     return {"ms": sec * 1e3, "gbps": kv_bytes / sec / 1e9, "kv_bytes": kv_bytes}
 
 
+def bench_both_loops(q, pool, table, tokens, reps, threads, rounds):
+    """Numba's loops and the hand-built ones, timed in alternating rounds of `reps` calls (within a
+    run the machine's speed drifts by up to a fifth), each the median of all its calls."""
+    B, Hkv = pool.shape[2], pool.shape[3]
+    ranges = torch.tensor([0, tokens], dtype=torch.int32).expand(B, Hkv, 1, 2).contiguous()
+    call = lambda: host_decode_attention(q, pool, table, ranges, q.shape[-1] ** -0.5, threads)  # noqa: E731
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for hand_built in times:
+            times[hand_built] += loops(hand_built, lambda: _timings(call, reps))
+    kv_bytes = 2 * B * Hkv * tokens * q.shape[-1] * pool.element_size()
+    return {hand_built: {"ms": statistics.median(t) * 1e3, "gbps": kv_bytes / statistics.median(t) / 1e9,
+                         "kv_bytes": kv_bytes, "calls": len(t)} for hand_built, t in times.items()}
+
+
 def bench_pattern(pool, table, tokens, reps, threads):
     B, Hkv, D = pool.shape[2], pool.shape[3], pool.shape[5]
     rows = pool.view(torch.int16).numpy().reshape(-1, D).view(np.uint16)
@@ -214,6 +227,7 @@ def main():
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of --reps calls for the two loops' main rows")
     p.add_argument("--sdpa-reps", type=int, default=3)
     p.add_argument("--ceiling-gib", type=float, default=2.0)
     p.add_argument("--sweep", action="store_true", help="also time each tuning knob setting (batch 1 bf16)")
@@ -238,15 +252,18 @@ def main():
 
     for B in args.batches:
         q, pool, table = make_case(B, args.tokens, torch.bfloat16, **shape)
+        # The kernels first: torch's CPU threads may still spin for a while after its SDPA.
+        both = bench_both_loops(q, pool, table, args.tokens, args.reps, args.threads, args.rounds)
+        pattern = bench_pattern(pool, table, args.tokens, args.reps, args.threads)
         k, v = logical_kv(pool, table, args.tokens)
         sdpa = {"sdpa_bf16": bench_sdpa(q, k, v, args.sdpa_reps)}
         kf, vf = k.float(), v.float()
         del k, v
         sdpa["sdpa_fp32"] = bench_sdpa(q, kf, vf, args.sdpa_reps)
         del kf, vf
-        for hand_built, name in ((False, "numba"), (True, "hand-built loops")):
-            add(name, B, "bfloat16", loops(hand_built, lambda: bench_kernel(q, pool, table, args.tokens, args.reps, args.threads)), sdpa)
-        add("same reads, no math", B, "bfloat16", bench_pattern(pool, table, args.tokens, args.reps, args.threads))
+        add("numba", B, "bfloat16", both[False], sdpa)
+        add("hand-built loops", B, "bfloat16", both[True], sdpa)
+        add("same reads, no math", B, "bfloat16", pattern)
         for name, r in sdpa.items():
             add(name, B, "float32" if name.endswith("fp32") else "bfloat16", r)
         if B == 1:
@@ -280,7 +297,7 @@ def main():
         del pool
     print(f"threads={args.threads} tokens={args.tokens} {shape} compile+load {compile_s:.1f}s"
           f" numba features: ...{(numba.core.config.CPU_FEATURES or 'host default')[-40:]}"
-          f" vdpbf16ps: {dpbf16()}")
+          f" vdpbf16ps: {cpu_has_dpbf16()}")
     print(f"(a) streaming-read ceiling: uint16 {ceiling['uint16']:.1f} GB/s, float32 {ceiling['float32']:.1f} GB/s"
           f" (LIMITS.md probe's float64 sum: {ceiling['float64_probe']:.1f} GB/s)")
     print(f"{'case':<28}{'B':>3} {'dtype':<9}{'ms':>9}{'GB/s':>8}{'of ceil':>9}{'vs sdpa bf16':>14}{'vs sdpa fp32':>14}")
@@ -296,7 +313,7 @@ def main():
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "compile_s": compile_s, "ceiling_gbps": ceiling, "rows": rows, "sweep": sweep,
                    "numba_threading_layer": numba.threading_layer(),
-                   "numba_cpu_features": numba.core.config.CPU_FEATURES, "vdpbf16ps": dpbf16(),
+                   "numba_cpu_features": numba.core.config.CPU_FEATURES, "vdpbf16ps": cpu_has_dpbf16(),
                    "torch": torch.__version__}, f, indent=1)
 
 

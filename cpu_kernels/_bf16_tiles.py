@@ -13,7 +13,7 @@ starts with run-time checks that the arrays do not overlap. Here, for head_dim a
   part when the model runs in bfloat16);
 - a tile's value sum keeps the 4 heads' accumulators for 32 elements in registers over all its keys.
 Accumulators are kept in "split" order: within each 32 elements, the 16 even ones, then the 16 odd
-ones (`split_index` maps back). On by default (`attention.BF16_TILES`).
+ones (`split_index` maps back). Used by default where the CPU has AVX512-BF16 (`attention.BF16_TILES`).
 """
 
 from __future__ import annotations
@@ -292,6 +292,12 @@ def _accumulate_step_impl(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, 
         return lambda probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level: accumulate_tile(
             probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level)
     return lambda probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level: None
+
+
+@njit(cache=True)
+def cpu_has_dpbf16():
+    """Whether the kernels compiled for this CPU use vdpbf16ps (it has AVX512-BF16)."""
+    return uses_dpbf16()
 
 
 @njit(cache=True, _nrt=False)

@@ -11,7 +11,7 @@ import numba
 import numpy as np
 import torch
 
-from ._bf16_tiles import CHUNK, HEADS
+from ._bf16_tiles import CHUNK, HEADS, cpu_has_dpbf16
 from ._kernel import attend_units, build_units
 
 # Tuning knobs, set from bench/bench_cpu_attention.py --sweep on the 16-core machine: units of work
@@ -20,15 +20,17 @@ from ._kernel import attend_units, build_units
 # at a time as they finish (dynamic), and into which cache a tile's computation prefetches the next
 # tile's rows (1: L1, 2: L2, 0: none), and whether bfloat16 pools take the hand-built loops of
 # `_bf16_tiles` where they apply (head_dim a multiple of 32, query heads per kv head a multiple of 4):
-# on, since in split's pipeline at 128K they ran the CPU part at 38.9 against 27.6 GB/s with
-# Numba's loops (H200 machine, 2026-12-01; they had looked slower only under a float32 query).
+# None (the default) takes them where the CPU has AVX512-BF16: there, in split's pipeline at 128K,
+# they ran the CPU part at 38.9 against 27.6 GB/s with Numba's loops, and in cache at 104-113 against
+# 82-87 GB/s (H200 machine, 2026-12-01; they had looked slower only under a float32 query). Without
+# vdpbf16ps they were never measured faster. True or False forces the choice.
 # Tiles of 128 tokens: best for those loops in three sweeps (85.9 against 82.9 GB/s for 64 in the last).
 UNITS_PER_THREAD = 2
 MIN_CHUNK = 256
 TILE_TOKENS = 128
 DYNAMIC_SCHEDULE = True
 PREFETCH_NEXT_TILE = 1
-BF16_TILES = True
+BF16_TILES: bool | None = None
 _threads: int | None = None
 
 
@@ -170,7 +172,8 @@ def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale
     pieces, unit_begin, head_begin, n_parts = build_units(spans, chunk)
     out_np = _output(out, (B, Hq, D), "out")
     lse_np = _output(lse, (B, Hq), "lse")
-    bf16_tiles = BF16_TILES and rows.dtype == np.uint16 and not fp16 and D % CHUNK == 0 and (Hq // Hkv) % HEADS == 0
+    wanted = cpu_has_dpbf16() if BF16_TILES is None else BF16_TILES
+    bf16_tiles = wanted and rows.dtype == np.uint16 and not fp16 and D % CHUNK == 0 and (Hq // Hkv) % HEADS == 0
     previous = numba.set_parallel_chunksize(1 if DYNAMIC_SCHEDULE else 0)
     try:
         attend_units(qa, rows, fp16, table, idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs, TILE_TOKENS,

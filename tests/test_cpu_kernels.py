@@ -323,6 +323,24 @@ def test_bfloat16_tiles_match_the_numba_loops(monkeypatch, indexed):
             _assert_close(out, lse, *ref, "bfloat16")
 
 
+def test_hand_built_loops_by_default_only_with_avx512_bf16(monkeypatch):
+    """BF16_TILES None takes the hand-built loops exactly where the CPU has vdpbf16ps."""
+    from hetero.cpu_kernels import attention
+
+    q, pool, table = _case(np.random.default_rng(21), "bfloat16", 64, 4, n_blocks=6)
+    ranges = torch.tensor([0, 90], dtype=torch.int32).expand(2, 2, 1, 2).contiguous()
+    monkeypatch.setattr(attention, "TILE_TOKENS", 20)
+    forced = {}
+    for tiles in (True, False):
+        monkeypatch.setattr(attention, "BF16_TILES", tiles)
+        forced[tiles] = host_decode_attention(q, pool, table, ranges, 0.3, chunk=30)[0]
+    assert not torch.equal(forced[True], forced[False])  # the two loops sum in different orders
+    monkeypatch.setattr(attention, "BF16_TILES", None)
+    for has in (True, False):
+        monkeypatch.setattr(attention, "cpu_has_dpbf16", lambda has=has: has)
+        assert torch.equal(host_decode_attention(q, pool, table, ranges, 0.3, chunk=30)[0], forced[has])
+
+
 def test_kernel_helpers_count_no_references():
     """Every function the kernel's parallel tasks call compiles without Numba's reference counts:
     each counted call adds and removes a reference to the pool that all threads share, atomically,
@@ -333,7 +351,7 @@ def test_kernel_helpers_count_no_references():
 
     helpers = [f for module in (_kernel, _bf16_tiles) for name, f in vars(module).items()
                if isinstance(f, CPUDispatcher) and f.py_func.__module__ == module.__name__
-               and name not in ("attend_units", "build_units")]
+               and name not in ("attend_units", "build_units", "cpu_has_dpbf16")]  # called from Python
     assert {"_score_tile", "_accumulate_tile", "_bf16_tile", "_prefetch_rows"} <= {f.__name__ for f in helpers}
     counted = [f.__name__ for f in helpers if f.targetoptions.get("_nrt", True)]
     assert counted == [], f"compile these with _nrt=False: {counted}"
