@@ -323,6 +323,32 @@ def _leave_partial(part, m, l, acc, part_m, part_l, part_acc):
             part_acc[part, g, d] = acc[g, d]
 
 
+RANGES_OK, RANGE_OUTSIDE_TABLE, BLOCK_WITHOUT_SLOT = 0, 1, 2
+
+
+@njit(cache=True)
+def check_ranges(ranges, block_table, bs, n_slots):
+    """(status, tokens) of ranges [B, Hkv, R, 2] over a block table: RANGES_OK, RANGE_OUTSIDE_TABLE
+    (a non-empty range reaches outside [0, table length * bs)) or BLOCK_WITHOUT_SLOT (a block a
+    range touches names no slot in [0, n_slots); blocks no range touches may name anything), and
+    the ranges' total token count. One pass, where NumPy took a dozen calls for every kernel call."""
+    limit = block_table.shape[0] * bs
+    tokens = 0
+    for b in range(ranges.shape[0]):
+        for h in range(ranges.shape[1]):
+            for r in range(ranges.shape[2]):
+                start, end = np.int64(ranges[b, h, r, 0]), np.int64(ranges[b, h, r, 1])
+                if end <= start:
+                    continue
+                if start < 0 or end > limit:
+                    return RANGE_OUTSIDE_TABLE, 0
+                for blk in range(start // bs, (end - 1) // bs + 1):
+                    if block_table[blk] < 0 or block_table[blk] >= n_slots:
+                        return BLOCK_WITHOUT_SLOT, 0
+                tokens += end - start
+    return RANGES_OK, tokens
+
+
 @njit(cache=True)
 def build_units(ranges, chunk):
     """Cut the tokens of ranges [B, Hkv, R, 2], taken in (row, head, range) order, into units of

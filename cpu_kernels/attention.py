@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._bf16_tiles import CHUNK, HEADS, cpu_has_dpbf16
-from ._kernel import attend_units, build_units
+from ._kernel import BLOCK_WITHOUT_SLOT, RANGE_OUTSIDE_TABLE, attend_units, build_units, check_ranges
 
 # Tuning knobs, set from bench/bench_cpu_attention.py --sweep on the 16-core machine: units of work
 # per thread (equal shares of the tokens; more than one lets a thread that runs slow fall behind by
@@ -63,18 +63,13 @@ def host_decode_attention(q, pool, block_table, ranges, scale, threads=None, *, 
     qa, rows, fp16, (n_slots, B, Hkv, bs, D) = _operands(q, pool)
     table = _int32(block_table, "block_table", (None,))
     rng = _int32(ranges, "ranges", (B, Hkv, None, 2))
-    lengths = np.clip(rng[..., 1].astype(np.int64) - rng[..., 0], 0, None)
-    used = lengths > 0
-    if used.any():
-        starts, ends = rng[..., 0][used], rng[..., 1][used]
-        if starts.min() < 0 or ends.max() > table.shape[0] * bs:
-            raise ValueError(f"ranges: positions must lie in [0, {table.shape[0] * bs}) (block_table covers that)")
-        # Only the blocks the ranges touch need a slot: others may be elsewhere (GPU, disk).
-        edges = np.zeros(table.shape[0] + 1, np.int64)
-        np.add.at(edges, starts // bs, 1)
-        np.add.at(edges, (ends - 1) // bs + 1, -1)
-        _check_slots(table[np.cumsum(edges[:-1]) > 0], n_slots)
-    return _run(q, qa, rows, fp16, table, _NO_INDEX, False, rng, int(lengths.sum()), Hkv, bs, scale, threads, chunk, out, lse)
+    # Only the blocks the ranges touch need a slot: others may be elsewhere (GPU, disk).
+    status, n_tokens = check_ranges(rng, table, bs, n_slots)
+    if status == RANGE_OUTSIDE_TABLE:
+        raise ValueError(f"ranges: positions must lie in [0, {table.shape[0] * bs}) (block_table covers that)")
+    if status == BLOCK_WITHOUT_SLOT:
+        raise ValueError(f"block_table: slots must lie in [0, {n_slots})")
+    return _run(q, qa, rows, fp16, table, _NO_INDEX, False, rng, n_tokens, Hkv, bs, scale, threads, chunk, out, lse)
 
 
 def host_decode_attention_indexed(q, pool, block_table, token_idx, token_count, scale, threads=None, *, chunk=None, out=None, lse=None):

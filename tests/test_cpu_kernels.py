@@ -351,7 +351,7 @@ def test_kernel_helpers_count_no_references():
 
     helpers = [f for module in (_kernel, _bf16_tiles) for name, f in vars(module).items()
                if isinstance(f, CPUDispatcher) and f.py_func.__module__ == module.__name__
-               and name not in ("attend_units", "build_units", "cpu_has_dpbf16")]  # called from Python
+               and name not in ("attend_units", "build_units", "check_ranges", "cpu_has_dpbf16")]  # from Python
     assert {"_score_tile", "_accumulate_tile", "_bf16_tile", "_prefetch_rows"} <= {f.__name__ for f in helpers}
     counted = [f.__name__ for f in helpers if f.targetoptions.get("_nrt", True)]
     assert counted == [], f"compile these with _nrt=False: {counted}"
