@@ -189,6 +189,14 @@ def bench_both_loops(q, pool, table, tokens, reps, threads, rounds):
                          "kv_bytes": kv_bytes, "calls": len(t)} for hand_built, t in times.items()}
 
 
+def call_overhead_us(Hq, Hkv, D, bs, calls=3000):
+    """Microseconds per `host_decode_attention` call over 16 tokens a head on one thread: the front
+    end's checks and the kernel's launch, paid once per layer in split's pipeline."""
+    q, pool, table = make_case(1, 2 * bs, torch.bfloat16, Hq, Hkv, D, bs)
+    ranges = torch.tensor([0, 16], dtype=torch.int32).expand(1, Hkv, 1, 2).contiguous()
+    return _time(lambda: [host_decode_attention(q, pool, table, ranges, 0.1, 1) for _ in range(calls)], 3) / calls * 1e6
+
+
 def bench_pattern(pool, table, tokens, reps, threads):
     B, Hkv, D = pool.shape[2], pool.shape[3], pool.shape[5]
     rows = pool.view(torch.int16).numpy().reshape(-1, D).view(np.uint16)
@@ -298,6 +306,8 @@ def main():
     print(f"threads={args.threads} tokens={args.tokens} {shape} compile+load {compile_s:.1f}s"
           f" numba features: ...{(numba.core.config.CPU_FEATURES or 'host default')[-40:]}"
           f" vdpbf16ps: {cpu_has_dpbf16()}")
+    overhead = call_overhead_us(**shape)
+    print(f"a call over 16 tokens a head, one thread: {overhead:.0f} us (the front end and the kernel's launch)")
     print(f"(a) streaming-read ceiling: uint16 {ceiling['uint16']:.1f} GB/s, float32 {ceiling['float32']:.1f} GB/s"
           f" (LIMITS.md probe's float64 sum: {ceiling['float64_probe']:.1f} GB/s)")
     print(f"{'case':<28}{'B':>3} {'dtype':<9}{'ms':>9}{'GB/s':>8}{'of ceil':>9}{'vs sdpa bf16':>14}{'vs sdpa fp32':>14}")
@@ -311,7 +321,7 @@ def main():
         print(f"knobs tile={k['tile']:<3} units/thread={k['units_per_thread']:<3} dynamic={k['dynamic']!s:<5} "
               f"prefetch={k['prefetch']!s:<5} bf16_tiles={k['bf16_tiles']!s:<5} {k['gbps']:6.1f} GB/s {k['gbps'] / ceiling['uint16']:5.0%} of ceiling")
     with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "compile_s": compile_s, "ceiling_gbps": ceiling, "rows": rows, "sweep": sweep,
+        json.dump({"args": vars(args), "compile_s": compile_s, "ceiling_gbps": ceiling, "rows": rows, "sweep": sweep, "call_overhead_us": overhead,
                    "numba_threading_layer": numba.threading_layer(),
                    "numba_cpu_features": numba.core.config.CPU_FEATURES, "vdpbf16ps": cpu_has_dpbf16(),
                    "torch": torch.__version__}, f, indent=1)
