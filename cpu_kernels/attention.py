@@ -23,7 +23,7 @@ from ._kernel import BLOCK_WITHOUT_SLOT, RANGE_OUTSIDE_TABLE, attend_units, buil
 # None (the default) takes them where the CPU has AVX512-BF16: there, in split's pipeline at 128K,
 # they ran the CPU part at 38.9 against 27.6 GB/s with Numba's loops, and in cache at 104-113 against
 # 82-87 GB/s (H200 machine, 2026-12-01; they had looked slower only under a float32 query). Without
-# vdpbf16ps they were never measured faster. True or False forces the choice.
+# vdpbf16ps no run showed them clearly faster. True or False forces the choice.
 # Tiles of 128 tokens: best for those loops in three sweeps (85.9 against 82.9 GB/s for 64 in the last).
 UNITS_PER_THREAD = 2
 MIN_CHUNK = 256
