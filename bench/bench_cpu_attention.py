@@ -165,28 +165,32 @@ def logical_kv(pool, table, tokens):
     return kv[0].contiguous(), kv[1].contiguous()
 
 
-def bench_kernel(q, pool, table, tokens, reps, threads):
+def kernel_call(q, pool, table, tokens, threads):
+    """The kernel's call over the first `tokens` of every head, and the KV bytes it reads."""
     B, Hkv = pool.shape[2], pool.shape[3]
     ranges = torch.tensor([0, tokens], dtype=torch.int32).expand(B, Hkv, 1, 2).contiguous()
-    scale = q.shape[-1] ** -0.5
-    sec = _time(lambda: host_decode_attention(q, pool, table, ranges, scale, threads), reps)
-    kv_bytes = 2 * B * Hkv * tokens * q.shape[-1] * pool.element_size()
+    call = lambda: host_decode_attention(q, pool, table, ranges, q.shape[-1] ** -0.5, threads)  # noqa: E731
+    return call, 2 * B * Hkv * tokens * q.shape[-1] * pool.element_size()
+
+
+def rate(sec, kv_bytes):
     return {"ms": sec * 1e3, "gbps": kv_bytes / sec / 1e9, "kv_bytes": kv_bytes}
+
+
+def bench_kernel(q, pool, table, tokens, reps, threads):
+    call, kv_bytes = kernel_call(q, pool, table, tokens, threads)
+    return rate(_time(call, reps), kv_bytes)
 
 
 def bench_both_loops(q, pool, table, tokens, reps, threads, rounds):
     """Numba's loops and the hand-built ones, timed in alternating rounds of `reps` calls (within a
     run the machine's speed drifts by up to a fifth), each the median of all its calls."""
-    B, Hkv = pool.shape[2], pool.shape[3]
-    ranges = torch.tensor([0, tokens], dtype=torch.int32).expand(B, Hkv, 1, 2).contiguous()
-    call = lambda: host_decode_attention(q, pool, table, ranges, q.shape[-1] ** -0.5, threads)  # noqa: E731
+    call, kv_bytes = kernel_call(q, pool, table, tokens, threads)
     times = {False: [], True: []}
     for _ in range(rounds):
         for hand_built in times:
             times[hand_built] += loops(hand_built, lambda: _timings(call, reps))
-    kv_bytes = 2 * B * Hkv * tokens * q.shape[-1] * pool.element_size()
-    return {hand_built: {"ms": statistics.median(t) * 1e3, "gbps": kv_bytes / statistics.median(t) / 1e9,
-                         "kv_bytes": kv_bytes, "calls": len(t)} for hand_built, t in times.items()}
+    return {hand_built: {**rate(statistics.median(t), kv_bytes), "calls": len(t)} for hand_built, t in times.items()}
 
 
 def call_overhead_us(Hq, Hkv, D, bs, calls=3000):

@@ -68,7 +68,7 @@ def host_decode_attention(q, pool, block_table, ranges, scale, threads=None, *, 
     if status == RANGE_OUTSIDE_TABLE:
         raise ValueError(f"ranges: positions must lie in [0, {table.shape[0] * bs}) (block_table covers that)")
     if status == BLOCK_WITHOUT_SLOT:
-        raise ValueError(f"block_table: slots must lie in [0, {n_slots})")
+        raise _slots_error(n_slots)
     return _run(q, qa, rows, fp16, table, _NO_INDEX, False, rng, n_tokens, Hkv, bs, scale, threads, chunk, out, lse)
 
 
@@ -153,7 +153,11 @@ def _int32(x, name, shape):
 
 def _check_slots(slots, n_slots):
     if slots.size and (slots.min() < 0 or slots.max() >= n_slots):
-        raise ValueError(f"block_table: slots must lie in [0, {n_slots})")
+        raise _slots_error(n_slots)
+
+
+def _slots_error(n_slots):
+    return ValueError(f"block_table: slots must lie in [0, {n_slots})")
 
 
 def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale, threads, chunk, out, lse):
