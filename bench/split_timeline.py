@@ -38,12 +38,34 @@ class Recorder:
     def __init__(self):
         self.jobs = []  # dicts: queued, started, ended
         self.copies = []  # (submitted host time, start event, ready event, bytes)
-        self.ref = None
+        self.refs = []  # (event, host time) pairs: see `mark`
         self.marks = []  # (name, host time) of the host thread's calls into the cache
+        # Timed events on the compute stream, one per CPU part, in job order: after its query's copy
+        # to the host was queued ("sent"), before and after the GPU's wait for its result ("reached",
+        # "seen"): the GPU's side of the CPU's gap between two parts.
+        self.gpu = {"sent": [], "reached": [], "seen": []}
 
     def install(self):
         rec = self
         run_on_host, pump = pl.Pipeline.run_on_host, pl.FetchRing._pump
+        to_host, host_result = pl.Pipeline.to_host, pl.Pipeline.host_result
+
+        def stamp(name):
+            if torch.cuda.is_available():
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                rec.gpu[name].append(event)
+
+        def stamped_to_host(self, *tensors, **kwargs):
+            result = to_host(self, *tensors, **kwargs)
+            stamp("sent")
+            return result
+
+        def stamped_host_result(self, job):
+            stamp("reached")
+            result = host_result(self, job)
+            stamp("seen")
+            return result
 
         def timed_run_on_host(self, ready, fn, *args, **kwargs):
             entry = {"queued": time.perf_counter()}
@@ -82,18 +104,19 @@ class Recorder:
 
         from hetero.cache import HeteroCache
 
-        self._originals = run_on_host, pump, HeteroCache.update, HeteroCache.attend, pl.Pipeline.host_result
+        self._originals = (run_on_host, pump, HeteroCache.update, HeteroCache.attend, host_result, to_host)
         pl.Pipeline.run_on_host = timed_run_on_host
+        pl.Pipeline.to_host = stamped_to_host
         pl.FetchRing._pump = timed_pump
         HeteroCache.update = marked("update", HeteroCache.update)
         HeteroCache.attend = marked("attend", HeteroCache.attend)
-        pl.Pipeline.host_result = marked("result", pl.Pipeline.host_result)
+        pl.Pipeline.host_result = marked("result", stamped_host_result)
 
     def uninstall(self):
         from hetero.cache import HeteroCache
 
-        pl.Pipeline.run_on_host, pl.FetchRing._pump, HeteroCache.update, HeteroCache.attend, pl.Pipeline.host_result = (
-            self._originals)
+        (pl.Pipeline.run_on_host, pl.FetchRing._pump, HeteroCache.update, HeteroCache.attend, pl.Pipeline.host_result,
+         pl.Pipeline.to_host) = self._originals
 
     def host_phases(self, jobs):
         """The host thread's phases (seconds) between each job's end and the next one's queueing."""
@@ -118,14 +141,56 @@ class Recorder:
         return phases
 
     def mark(self):
+        """A reference point for `on_host_clock`: an event and the host time it completed at. Called
+        before and after generating: the two clocks drift apart by milliseconds over a long prefill,
+        more than the phases timed here, so events map onto the host clock through both points."""
         torch.cuda.synchronize()
-        self.ref = torch.cuda.Event(enable_timing=True)
-        self.ref.record()
-        self.ref_host = time.perf_counter()
-        torch.cuda.synchronize()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        event.synchronize()
+        self.refs.append((event, time.perf_counter()))
 
     def on_host_clock(self, event) -> float:
-        return self.ref_host + self.ref.elapsed_time(event) / 1e3
+        (first, host0), (last, host1) = self.refs[0], self.refs[-1]
+        span = first.elapsed_time(last) / 1e3
+        rate = (host1 - host0) / span if span > 0 else 1.0
+        return host0 + rate * first.elapsed_time(event) / 1e3
+
+
+COLLECT = pl.Pipeline._collect
+
+
+def _collect_by_copy_engine(self, job):
+    """`Pipeline._collect` as it was: the flag's wait, then the slots copied by the copy engine."""
+    from hetero.gpu_kernels.host_flag import wait_for_flag
+
+    self.check_host_jobs()
+    mailbox = job.mailbox
+    if self._gave_up is None:
+        self._gave_up = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+    wait_for_flag(mailbox.flag, job.number, self._gave_up)
+    moved = tuple(slot.to(self.device, non_blocking=True) for slot in mailbox.slots)
+    mailbox.emptied = torch.cuda.Event()
+    mailbox.emptied.record(torch.cuda.current_stream(self.device))
+    self._posting.append(job)
+    return moved
+
+
+def gpu_phases(jobs) -> dict:
+    """Between one CPU part's end and the next one's start, as the GPU saw it (seconds, summed): `flag`
+    from the part's end to the GPU having its result (when the GPU already waited there), `between`
+    the GPU's work from there to the next query's copy, `wake` from that copy to the next part's start
+    (the copy landing, the worker seeing it, the job's own preparation). Also `idle`: the CPU between
+    parts in all."""
+    phases = dict(flag=0.0, between=0.0, wake=0.0, idle=0.0)
+    for a, b in zip(jobs, jobs[1:]):
+        if "seen" not in a or "sent" not in b:
+            return {}
+        phases["flag"] += max(0.0, a["seen"] - max(a["ended"], a["reached"]))
+        phases["between"] += max(0.0, b["sent"] - a["seen"])
+        phases["wake"] += max(0.0, b["started"] - max(b["sent"], a["ended"]))
+        phases["idle"] += b["started"] - a["ended"]
+    return phases
 
 
 def main(argv=None) -> int:
@@ -135,6 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--show", type=int, default=3, help="steps at the end to report")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an offload config key")
+    p.add_argument("--result-copy", choices=("loads", "engine"), default="loads",
+                   help="how the GPU takes a CPU part's result: its own loads (hetero's way) or, to compare, "
+                        "a copy-engine copy after the flag")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -148,6 +216,8 @@ def main(argv=None) -> int:
     config.update(parse_overrides(args.set))
     rec = Recorder()
     rec.install()
+    if args.result_copy == "engine":
+        pl.Pipeline._collect = _collect_by_copy_engine
     try:
         hetero.prepare(model, config)
         steps = []
@@ -158,11 +228,15 @@ def main(argv=None) -> int:
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.steps,
                            min_new_tokens=args.steps, do_sample=False)
         if cuda:
-            torch.cuda.synchronize()
+            rec.mark()
     finally:
         rec.uninstall()
+        pl.Pipeline._collect = COLLECT
     copies = [dict(submitted=s, start=rec.on_host_clock(a) if cuda else s, end=rec.on_host_clock(b) if cuda else s,
                    bytes=n) for s, a, b, n in rec.copies]
+    if cuda and all(len(v) == len(rec.jobs) for v in rec.gpu.values()):
+        for job, sent, reached, seen in zip(rec.jobs, *(rec.gpu[k] for k in ("sent", "reached", "seen"))):
+            job.update(sent=rec.on_host_clock(sent), reached=rec.on_host_clock(reached), seen=rec.on_host_clock(seen))
     report = []
     print(f"{context} tokens, split at share {config['split_ratio']}: per step, ms")
     print(f"{'step':>4} {'wall':>7} {'copy busy':>9} {'CPU busy':>8} {'CPU waits query':>15} {'CPU waits host':>14}")
@@ -177,16 +251,18 @@ def main(argv=None) -> int:
                    copies=[{k: (v - t0 if k != "bytes" else v) for k, v in c.items()} for c in copies[c0:c1]])
         report.append(row)
         row["host_phases"] = rec.host_phases(jobs)
+        row["gpu_phases"] = gpu_phases(jobs)
         print(f"{len(report):>4} {1e3 * row['wall']:7.1f} {1e3 * busy_copy:9.1f} {1e3 * busy_cpu:8.1f} "
               f"{1e3 * wait_query:15.1f} {1e3 * wait_host:14.1f}   host: "
-              + " ".join(f"{k} {1e3 * v:.1f}" for k, v in row["host_phases"].items()))
+              + " ".join(f"{k} {1e3 * v:.1f}" for k, v in row["host_phases"].items())
+              + "   gpu: " + " ".join(f"{k} {1e3 * v:.1f}" for k, v in row["gpu_phases"].items()))
     last = report[-1]
     print("last step (ms from its start): the copies' submitted/start/end, then the CPU parts' queued/started/ended")
     print("  copies: " + "  ".join(f"{1e3 * c['submitted']:.1f}/{1e3 * c['start']:.1f}/{1e3 * c['end']:.1f}" for c in last["copies"]))
     print("  CPU:    " + "  ".join(f"{1e3 * j['queued']:.1f}/{1e3 * j['started']:.1f}/{1e3 * j['ended']:.1f}" for j in last["jobs"]))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"context": context, "config": config, "steps": report}, f, indent=1)
+            json.dump({"context": context, "config": config, "result_copy": args.result_copy, "steps": report}, f, indent=1)
     return 0
 
 
