@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .gpu_kernels import DEFAULT_LAUNCHES, Segment, decode_attention, gather_tokens
-from .gpu_kernels.host_flag import wait_for_flag
+from .gpu_kernels.host_flag import copy_when_raised
 
 # Tests set this to run the kernel path on the CPU, in Triton's interpreter.
 ON_CPU = False
@@ -50,10 +50,11 @@ def warmup(device, query_dtype: torch.dtype, kv_dtype: torch.dtype, q_heads: int
            block_size: int, gathers: bool = False, host_waits: bool = False) -> None:
     """Compile the kernel variants a generation uses (resident blocks alone, and with fetched
     blocks; with `gathers`, the gather of token rows from pinned memory and the attention over
-    one or two gathered buffers too; with `host_waits`, the wait for a host job's flag) now, at
-    load, rather than in the middle of the first decode steps."""
+    one or two gathered buffers too; with `host_waits`, the wait for a host job's flag and the copy
+    of what it guards) now, at load, rather than in the middle of the first decode steps."""
     if host_waits:
-        wait_for_flag(torch.ones(1, dtype=torch.int32).pin_memory(), 1, torch.zeros(1, dtype=torch.int32).pin_memory())
+        flag, words = torch.ones(1, dtype=torch.int32).pin_memory(), torch.zeros(5, dtype=torch.int32).pin_memory()
+        copy_when_raised(flag, 1, torch.zeros(1, dtype=torch.int32).pin_memory(), words, torch.empty_like(words, device=device))
     pool = torch.randn(3, 2, 1, kv_heads, block_size, head_dim, device=device).to(kv_dtype)
     # The query as transformers hands it over: a [B, 1, Hq, D] projection viewed as [B, Hq, 1, D].
     query = torch.randn(1, 1, q_heads, head_dim, device=device).to(query_dtype).transpose(1, 2)

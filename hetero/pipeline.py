@@ -4,12 +4,14 @@ Two side streams: `copy` brings host blocks to the GPU ahead of the layer that n
 ring of fetch buffers; `offload` writes completed blocks from the GPU to their host home. The
 compute stream is whatever stream the model runs on. A host job told the shapes of the tensors it
 returns posts them to pinned memory and raises a flag there; the compute stream waits for the flag
-on the GPU, so the host thread queues the layers after it instead of blocking. On a CPU device every
+on the GPU and reads them over PCIe itself (a copy engine would take them only after the fetch it is
+busy with), so the host thread queues the layers after it instead of blocking. On a CPU device every
 operation runs at once, in order, so the same callers work unchanged and are testable without a GPU.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .gpu_kernels.host_flag import wait_for_flag
+from .gpu_kernels.host_flag import copy_when_raised
 
 
 @dataclass
@@ -125,12 +127,33 @@ class FetchTicket:
 
 @dataclass
 class _Mailbox:
-    """Pinned slots a host job writes its tensors into, then raises `flag` to the job's number."""
+    """Pinned slots a host job writes its tensors into, then raises `flag` to the job's number. The
+    slots are views of one pinned buffer (`words`), which the GPU copies out at once."""
 
-    slots: tuple[torch.Tensor, ...]
+    words: torch.Tensor  # pinned int32
+    layout: tuple  # (first word, shape, dtype) of each slot
     flag: torch.Tensor  # pinned int32 [1]
+    slots: tuple = ()  # views of `words`
     jobs: int = 0  # jobs posted here so far: the number the next one raises the flag to
     emptied: object = None  # event after the GPU's copy out of the slots
+
+    @classmethod
+    def new(cls, returns: tuple) -> "_Mailbox":
+        layout, words = [], 0
+        for shape, dtype in returns:
+            layout.append((words, shape, dtype))
+            nbytes = math.prod(shape) * dtype.itemsize
+            words += -(-nbytes // 16) * 4  # each slot starts 16-byte aligned
+        box = cls(torch.empty(max(words, 1), dtype=torch.int32, pin_memory=True), tuple(layout),
+                  torch.zeros(1, dtype=torch.int32, pin_memory=True))
+        box.slots = box.views(box.words)
+        return box
+
+    def views(self, words: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The slots as views of `words` (the mailbox's own, or a copy of them)."""
+        flat = words.view(torch.uint8)
+        return tuple(flat[4 * first : 4 * first + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                     for first, shape, dtype in self.layout)
 
 
 @dataclass
@@ -326,15 +349,13 @@ class Pipeline:
         mailbox = job.mailbox
         if self._gave_up is None:
             self._gave_up = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        wait_for_flag(mailbox.flag, job.number, self._gave_up)
-        moved = []
-        for slot in mailbox.slots:
-            self.counters.to_gpu += slot.numel() * slot.element_size()
-            moved.append(slot.to(self.device, non_blocking=True))
+        words = torch.empty_like(mailbox.words, device=self.device)
+        copy_when_raised(mailbox.flag, job.number, self._gave_up, mailbox.words, words)
+        self.counters.to_gpu += words.numel() * words.element_size()
         mailbox.emptied = torch.cuda.Event()
         mailbox.emptied.record(torch.cuda.current_stream(self.device))
         self._posting.append(job)
-        return tuple(moved)
+        return mailbox.views(words)
 
     def _take_mailbox(self, returns) -> _Mailbox:
         """A mailbox for tensors of these (shape, dtype): one the GPU has emptied, or a new one."""
@@ -344,8 +365,7 @@ class Pipeline:
             if box.emptied is not None and box.emptied.query():
                 box.emptied = None  # taken: not free again until the GPU has copied this job's tensors
                 return box
-        slots = tuple(torch.empty(shape, dtype=dtype, pin_memory=True) for shape, dtype in key)
-        box = _Mailbox(slots, torch.zeros(1, dtype=torch.int32, pin_memory=True))
+        box = _Mailbox.new(key)
         boxes.append(box)
         return box
 

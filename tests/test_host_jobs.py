@@ -6,7 +6,8 @@ import threading
 import pytest
 import torch
 
-from hetero.gpu_kernels.host_flag import wait_for_flag
+from hetero.gpu_kernels import host_flag
+from hetero.gpu_kernels.host_flag import copy_when_raised, wait_for_flag
 from hetero.pipeline import Pipeline
 
 CUDA = torch.cuda.is_available()
@@ -41,15 +42,68 @@ def test_a_flag_that_is_no_single_int32_is_refused():
         wait_for_flag(_int32(1), 1, torch.zeros(1, dtype=torch.int64))
 
 
+def _words(n: int) -> torch.Tensor:
+    t = torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int32)
+    return t.pin_memory() if CUDA else t
+
+
+@pytest.mark.parametrize("interpreted", [True, False])
+@pytest.mark.parametrize("n", [1, 37, host_flag.COPY_WORDS + 3])  # more than one step of the copy too
+def test_a_raised_flag_lets_the_copy_of_what_it_guards_through(monkeypatch, interpreted, n):
+    if not CUDA:
+        monkeypatch.setattr(host_flag, "INTERPRET", interpreted)  # the kernel, or the copy made at once
+    source, gave_up = _words(n), _int32(0)
+    out = torch.zeros(n, dtype=torch.int32, device="cuda" if CUDA else "cpu")
+    copy_when_raised(_int32(4), 4, gave_up, source, out)
+    assert int(gave_up[0]) == 0
+    torch.testing.assert_close(out.cpu(), source, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("interpreted", [True, False])
+def test_a_copy_whose_wait_outlasts_its_polls_leaves_the_output_and_says_so(monkeypatch, interpreted):
+    if not CUDA:
+        monkeypatch.setattr(host_flag, "INTERPRET", interpreted)
+    gave_up = _int32(0)
+    out = torch.full((9,), 7, dtype=torch.int32, device="cuda" if CUDA else "cpu")
+    copy_when_raised(_int32(2), 3, gave_up, _words(9), out, max_polls=100)
+    assert int(gave_up[0]) == 1
+    assert out.cpu().eq(7).all()
+
+
+def test_a_copy_of_other_words_is_refused():
+    with pytest.raises(ValueError, match="source must be a contiguous 1-d int32"):
+        copy_when_raised(_int32(1), 1, _int32(0), torch.zeros(4), torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="differ in length: 4 against 5"):
+        copy_when_raised(_int32(1), 1, _int32(0), _words(4), torch.zeros(5, dtype=torch.int32))
+
+
+def test_a_mailbox_lays_its_slots_side_by_side_in_one_buffer_of_words(monkeypatch):
+    from hetero import pipeline as pl
+
+    monkeypatch.setattr(torch, "empty", _unpinned(torch.empty))
+    monkeypatch.setattr(torch, "zeros", _unpinned(torch.zeros))
+    values = (torch.randn(2, 3, 5), torch.randn(7).to(torch.bfloat16), torch.randn(1, 2))
+    box = pl._Mailbox.new(tuple((v.shape, v.dtype) for v in values))
+    for slot, v in zip(box.slots, values, strict=True):
+        assert slot.data_ptr() % 16 == 0
+        slot.copy_(v)
+    for got, want in zip(box.views(box.words.clone()), values, strict=True):  # as the GPU's copy of the words
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _unpinned(make):
+    return lambda *a, pin_memory=False, **kw: make(*a, **kw)
+
+
 def test_a_job_with_known_returns_gives_its_tensors_and_its_errors():
     pipeline = Pipeline("cuda" if CUDA else "cpu")
-    a, b = torch.randn(2, 3, 1, 5), torch.randn(2, 3, 1)
-    returns = ((a.shape, torch.float32), (b.shape, torch.float32))
+    # Slots of several dtypes and sizes that are no multiple of a word, side by side in one mailbox.
+    a, b, c = torch.randn(2, 3, 1, 5), torch.randn(2, 3, 1), torch.randn(3, 3).to(torch.bfloat16)
+    returns = ((a.shape, torch.float32), (b.shape, torch.float32), (c.shape, torch.bfloat16))
     for _ in range(3):  # a mailbox is reused once the GPU has emptied it
-        job = pipeline.run_on_host(pipeline.fence_here(), lambda: (a, b), returns=returns)
-        out_a, out_b = pipeline.host_result(job)
-        torch.testing.assert_close(out_a.cpu(), a, rtol=0, atol=0)
-        torch.testing.assert_close(out_b.cpu(), b, rtol=0, atol=0)
+        job = pipeline.run_on_host(pipeline.fence_here(), lambda: (a, b, c), returns=returns)
+        for got, want in zip(pipeline.host_result(job), (a, b, c), strict=True):
+            torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
 
     def broken():
         raise ArithmeticError("the CPU part failed")
