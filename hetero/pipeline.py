@@ -295,13 +295,18 @@ class Pipeline:
             mailbox.jobs += 1
             number = mailbox.jobs
         queued = time.perf_counter()
+        # The worker lets go of the fences and arguments before the job ends, so that the host
+        # thread, through the HostJob, frees them (see HostJob): the executor drops a finished job's
+        # function only after its future is done, when the host thread may have dropped the HostJob.
+        inputs = [fences, args]
 
         def job():
             try:
-                for fence in fences:
+                waits, call_args = inputs
+                for fence in waits:
                     fence.synchronize()
                 started = time.perf_counter()
-                result = fn(*args)
+                result = fn(*call_args)
                 if clock is not None:
                     clock.host_job(work_bytes, queued, started, time.perf_counter())
                 if mailbox is not None:
@@ -309,6 +314,8 @@ class Pipeline:
                         slot.copy_(t)
                 return result
             finally:
+                inputs.clear()
+                waits = call_args = fence = None  # noqa: F841
                 if mailbox is not None:
                     # Raised even when `fn` failed, so that the GPU never waits forever; the error
                     # surfaces from `host_result` or `check_host_jobs`.

@@ -2,6 +2,7 @@
 goes on while the compute stream waits on the GPU for the job's flag."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -162,10 +163,33 @@ def test_the_host_thread_frees_a_jobs_inputs_not_the_worker():
     a = torch.randn(1, 2, 1, 4)
     for returns in (None, ((a.shape, torch.float32),)):
         job = pipeline.run_on_host(pipeline.fence_here(), lambda _: (a,), Input(), returns=returns)
-        job.future.result()  # done: the worker has let go of the job
+        job.future.result()  # done: the worker let go of its inputs before that
         pipeline.host_result(job)
         pipeline.synchronize()
         del job
         pipeline.check_host_jobs()  # drops jobs that posted to a mailbox
     assert freed_on == [threading.main_thread().name] * 2
     pipeline.close()
+
+
+def test_the_host_thread_frees_a_jobs_inputs_even_when_it_drops_the_job_before_the_worker_is_done():
+    """The executor lets go of a job's function only after its future is done: a host thread that
+    drops the job in between must still be the one that frees the job's inputs."""
+    freed_on = []
+
+    class Input:
+        def __del__(self):
+            freed_on.append(threading.current_thread().name)
+
+    pipeline = Pipeline("cpu")  # the worker's side is the same on every device
+    go, dropped = threading.Event(), threading.Event()
+    job = pipeline.run_on_host(pipeline.fence_here(), lambda _: go.wait(timeout=30), Input())
+    # Runs on the worker once the future is done, before the executor lets go of the function.
+    job.future.add_done_callback(lambda _: dropped.wait(timeout=30))
+    go.set()
+    while not job.future.done():
+        time.sleep(1e-3)
+    del job
+    dropped.set()
+    pipeline.close()
+    assert freed_on == [threading.main_thread().name]
