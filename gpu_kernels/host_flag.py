@@ -22,14 +22,21 @@ from ._dispatch import INTERPRET
 MAX_POLLS = 1 << 21
 
 
-# The target grows by one per job: specializing on its value would compile a variant per value class.
-@triton.jit(do_not_specialize=["target", "max_polls"])
-def _wait_kernel(flag, gave_up, target, max_polls):
+@triton.jit
+def _poll(flag, target, max_polls):
+    """The flag's value once it reaches `target`, or after `max_polls` polls."""
     seen = tl.load(flag, volatile=True)
     polls = 0
     while (seen < target) & (polls < max_polls):
         seen = tl.load(flag, volatile=True)
         polls += 1
+    return seen
+
+
+# The target grows by one per job: specializing on its value would compile a variant per value class.
+@triton.jit(do_not_specialize=["target", "max_polls"])
+def _wait_kernel(flag, gave_up, target, max_polls):
+    seen = _poll(flag, target, max_polls)
     if seen < target:
         tl.store(gave_up, 1)
 
@@ -56,11 +63,7 @@ COPY_WORDS = 4096  # int32 words copied per step once the flag is up
 # One program: as many polls over PCIe as `wait_for_flag` makes, beside the fetches in flight.
 @triton.jit(do_not_specialize=["target", "max_polls", "words"])
 def _copy_when_raised_kernel(flag, gave_up, target, max_polls, source, out, words, BLOCK: tl.constexpr):
-    seen = tl.load(flag, volatile=True)
-    polls = 0
-    while (seen < target) & (polls < max_polls):
-        seen = tl.load(flag, volatile=True)
-        polls += 1
+    seen = _poll(flag, target, max_polls)
     if seen < target:
         tl.store(gave_up, 1)
     else:
