@@ -314,8 +314,7 @@ class Pipeline:
                         slot.copy_(t)
                 return result
             finally:
-                inputs.clear()
-                waits = call_args = fence = None  # noqa: F841
+                inputs.clear()  # this frame's own references end with it, before the future is done
                 if mailbox is not None:
                     # Raised even when `fn` failed, so that the GPU never waits forever; the error
                     # surfaces from `host_result` or `check_host_jobs`.
