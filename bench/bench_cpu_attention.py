@@ -126,6 +126,9 @@ def sweep_knobs(q, pool, table, tokens, reps, threads):
     return results
 
 
+LOOPS = ((False, "numba"), (True, "hand-built"))  # BF16_TILES, and the rows' name for it
+
+
 def loops(hand_built, fn):
     """fn() with the bfloat16 pools on the hand-built loops of `_bf16_tiles` or on Numba's own."""
     saved, knobs.BF16_TILES = knobs.BF16_TILES, hand_built
@@ -280,16 +283,16 @@ def main():
             add(name, B, "float32" if name.endswith("fp32") else "bfloat16", r)
         if B == 1:
             for t in sorted({min(t, numba.config.NUMBA_NUM_THREADS) for t in args.scaling}):  # a smaller machine: its cores
-                for hand_built, name in ((False, "numba"), (True, "hand-built")):
+                for hand_built, name in LOOPS:
                     add(f"{name} {t} thr", B, "bfloat16",
                         loops(hand_built, lambda: bench_kernel(q, pool, table, args.tokens, max(2, args.reps // 3), t)))
             slot, aliased = cached_case(pool, args.tokens)
             for t in sorted({1, args.threads}):
-                for hand_built, name in ((False, "numba"), (True, "hand-built")):
+                for hand_built, name in LOOPS:
                     add(f"{name} in cache {t} thr", B, "bfloat16",
                         loops(hand_built, lambda: bench_kernel(q, slot, aliased, args.tokens, max(2, args.reps // 3), t)))
             q32 = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))  # 3 bfloat16 parts
-            for hand_built, name in ((False, "numba"), (True, "hand-built")):
+            for hand_built, name in LOOPS:
                 add(f"{name}, fp32 query", B, "bfloat16",
                     loops(hand_built, lambda: bench_kernel(q32, pool, table, args.tokens, args.reps, args.threads)), sdpa)
             numba.set_num_threads(1)
@@ -300,7 +303,7 @@ def main():
                 sweep = sweep_knobs(q, pool, table, args.tokens, args.reps, args.threads)
         del pool
     q, pool, table = make_case(1, args.resident_tokens, torch.bfloat16, **shape)
-    for hand_built, name in ((False, "numba"), (True, "hand-built")):
+    for hand_built, name in LOOPS:
         add(f"{name} cache-resident", 1, "bfloat16",
             loops(hand_built, lambda: bench_kernel(q, pool, table, args.resident_tokens, args.reps * 20, args.threads)))
     for dtype in (torch.float16, torch.float32):

@@ -193,3 +193,10 @@ def test_the_host_thread_frees_a_jobs_inputs_even_when_it_drops_the_job_before_t
     dropped.set()
     pipeline.close()
     assert freed_on == [threading.main_thread().name]
+
+
+@pytest.mark.gpu
+def test_a_copy_from_pageable_memory_is_refused():
+    out = torch.zeros(4, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="must be pinned host memory"):
+        copy_when_raised(_int32(1), 1, _int32(0), torch.zeros(4, dtype=torch.int32), out)
