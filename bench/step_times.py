@@ -7,19 +7,24 @@ PCIe bound of each step's measured traffic.
 
 An 8B-class Llama (random bf16 weights; `--tiny`: a small one on the CPU) prefills `--context`
 tokens once per variant, then decodes `--steps` tokens; each variant is a mode with optional
-`key=value` overrides. `--sync-each-token` synchronizes the device at each token as `hetero
-bench` does. `--hang-s` dumps every thread's stack and exits if a variant has not
-finished within that many seconds (a stalled pipeline shows where each thread waits).
+`key=value` overrides; a key naming a module's attribute (`hetero.cache.LOOK_PAST_STEP_END=false`)
+sets that tuning knob for the variant alone. `--sync-each-token` synchronizes the device at each
+token as `hetero bench` does. `--hang-s` dumps every thread's stack and exits if a variant has not
+finished within that many seconds (a stalled pipeline shows where each thread waits);
+`--stall-dump-s` dumps them, once per variant, when a decode step has run that long, and goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
+import importlib
 import json
 import os
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -50,23 +55,77 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return text, config
 
 
-def run_variant(model, ids, config: dict, steps: int, sync_each_token: bool = False) -> dict:
+@contextlib.contextmanager
+def knobs_set(knobs: dict):
+    """Set module attributes ("package.module.NAME": value) for the block, then restore them."""
+    saved = []
+    try:
+        for path, value in knobs.items():
+            module_name, _, name = path.rpartition(".")
+            module = importlib.import_module(module_name)
+            if not hasattr(module, name):
+                raise SystemExit(f"knob {path}: {module_name} has no attribute {name}")
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+
+
+class StallWatch:
+    """Dumps every thread's stack to stderr, once, when no decode token has come for `seconds`."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.last, self.done = seconds, None, threading.Event()
+        if seconds > 0:
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def token(self) -> None:
+        self.last = time.perf_counter()
+
+    def _watch(self) -> None:
+        while not self.done.wait(self.seconds / 10):
+            if self.last is not None and time.perf_counter() - self.last > self.seconds:
+                print(f"--- no decode token for {self.seconds} s: every thread's stack ---", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(sys.stderr, all_threads=True)
+                return
+
+    def stop(self) -> None:
+        self.done.set()
+
+
+def run_variant(model, ids, config: dict, steps: int, sync_each_token: bool = False, stall_dump_s: float = 0) -> dict:
+    knobs = {k: v for k, v in config.items() if "." in k}
+    with knobs_set(knobs):
+        return _run_variant(model, ids, {k: v for k, v in config.items() if k not in knobs}, steps, sync_each_token,
+                            stall_dump_s) | {"config": config}
+
+
+def _run_variant(model, ids, config: dict, steps: int, sync_each_token: bool, stall_dump_s: float) -> dict:
     hetero.prepare(model, config)
     # As `hetero bench` times tokens: a streamer that synchronizes the device at each one.
     extra = {"streamer": TokenClock(device=ids.device)} if sync_each_token else {}
     stamps, snapshot = [], {}
     at_first_token = _capture_cache_stats(model, snapshot)
 
+    watch = StallWatch(stall_dump_s)
+
     def progress(tokens):
         stamps.append((tokens, time.perf_counter()))
+        if tokens > ids.shape[1]:
+            watch.token()
         if tokens == ids.shape[1] + 1:
             at_first_token()  # decode traffic only: the counters from here to the end
 
     model.hetero.progress = progress
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
-                       do_sample=False, **extra)
-    model.hetero.progress = None
+    try:
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                           do_sample=False, **extra)
+    finally:
+        watch.stop()
+        model.hetero.progress = None
     stats = model.hetero.last_stats
     decode = [t for tokens, t in stamps if tokens > ids.shape[1]]
     step_ms = [1e3 * (b - a) for a, b in zip(decode, decode[1:])]
@@ -83,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--variants", nargs="+", default=["stream", "split"])
     parser.add_argument("--hang-s", type=float, default=0, help="dump stacks and exit after this long per variant")
+    parser.add_argument("--stall-dump-s", type=float, default=0, help="dump stacks once when a decode step runs this long")
     parser.add_argument("--sync-each-token", action="store_true", help="synchronize the device at each token, as the suite does")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out")
@@ -99,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         base = {**(TINY if args.tiny else {}), "gpu_kv_bytes": "256KiB" if args.tiny else args.gpu_kv_bytes}
         if args.hang_s:
             faulthandler.dump_traceback_later(args.hang_s, exit=True)
-        row = run_variant(model, ids, {**base, **config}, args.steps, args.sync_each_token)
+        row = run_variant(model, ids, {**base, **config}, args.steps, args.sync_each_token, args.stall_dump_s)
         faulthandler.cancel_dump_traceback_later()
         # The first step loads kernels and fills the pipeline: the median of the rest.
         median = statistics.median(row["step_ms"][1:] or row["step_ms"])

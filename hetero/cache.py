@@ -32,7 +32,12 @@ from .storage import PAGE, GpuPool, HostPool, NvmeStore
 from .token_sets import missing_tokens
 from .partial_attention import PartialMerger, attend
 from .pipeline import Pipeline
+from .plan import fetch_ring_shape
 from .residency import LayerPlan, LayerResidency, ResidencyPolicy
+
+# Whether a decode step's last layer plans the next step's first layers into the whole ring
+# (`_planned_at_step_end`): a knob for bench/step_times.py's A/B.
+LOOK_PAST_STEP_END = True
 
 
 class CacheCapacityError(RuntimeError):
@@ -447,9 +452,8 @@ class HeteroCache(Cache):
             return
         resident_slots = nl * self.policy.slots_per_layer()
         resident_bytes = resident_slots * layout.block_bytes
-        ring_buffers = max(2, 2 * cfg.prefetch_layers)
         spare = self.budgets.gpu_kv_bytes - resident_bytes - self._speculation_bytes(layout)
-        per_buffer = min(bpl, spare // (ring_buffers * layout.block_bytes))
+        ring_buffers, per_buffer = fetch_ring_shape(cfg.prefetch_layers, spare, bpl, layout.block_bytes)
         if per_buffer < 1:
             speculation = self._speculation_bytes(layout)
             need = resident_bytes + speculation + ring_buffers * layout.block_bytes
@@ -727,13 +731,27 @@ class HeteroCache(Cache):
     def _prefetch_after(self, layer_idx: int, decode: bool) -> None:
         """Plan the next `prefetch_layers` layers (wrapping to the next forward) so their fetches start.
 
-        Speculation plans only the next layer: it needs the input of the layer before."""
+        Speculation plans only the next layer: it needs the input of the layer before. At a decode
+        step's last layer, the next step's first layers fill the whole ring (`_planned_at_step_end`)."""
         n = len(self._layers)
         depth = 1 if self.speculator is not None and decode else self.config.prefetch_layers
+        if decode and layer_idx == n - 1:
+            depth = max(depth, self._planned_at_step_end())
         for ahead in range(1, depth + 1):
             nxt = (layer_idx + ahead) % n
             if nxt not in self._plans:
                 self._plan(nxt, decode)
+
+    def _planned_at_step_end(self) -> int:
+        """Layers of the next step planned at a decode step's last layer. The host thread waits for
+        the step to end before it runs the next (generate reads the sampled token), so a fetch it
+        has not queued by then starts only once the next step reaches the layer before: the copy
+        engine would idle meanwhile. Queued now, they take each buffer the moment it is read.
+        Not with speculation (a layer's selection needs the layer before's input), nor with an SSD
+        tier (its staging areas are sized for `prefetch_layers`)."""
+        if not LOOK_PAST_STEP_END or self.speculator is not None or self._home is None or self._home.ssd_blocks:
+            return 0
+        return min(len(self._layers), self._ring.buffers)
 
     # Reporting ---------------------------------------------------------------------------------
 

@@ -457,6 +457,10 @@ class FetchRing:
     def bytes(self) -> int:
         return sum(b.data.numel() * b.data.element_size() for b in self._buffers)
 
+    @property
+    def buffers(self) -> int:
+        return len(self._buffers)
+
     def submit(self, source: torch.Tensor) -> FetchTicket:
         """Queue the copy of `source` ([n, *block_shape] host blocks, n <= blocks_per_buffer)."""
         if source.shape[0] > self.blocks_per_buffer:

@@ -78,15 +78,31 @@ class GpuTier:
         return (self.resident_blocks + self.ring_buffers * self.blocks_per_buffer) * self.block_bytes
 
 
+# Whether the ring takes one buffer more than two per layer fetched ahead when the budget holds it
+# whole-layer: a knob for bench/step_times.py's A/B.
+SPARE_FETCH_BUFFER = True
+
+
+def fetch_ring_shape(prefetch_layers: int, spare_bytes: int, blocks_per_layer: int, block_bytes: int) -> tuple[int, int]:
+    """(buffers, blocks per buffer) of the fetch ring within `spare_bytes`: two buffers per layer
+    fetched ahead (one filling while the other is read), each up to a whole layer, and one more
+    where the spare holds it at that size. A layer's fetch waits for the buffer of the layer
+    `buffers` before it to be read: with two, one CPU part running long in `split` holds the
+    copies back, while the spare buffer lets the copy engine run a layer further ahead."""
+    buffers = max(2, 2 * prefetch_layers)
+    if SPARE_FETCH_BUFFER and spare_bytes >= (buffers + 1) * blocks_per_layer * block_bytes:
+        buffers += 1
+    return buffers, min(blocks_per_layer, max(0, spare_bytes) // (buffers * block_bytes))
+
+
 def size_gpu_tier(config: OffloadConfig, num_layers: int, blocks_per_layer: int, block_bytes: int,
                   gpu_budget: int) -> GpuTier:
     """Lay the GPU tier out within `gpu_budget` bytes; ConfigError("gpu_kv_bytes") when even one
     block per fetch buffer does not fit beside the resident blocks."""
     policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
     resident = num_layers * policy.slots_per_layer()
-    ring_buffers = max(2, 2 * config.prefetch_layers)
     spare = gpu_budget - resident * block_bytes
-    per_buffer = min(blocks_per_layer, spare // (ring_buffers * block_bytes))
+    ring_buffers, per_buffer = fetch_ring_shape(config.prefetch_layers, spare, blocks_per_layer, block_bytes)
     if per_buffer < 1:
         need = (resident + ring_buffers) * block_bytes
         raise ConfigError(

@@ -26,3 +26,30 @@ def test_split_with_a_deeper_prefetch_matches_transformers(model_dir):
     got, model = _hetero(model_dir, ids, mask, 10, config)
     assert torch.equal(got, expected)
     assert model.hetero.last_stats.bytes_read_by_cpu > 0, "the CPU must have attended over part of the KV"
+
+
+@pytest.mark.parametrize("look_past_step_end", [True, False])
+def test_a_steps_last_layer_plans_the_next_steps_first_layers_into_the_whole_ring(model_dir, monkeypatch,
+                                                                                  look_past_step_end):
+    """The host thread waits at each step's end: the fetches it queued before then keep the copy
+    engine busy meanwhile. Exact either way."""
+    import hetero.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "LOOK_PAST_STEP_END", look_past_step_end)
+    planned_at_step_end = []
+    prefetch_after = cache_module.HeteroCache._prefetch_after
+
+    def recording(self, layer_idx, decode):
+        prefetch_after(self, layer_idx, decode)
+        if decode and layer_idx == len(self._layers) - 1:
+            planned_at_step_end.append((sorted(self._plans), self._ring.buffers))
+
+    monkeypatch.setattr(cache_module.HeteroCache, "_prefetch_after", recording)
+    ids, mask = left_padded([211, 97, 150], seed=5)
+    expected = _reference(model_dir, ids, mask, 6)
+    config = {**SMALL, "gpu_kv_bytes": "384KiB", "mode": "split", "split_ratio": 0.5}
+    got, _ = _hetero(model_dir, ids, mask, 6, config)
+    assert torch.equal(got, expected)
+    assert len(planned_at_step_end) == 5  # six new tokens: the prefill's, then five decode steps
+    for plans, buffers in planned_at_step_end:
+        assert plans == (list(range(min(3, buffers))) if look_past_step_end else [0])
