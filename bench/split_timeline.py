@@ -29,6 +29,7 @@ from hetero import pipeline as pl
 from hetero.bench_cli import parse_overrides
 
 sys.path.insert(0, os.path.dirname(__file__))
+from step_times import knobs_set, parse_variant  # noqa: E402
 from suite.model import build_random_model, llama_8b_config, random_prompt, tiny_llama_config  # noqa: E402
 
 TINY = {"block_size": 16, "sink_tokens": 16, "window_tokens": 32, "prefill_chunk_tokens": 64}
@@ -202,6 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--show", type=int, default=3, help="steps at the end to report")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an offload config key")
+    p.add_argument("--knob", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="a tuning knob, e.g. hetero.cache.LOOK_PAST_STEP_END=false")
     p.add_argument("--result-copy", choices=("loads", "engine"), default="loads",
                    help="how the GPU takes a CPU part's result: its own loads (hetero's way) or, to compare, "
                         "a copy-engine copy after the flag")
@@ -220,20 +223,9 @@ def main(argv=None) -> int:
     rec.install()
     if args.result_copy == "engine":
         pl.Pipeline._collect = _collect_by_copy_engine
-    try:
-        hetero.prepare(model, config)
-        steps = []
-        model.hetero.progress = lambda tokens: steps.append((tokens, time.perf_counter(), len(rec.jobs), len(rec.copies)))
-        if cuda:
-            rec.mark()
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.steps,
-                           min_new_tokens=args.steps, do_sample=False)
-        if cuda:
-            rec.mark()
-    finally:
-        rec.uninstall()
-        pl.Pipeline._collect = COLLECT
+    knobs = {k: v for k, v in parse_variant("split:" + ",".join(args.knob))[1].items() if k != "mode"}
+    with knobs_set(knobs):
+        steps = _generate(model, ids, config, args.steps, rec, cuda)
     copies = [dict(submitted=s, start=rec.on_host_clock(a) if cuda else s, end=rec.on_host_clock(b) if cuda else s,
                    bytes=n) for s, a, b, n in rec.copies]
     if cuda and all(len(v) == len(rec.jobs) for v in rec.gpu.values()):
@@ -265,8 +257,28 @@ def main(argv=None) -> int:
     print("  CPU:    " + "  ".join(f"{1e3 * j['queued']:.1f}/{1e3 * j['started']:.1f}/{1e3 * j['ended']:.1f}" for j in last["jobs"]))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"context": context, "config": config, "result_copy": args.result_copy, "steps": report}, f, indent=1)
+            json.dump({"context": context, "config": config, "knobs": knobs, "result_copy": args.result_copy,
+                       "steps": report}, f, indent=1)
     return 0
+
+
+def _generate(model, ids, config, new_tokens, rec, cuda) -> list:
+    """Generate with the recorder installed; returns (tokens, time, jobs so far, copies so far) per token."""
+    try:
+        hetero.prepare(model, config)
+        steps = []
+        model.hetero.progress = lambda tokens: steps.append((tokens, time.perf_counter(), len(rec.jobs), len(rec.copies)))
+        if cuda:
+            rec.mark()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False)
+        if cuda:
+            rec.mark()
+        return steps
+    finally:
+        rec.uninstall()
+        pl.Pipeline._collect = COLLECT
 
 
 if __name__ == "__main__":

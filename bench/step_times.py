@@ -74,10 +74,11 @@ def knobs_set(knobs: dict):
 
 
 class StallWatch:
-    """Dumps every thread's stack to stderr, once, when no decode token has come for `seconds`."""
+    """Dumps every thread's stack to stderr, and what `describe()` says, once, when no decode token
+    has come for `seconds`."""
 
-    def __init__(self, seconds: float):
-        self.seconds, self.last, self.done = seconds, None, threading.Event()
+    def __init__(self, seconds: float, describe=lambda: ""):
+        self.seconds, self.last, self.done, self.describe = seconds, None, threading.Event(), describe
         if seconds > 0:
             threading.Thread(target=self._watch, daemon=True).start()
 
@@ -89,6 +90,7 @@ class StallWatch:
             if self.last is not None and time.perf_counter() - self.last > self.seconds:
                 print(f"--- no decode token for {self.seconds} s: every thread's stack ---", file=sys.stderr, flush=True)
                 faulthandler.dump_traceback(sys.stderr, all_threads=True)
+                print(self.describe(), file=sys.stderr, flush=True)
                 return
 
     def stop(self) -> None:
@@ -109,7 +111,9 @@ def _run_variant(model, ids, config: dict, steps: int, sync_each_token: bool, st
     stamps, snapshot = [], {}
     at_first_token = _capture_cache_stats(model, snapshot)
 
-    watch = StallWatch(stall_dump_s)
+    made, live = model.hetero.new_cache, []
+    model.hetero.new_cache = lambda max_tokens: live.append(made(max_tokens)) or live[-1]
+    watch = StallWatch(stall_dump_s, lambda: live[-1].pipeline.mailbox_report() if live else "")
 
     def progress(tokens):
         stamps.append((tokens, time.perf_counter()))
@@ -159,8 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         base = {**(TINY if args.tiny else {}), "gpu_kv_bytes": "256KiB" if args.tiny else args.gpu_kv_bytes}
         if args.hang_s:
             faulthandler.dump_traceback_later(args.hang_s, exit=True)
-        row = run_variant(model, ids, {**base, **config}, args.steps, args.sync_each_token, args.stall_dump_s)
-        faulthandler.cancel_dump_traceback_later()
+        try:
+            row = run_variant(model, ids, {**base, **config}, args.steps, args.sync_each_token, args.stall_dump_s)
+        except RuntimeError as error:  # e.g. a GPU wait for a host job gave up: the other variants still run
+            results["variants"][name] = {"config": config, "error": str(error)}
+            print(f"{name:40s} failed: {error}", flush=True)
+            continue
+        finally:
+            faulthandler.cancel_dump_traceback_later()
         # The first step loads kernels and fills the pipeline: the median of the rest.
         median = statistics.median(row["step_ms"][1:] or row["step_ms"])
         bound = 1e3 * row["pcie_bytes_per_step"] / pcie if pcie else None

@@ -38,15 +38,15 @@ def _poll(flag, target, max_polls):
 def _wait_kernel(flag, gave_up, target, max_polls):
     seen = _poll(flag, target, max_polls)
     if seen < target:
-        tl.store(gave_up, 1)
+        tl.store(gave_up, seen + 1)
 
 
 def wait_for_flag(flag: torch.Tensor, target: int, gave_up: torch.Tensor, max_polls: int = MAX_POLLS) -> None:
     """Hold the current stream until `flag[0]` (int32, pinned host memory) is at least `target`.
 
     Whoever raises the flag must write the data it guards first. After `max_polls` polls the stream
-    goes on and `gave_up[0]` (int32, pinned) is set to 1: the caller must then treat what the flag
-    guards as lost. (A wait can only stall that long if the host thread itself waits for the GPU,
+    goes on and `gave_up[0]` (int32, pinned) is set to one more than the flag's last value read
+    (never 0, since a flag never falls below 0): the caller must then treat what the flag guards as lost. (A wait can only stall that long if the host thread itself waits for the GPU,
     e.g. on CUDA's lazy loading of a kernel first launched while the wait is pending.) On CPU
     tensors outside the interpreter there is no stream to hold: the flag must already be raised.
     """
@@ -54,7 +54,7 @@ def wait_for_flag(flag: torch.Tensor, target: int, gave_up: torch.Tensor, max_po
     if INTERPRET or (flag.is_pinned() and torch.cuda.is_available()):
         _wait_kernel[(1,)](flag, gave_up, target, max_polls)
     elif int(flag[0]) < target:
-        gave_up.fill_(1)
+        gave_up.fill_(int(flag[0]) + 1)
 
 
 COPY_WORDS = 4096  # int32 words copied per step once the flag is up
@@ -65,7 +65,7 @@ COPY_WORDS = 4096  # int32 words copied per step once the flag is up
 def _copy_when_raised_kernel(flag, gave_up, target, max_polls, source, out, words, BLOCK: tl.constexpr):
     seen = _poll(flag, target, max_polls)
     if seen < target:
-        tl.store(gave_up, 1)
+        tl.store(gave_up, seen + 1)
     else:
         for first in range(0, words, BLOCK):
             offs = first + tl.arange(0, BLOCK)
@@ -92,7 +92,7 @@ def copy_when_raised(flag: torch.Tensor, target: int, gave_up: torch.Tensor, sou
     elif int(flag[0]) >= target:
         out.copy_(source)
     else:
-        gave_up.fill_(1)
+        gave_up.fill_(int(flag[0]) + 1)
 
 
 def _check_int32_scalars(flag: torch.Tensor, gave_up: torch.Tensor) -> None:

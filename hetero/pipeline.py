@@ -347,8 +347,17 @@ class Pipeline:
                 "the GPU gave up waiting for a host job's result, so the attention it fed is wrong. The known cause: "
                 "the host thread or the host worker blocked on the GPU meanwhile (e.g. CUDA's lazy loading of a "
                 "kernel first launched while the wait was pending: set CUDA_MODULE_LOADING=EAGER before CUDA "
-                "starts); cpu_part_wait \"host\" makes the host thread wait instead, with no GPU-side wait"
+                "starts); cpu_part_wait \"host\" makes the host thread wait instead, with no GPU-side wait. "
+                f"{self.mailbox_report()}"
             )
+
+    def mailbox_report(self) -> str:
+        """What the host's mailboxes hold now, and the flag value the GPU last read if a wait gave up:
+        a wait that gave up on a flag its job has since raised was not seeing the host's write."""
+        boxes = [box for group in self._mailboxes.values() for box in group]
+        raised = ", ".join(f"{int(box.flag[0])}/{box.jobs}" for box in boxes)
+        seen = "" if self._gave_up is None or not int(self._gave_up[0]) else f"; the wait that gave up last read {int(self._gave_up[0]) - 1}"
+        return f"Mailboxes, flag raised to / jobs posted: {raised or 'none'}{seen}."
 
     def _collect(self, job: HostJob) -> tuple[torch.Tensor, ...]:
         self.check_host_jobs()
