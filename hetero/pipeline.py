@@ -47,20 +47,36 @@ class WorkTimes:
     host_gap_seconds: float = 0.0
 
 
+class _HostJobTimes:
+    """The host jobs' durations while `Pipeline.time_work` is on. It holds no CUDA object: each job
+    holds it until done, so the worker may be the one to free it (see HostJob)."""
+
+    def __init__(self):
+        self.jobs: list[tuple[int, float, float]] = []  # (bytes, seconds, gap before) of finished host jobs
+        self.last_end: float | None = None  # when the window's last host job ended
+        self.lock = threading.Lock()
+
+    def add(self, nbytes: int, queued: float, started: float, ended: float) -> None:
+        with self.lock:
+            gap = 0.0 if self.last_end is None else max(0.0, queued - self.last_end)
+            self.jobs.append((nbytes, ended - started, gap))
+            self.last_end = ended
+
+    def take(self, times: WorkTimes) -> None:
+        with self.lock:
+            jobs, self.jobs = self.jobs, []
+            self.last_end = None  # a window's first job has no gap: the step boundary lies before it
+        times.host_bytes = sum(b for b, _, _ in jobs)
+        times.host_seconds = sum(s for _, s, _ in jobs)
+        times.host_gap_seconds = sum(g for _, _, g in jobs)
+
+
 class _WorkClock:
     """Collects copy and host-job durations while `Pipeline.time_work` is on."""
 
     def __init__(self):
         self.copies: deque = deque()  # (start event or None, end event or seconds, bytes), in copy order
-        self.host: list[tuple[int, float, float]] = []  # (bytes, seconds, gap before) of finished host jobs
-        self.last_end: float | None = None  # when the window's last host job ended
-        self.lock = threading.Lock()
-
-    def host_job(self, nbytes: int, queued: float, started: float, ended: float) -> None:
-        with self.lock:
-            gap = 0.0 if self.last_end is None else max(0.0, queued - self.last_end)
-            self.host.append((nbytes, ended - started, gap))
-            self.last_end = ended
+        self.host = _HostJobTimes()
 
     def take(self) -> WorkTimes:
         times = WorkTimes()
@@ -71,12 +87,7 @@ class _WorkClock:
             self.copies.popleft()
             times.copy_bytes += nbytes
             times.copy_seconds += end if start is None else start.elapsed_time(end) / 1e3
-        with self.lock:
-            host, self.host = self.host, []
-            self.last_end = None  # a window's first job has no gap: the step boundary lies before it
-        times.host_bytes = sum(b for b, _, _ in host)
-        times.host_seconds = sum(s for _, s, _ in host)
-        times.host_gap_seconds = sum(g for _, _, g in host)
+        self.host.take(times)
         return times
 
 
@@ -164,7 +175,10 @@ class HostJob:
     their events and pinned tensors are freed by the host thread, never by the worker: each free is
     a CUDA call (an event's destruction; the host allocator's event records), and one made while
     the host thread synchronizes the device, behind a GPU wait for this very worker, could wait
-    until the GPU's wait gave up.
+    until the GPU's wait gave up. For the same reason the job itself holds nothing else that owns
+    a CUDA object: on the GPU machine, a job that held the work clock (its copies' timed events)
+    was the last to let go of it once timing stopped, and the worker, freeing it, stalled until
+    the GPU gave up the next job's wait.
     """
 
     future: Future
@@ -288,7 +302,7 @@ class Pipeline:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetero-host")
 
         fences = ready if isinstance(ready, (list, tuple)) else [ready]
-        clock = self._clock
+        host_times = None if self._clock is None else self._clock.host  # never the clock: it holds CUDA events
         mailbox = self._take_mailbox(returns) if returns is not None and self.cuda else None
         number = 0
         if mailbox is not None:
@@ -307,8 +321,8 @@ class Pipeline:
                     fence.synchronize()
                 started = time.perf_counter()
                 result = fn(*call_args)
-                if clock is not None:
-                    clock.host_job(work_bytes, queued, started, time.perf_counter())
+                if host_times is not None:
+                    host_times.add(work_bytes, queued, started, time.perf_counter())
                 if mailbox is not None:
                     for slot, t in zip(mailbox.slots, result, strict=True):
                         slot.copy_(t)

@@ -195,6 +195,27 @@ def test_the_host_thread_frees_a_jobs_inputs_even_when_it_drops_the_job_before_t
     assert freed_on == [threading.main_thread().name]
 
 
+def test_a_job_queued_while_timing_never_frees_the_work_clock(monkeypatch):
+    """The clock holds its copies' timed events. A job queued while timing held it too and, still
+    running when timing stopped, was the last to let go: the worker freed the events, and on the
+    GPU machine stalled there until the GPU gave up waiting for the next job."""
+    from hetero import pipeline as pl
+
+    freed_on = []
+    monkeypatch.setattr(pl._WorkClock, "__del__", lambda self: freed_on.append(threading.current_thread().name),
+                        raising=False)
+    pipeline = Pipeline("cpu")
+    pipeline.time_work(True)
+    go = threading.Event()
+    job = pipeline.run_on_host(pipeline.fence_here(), lambda: go.wait(timeout=30), work_bytes=8)
+    pipeline.time_work(False)  # while the job runs
+    go.set()
+    job.future.result()
+    del job
+    pipeline.close()
+    assert freed_on == [threading.main_thread().name]
+
+
 @pytest.mark.gpu
 def test_a_copy_from_pageable_memory_is_refused():
     out = torch.zeros(4, dtype=torch.int32, device="cuda")
