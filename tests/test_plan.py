@@ -47,11 +47,10 @@ def test_tier_split_without_ssd():
     assert plan.total_bytes == 64 * GiB
     assert plan.host_bytes == plan.total_bytes and plan.ssd_bytes == 0
     block = 4 * 256 * 128 * 2**10 // 32  # one layer's 256-token block for the batch: 4 MiB
-    # sink 1 block + 2 x window 4 blocks + 2 per layer, and ring buffers of up to a layer each: two,
-    # and a spare one, since 6.6 GiB are left and a layer is 2 GiB
+    # sink 1 block + 2 x window 4 blocks + 2 per layer, and two ring buffers of up to a layer each
     assert plan.gpu.resident_blocks == 32 * (1 + 8 + 2)
-    assert plan.gpu.ring_buffers == 3
-    assert plan.gpu.blocks_per_buffer == 512 and plan.gpu_bytes == (32 * 11 + 3 * 512) * block
+    assert plan.gpu.ring_buffers == 2
+    assert plan.gpu.blocks_per_buffer == 512 and plan.gpu_bytes == (32 * 11 + 2 * 512) * block
     assert plan.gpu_bytes <= 8 * GiB
     assert plan.offloaded_bytes == 32 * (512 - 1 - 4) * block
     assert "ms/step" in plan.format() and "host" in plan.format()
@@ -117,9 +116,7 @@ def test_too_big_for_the_tiers_names_the_key():
 def test_gpu_tier_caps_buffers_at_one_layer_and_fills_the_budget():
     cfg = OffloadConfig(block_size=16, sink_tokens=16, window_tokens=32, prefetch_layers=2)
     tier = size_gpu_tier(cfg, num_layers=2, blocks_per_layer=10, block_bytes=100, gpu_budget=10**6)
-    assert (tier.resident_blocks, tier.ring_buffers, tier.blocks_per_buffer) == (2 * (1 + 4 + 2), 5, 10)
-    tier = size_gpu_tier(cfg, num_layers=2, blocks_per_layer=10, block_bytes=100, gpu_budget=14 * 100 + 5 * 1000 - 1)
-    assert (tier.ring_buffers, tier.blocks_per_buffer) == (4, 10)  # no spare buffer below five whole layers
+    assert (tier.resident_blocks, tier.ring_buffers, tier.blocks_per_buffer) == (2 * (1 + 4 + 2), 4, 10)
     tier = size_gpu_tier(cfg, num_layers=2, blocks_per_layer=10, block_bytes=100, gpu_budget=14 * 100 + 4 * 300 + 99)
     assert tier.blocks_per_buffer == 3 and tier.bytes <= 14 * 100 + 4 * 300 + 99
 
