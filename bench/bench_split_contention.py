@@ -7,11 +7,18 @@ counts, and called from a worker thread as the pipeline calls it), the kernel's 
 with no math, and the streaming-read ceiling, each beside the copies' rate in the same window.
 
     python bench/bench_split_contention.py --out contention.json
+    python bench/bench_split_contention.py --sweep --out contention_sweep.json
+
+`--sweep` times instead the kernel's tuning knobs (`hetero.cpu_kernels.attention`: the prefetch of
+the next tile, tokens per tile, units of work per thread, the hand-built bfloat16 loops) at the
+thread count `split` uses (all cores but one), alone and beside the copies: `split` runs the kernel
+beside the fetches' DMA, where the settings chosen alone may not be the best.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -25,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_cpu_attention import _pattern_sum, _stream_sum  # noqa: E402
+from step_times import knobs_set  # noqa: E402
 
 from hetero.cpu_kernels import host_decode_attention, warmup  # noqa: E402
 from hetero.storage.host_pool import HostPool  # noqa: E402
@@ -111,6 +119,7 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count(), os.cpu_count() - 1, os.cpu_count() - 2, 12])
     p.add_argument("--seconds", type=float, default=1.0, help="length of each timed window")
+    p.add_argument("--sweep", action="store_true", help="time the kernel's tuning knobs instead (see above)")
     p.add_argument("--out", default="contention.json")
     args = p.parse_args()
     warmup(("bfloat16",))
@@ -132,6 +141,45 @@ def main():
 
     copy_alone = copier.alone()
     print(f"host->GPU copies alone: {copy_alone / 1e9:.1f} GB/s; THP: {thp}; numba layer {numba.threading_layer()}")
+    if args.sweep:
+        sweep(args, copier, add)
+    else:
+        cases(args, copier, add)
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "copy_alone_gbs": copy_alone / 1e9, "thp": thp, "rows": rows,
+                   "numba_threading_layer": numba.threading_layer(), "cpu_count": os.cpu_count()}, f, indent=1)
+
+
+# Knob values to sweep: (next-tile prefetch into L1/L2/none, tokens per tile, units per thread,
+# hand-built bfloat16 loops where the CPU has AVX512-BF16 / Numba's loops).
+SWEEP = {
+    "PREFETCH_NEXT_TILE": (1, 2, 0),
+    "TILE_TOKENS": (128, 64, 256),
+    "UNITS_PER_THREAD": (2, 1, 4),
+    "BF16_TILES": (None, False),
+}
+
+
+def sweep(args, copier, add) -> None:
+    """Every combination of SWEEP at all cores but one, alone and beside the copies, the current
+    defaults first."""
+    threads = max(1, min(os.cpu_count() - 1, numba.config.NUMBA_NUM_THREADS))
+    for batch in args.batches:
+        pool, table, q, ranges = make_pool(batch, args.tokens, False)
+        nbytes, scale = pool.slab.numel() * 2, q.shape[-1] ** -0.5
+        for values in itertools.product(*SWEEP.values()):
+            knobs = {f"hetero.cpu_kernels.attention.{name}": v for name, v in zip(SWEEP, values)}
+            with knobs_set(knobs):
+                kernel = lambda: host_decode_attention(q, pool.slab, table, ranges, scale, threads)  # noqa: E731
+                copy_gbs, durations = copier.beside(kernel, args.seconds)
+                case = " ".join(f"{name.lower()}={v}" for name, v in zip(SWEEP, values))
+                add(case, batch, "4k", threads, nbytes, repeated(kernel, args.seconds), durations, copy_gbs)
+        pool.close()
+
+
+def cases(args, copier, add) -> None:
+    """The module's cases: the streaming read, the kernel at each thread count (and from a worker
+    thread), its reads without math, on 4 KiB and huge pages."""
     a = np.ones(2 * GiB // 2, np.uint16)
     n_all = numba.config.NUMBA_NUM_THREADS
     numba.set_num_threads(n_all)
@@ -165,9 +213,6 @@ def main():
             add("same reads, no math", batch, pages, n_all, nbytes, repeated(pattern, args.seconds), durations, copy_gbs)
             pool.close()
             del pool, rows_np
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "copy_alone_gbs": copy_alone / 1e9, "thp": thp, "rows": rows,
-                   "numba_threading_layer": numba.threading_layer(), "cpu_count": os.cpu_count()}, f, indent=1)
 
 
 if __name__ == "__main__":
