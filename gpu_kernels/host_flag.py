@@ -46,9 +46,11 @@ def wait_for_flag(flag: torch.Tensor, target: int, gave_up: torch.Tensor, max_po
 
     Whoever raises the flag must write the data it guards first. After `max_polls` polls the stream
     goes on and `gave_up[0]` (int32, pinned) is set to one more than the flag's last value read
-    (never 0, since a flag never falls below 0): the caller must then treat what the flag guards as lost. (A wait can only stall that long if the host thread itself waits for the GPU,
-    e.g. on CUDA's lazy loading of a kernel first launched while the wait is pending.) On CPU
-    tensors outside the interpreter there is no stream to hold: the flag must already be raised.
+    (never 0: a flag never falls below 0); the caller must then treat what the flag guards as
+    lost. (A wait can only stall that long if the host thread or the worker raising the flag waits
+    for the GPU, e.g. on CUDA's lazy loading of a kernel first launched while the wait is pending.)
+    On CPU tensors outside the interpreter there is no stream to hold: the flag must already be
+    raised.
     """
     _check_int32_scalars(flag, gave_up)
     if INTERPRET or (flag.is_pinned() and torch.cuda.is_available()):

@@ -370,8 +370,9 @@ class Pipeline:
         a wait that gave up on a flag its job has since raised was not seeing the host's write."""
         boxes = [box for group in self._mailboxes.values() for box in group]
         raised = ", ".join(f"{int(box.flag[0])}/{box.jobs}" for box in boxes)
-        seen = "" if self._gave_up is None or not int(self._gave_up[0]) else f"; the wait that gave up last read {int(self._gave_up[0]) - 1}"
-        return f"Mailboxes, flag raised to / jobs posted: {raised or 'none'}{seen}."
+        seen = 0 if self._gave_up is None else int(self._gave_up[0])
+        last_read = f"; the wait that gave up last read {seen - 1}" if seen else ""
+        return f"Mailboxes, flag raised to / jobs posted: {raised or 'none'}{last_read}."
 
     def _collect(self, job: HostJob) -> tuple[torch.Tensor, ...]:
         self.check_host_jobs()
