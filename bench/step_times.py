@@ -12,6 +12,7 @@ sets that tuning knob for the variant alone. `--sync-each-token` synchronizes th
 token as `hetero bench` does. `--hang-s` dumps every thread's stack and exits if a variant has not
 finished within that many seconds (a stalled pipeline shows where each thread waits);
 `--stall-dump-s` dumps them, once per variant, when a decode step has run that long, and goes on.
+A variant that fails is recorded with its error, the others still run, and the script exits 1.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def knobs_set(knobs: dict):
             module_name, _, name = path.rpartition(".")
             module = importlib.import_module(module_name)
             if not hasattr(module, name):
-                raise SystemExit(f"knob {path}: {module_name} has no attribute {name}")
+                raise ValueError(f"knob {path}: {module_name} has no attribute {name}")
             saved.append((module, name, getattr(module, name)))
             setattr(module, name, value)
         yield
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             faulthandler.dump_traceback_later(args.hang_s, exit=True)
         try:
             row = run_variant(model, ids, {**base, **config}, args.steps, args.sync_each_token, args.stall_dump_s)
-        except RuntimeError as error:  # e.g. a GPU wait for a host job gave up: the other variants still run
+        except Exception as error:  # e.g. a GPU wait for a host job gave up: the other variants still run
             results["variants"][name] = {"config": config, "error": str(error)}
             print(f"{name:40s} failed: {error}", flush=True)
             continue
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-    return 0
+    return 1 if any("error" in row for row in results["variants"].values()) else 0
 
 
 if __name__ == "__main__":

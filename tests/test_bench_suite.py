@@ -206,7 +206,12 @@ def test_the_split_timeline_records_each_steps_fetches_and_cpu_parts(tmp_path):
 
     run_on_host = pipeline.Pipeline.run_on_host
     out = tmp_path / "timeline.json"
-    assert split_timeline.main(["--tiny", "--steps", "4", "--show", "2", "--set", "split_ratio=0.5", "--out", str(out)]) == 0
+    from hetero import cache
+
+    assert split_timeline.main(["--tiny", "--steps", "4", "--show", "2", "--set", "split_ratio=0.5",
+                                "--knob", "hetero.cache.LOOK_PAST_STEP_END=false", "--out", str(out)]) == 0
+    assert cache.LOOK_PAST_STEP_END is True, "a knob is set for the run alone"
+    assert json.loads(out.read_text())["knobs"] == {"hetero.cache.LOOK_PAST_STEP_END": False}
     steps = json.loads(out.read_text())["steps"]
     assert len(steps) == 2 and all(s["jobs"] and s["copies"] and s["cpu_busy"] > 0 for s in steps)
     assert all(j["queued"] <= j["started"] <= j["ended"] for s in steps for j in s["jobs"])
@@ -218,8 +223,10 @@ def test_step_times_runs_each_variant_on_one_prompt(tmp_path):
 
     out = tmp_path / "steps.json"
     assert step_times.main(["--tiny", "--steps", "4", "--variants", "stream", "split:cpu_part_wait=gpu,split_ratio=0.5",
-                            "--hang-s", "300", "--sync-each-token", "--out", str(out)]) == 0
+                            "split:hetero.cache.NO_SUCH_KNOB=1", "--hang-s", "300", "--stall-dump-s", "60",
+                            "--sync-each-token", "--out", str(out)]) == 1
     result = json.loads(out.read_text())
+    assert "has no attribute NO_SUCH_KNOB" in result["variants"].pop("split:hetero.cache.NO_SUCH_KNOB=1")["error"]
     split = result["variants"]["split:cpu_part_wait=gpu,split_ratio=0.5"]
     assert split["config"]["cpu_part_wait"] == "gpu" and split["config"]["split_ratio"] == 0.5
     assert all(len(v["step_ms"]) == 2 and v["median_step_ms"] > 0 for v in result["variants"].values())
