@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{context} tokens x 1 on {device}" + (f"; PCIe host-to-GPU {pcie / 1e9:.1f} GB/s" if pcie else ""))
     print(f"{'variant':40s} {'median ms/step':>14s} {'PCIe bound ms':>13s}  steps ms")
     for name, config in map(parse_variant, args.variants):
+        runs = sum(1 for v in results["variants"] if v == name or v.startswith(f"{name} (run "))
+        name = f"{name} (run {runs + 1})" if runs else name  # a variant given twice (A/B/A/B) keeps both rows
         base = {**(TINY if args.tiny else {}), "gpu_kv_bytes": "256KiB" if args.tiny else args.gpu_kv_bytes}
         if args.hang_s:
             faulthandler.dump_traceback_later(args.hang_s, exit=True)
