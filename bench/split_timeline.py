@@ -219,13 +219,10 @@ def main(argv=None) -> int:
     config = {**(TINY if args.tiny else {}), "mode": "split", "split_ratio": 0.6,
               "gpu_kv_bytes": "256KiB" if args.tiny else args.gpu_kv_bytes}
     config.update(parse_overrides(args.set))
-    rec = Recorder()
-    rec.install()
-    if args.result_copy == "engine":
-        pl.Pipeline._collect = _collect_by_copy_engine
     knobs = {k: v for k, v in parse_variant("split:" + ",".join(args.knob))[1].items() if k != "mode"}
+    rec = Recorder()
     with knobs_set(knobs):
-        steps = _generate(model, ids, config, args.steps, rec, cuda)
+        steps = _generate(model, ids, config, args.steps, rec, cuda, args.result_copy)
     copies = [dict(submitted=s, start=rec.on_host_clock(a) if cuda else s, end=rec.on_host_clock(b) if cuda else s,
                    bytes=n) for s, a, b, n in rec.copies]
     if cuda and all(len(v) == len(rec.jobs) for v in rec.gpu.values()):
@@ -262,8 +259,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def _generate(model, ids, config, new_tokens, rec, cuda) -> list:
+def _generate(model, ids, config, new_tokens, rec, cuda, result_copy) -> list:
     """Generate with the recorder installed; returns (tokens, time, jobs so far, copies so far) per token."""
+    rec.install()
+    if result_copy == "engine":
+        pl.Pipeline._collect = _collect_by_copy_engine
     try:
         hetero.prepare(model, config)
         steps = []
