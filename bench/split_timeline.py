@@ -29,7 +29,7 @@ from hetero import pipeline as pl
 from hetero.bench_cli import parse_overrides
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_times import knobs_set, parse_variant  # noqa: E402
+from step_times import knobs_set, parse_settings  # noqa: E402
 from suite.model import build_random_model, llama_8b_config, random_prompt, tiny_llama_config  # noqa: E402
 
 TINY = {"block_size": 16, "sink_tokens": 16, "window_tokens": 32, "prefill_chunk_tokens": 64}
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     config = {**(TINY if args.tiny else {}), "mode": "split", "split_ratio": 0.6,
               "gpu_kv_bytes": "256KiB" if args.tiny else args.gpu_kv_bytes}
     config.update(parse_overrides(args.set))
-    knobs = {k: v for k, v in parse_variant("split:" + ",".join(args.knob))[1].items() if k != "mode"}
+    knobs = parse_settings(args.knob, "--knob")
     rec = Recorder()
     with knobs_set(knobs):
         steps = _generate(model, ids, config, args.steps, rec, cuda, args.result_copy)

@@ -44,16 +44,21 @@ TINY = {"block_size": 16, "sink_tokens": 16, "window_tokens": 32, "prefill_chunk
 def parse_variant(text: str) -> tuple[str, dict]:
     """"split:cpu_part_wait=gpu,split_ratio=0.5" -> ("split:...", {"mode": "split", ...}); numbers parsed."""
     mode, _, rest = text.partition(":")
-    config = {"mode": mode}
-    for item in filter(None, rest.split(",")):
+    return text, {"mode": mode, **parse_settings(filter(None, rest.split(",")), f"variant {text!r}")}
+
+
+def parse_settings(items, source: str) -> dict:
+    """"key=value" items as a mapping, values read as JSON where they parse (numbers, booleans)."""
+    settings = {}
+    for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"variant {text!r}: expected key=value after the mode, got {item!r}")
+        if not sep or not key:
+            raise SystemExit(f"{source}: expected key=value, got {item!r}")
         try:
-            config[key] = json.loads(value)
+            settings[key] = json.loads(value)
         except json.JSONDecodeError:
-            config[key] = value
-    return text, config
+            settings[key] = value
+    return settings
 
 
 @contextlib.contextmanager
