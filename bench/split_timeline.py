@@ -26,10 +26,10 @@ import torch
 
 import hetero
 from hetero import pipeline as pl
-from hetero.bench_cli import parse_overrides
+from hetero.bench_cli import parse_key_values, parse_overrides
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_times import knobs_set, parse_settings  # noqa: E402
+from step_times import knobs_set  # noqa: E402
 from suite.model import build_random_model, llama_8b_config, random_prompt, tiny_llama_config  # noqa: E402
 
 TINY = {"block_size": 16, "sink_tokens": 16, "window_tokens": 32, "prefill_chunk_tokens": 64}
@@ -211,6 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out")
     args = p.parse_args(argv)
+    knobs = parse_key_values(args.knob, "--knob", "hetero.cache.LOOK_PAST_STEP_END=false")
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
     model = build_random_model(tiny_llama_config() if args.tiny else llama_8b_config(), device)
@@ -219,7 +220,6 @@ def main(argv=None) -> int:
     config = {**(TINY if args.tiny else {}), "mode": "split", "split_ratio": 0.6,
               "gpu_kv_bytes": "256KiB" if args.tiny else args.gpu_kv_bytes}
     config.update(parse_overrides(args.set))
-    knobs = parse_settings(args.knob, "--knob")
     rec = Recorder()
     with knobs_set(knobs):
         steps = _generate(model, ids, config, args.steps, rec, cuda, args.result_copy)

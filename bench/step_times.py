@@ -31,6 +31,7 @@ import time
 import torch
 
 import hetero
+from hetero.bench_cli import parse_key_values
 
 sys.path.insert(0, os.path.dirname(__file__))
 from suite.ceilings import pinned_h2d_bytes_per_s  # noqa: E402
@@ -44,21 +45,8 @@ TINY = {"block_size": 16, "sink_tokens": 16, "window_tokens": 32, "prefill_chunk
 def parse_variant(text: str) -> tuple[str, dict]:
     """"split:cpu_part_wait=gpu,split_ratio=0.5" -> ("split:...", {"mode": "split", ...}); numbers parsed."""
     mode, _, rest = text.partition(":")
-    return text, {"mode": mode, **parse_settings(filter(None, rest.split(",")), f"variant {text!r}")}
-
-
-def parse_settings(items, source: str) -> dict:
-    """"key=value" items as a mapping, values read as JSON where they parse (numbers, booleans)."""
-    settings = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"{source}: expected key=value, got {item!r}")
-        try:
-            settings[key] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key] = value
-    return settings
+    settings = parse_key_values(filter(None, rest.split(",")), f"variant {text!r}", "split:split_ratio=0.5")
+    return text, {"mode": mode, **settings}
 
 
 @contextlib.contextmanager

@@ -72,21 +72,28 @@ def run(args, workloads: list[str] | None = None, program: str = "hetero bench")
 def parse_overrides(items: list[str]) -> dict:
     """--set KEY=VALUE items as a config mapping (values read as JSON where they parse: numbers,
     booleans), checked against the offload config's keys before anything runs."""
-    import json
-
     import hetero
 
-    overrides = {}
+    overrides = parse_key_values(items, "--set", "cpu_part_wait=host")
+    hetero.OffloadConfig.from_dict(overrides)  # an unknown key or a bad value stops here, named
+    return overrides
+
+
+def parse_key_values(items, source: str, example: str) -> dict:
+    """KEY=VALUE items as a mapping, values read as JSON where they parse (numbers, booleans);
+    `source` and `example` name the option in the error."""
+    import json
+
+    settings = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set: got {item!r}, expected KEY=VALUE, e.g. cpu_part_wait=host")
+            raise SystemExit(f"{source}: got {item!r}, expected KEY=VALUE, e.g. {example}")
         try:
-            overrides[key] = json.loads(value)
+            settings[key] = json.loads(value)
         except json.JSONDecodeError:
-            overrides[key] = value
-    hetero.OffloadConfig.from_dict(overrides)  # an unknown key or a bad value stops here, named
-    return overrides
+            settings[key] = value
+    return settings
 
 
 def _command_line(program: str, args, workloads: list[str] | None) -> str:

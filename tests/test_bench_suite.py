@@ -320,6 +320,18 @@ def test_bench_set_names_a_bad_key_before_anything_runs():
         parse_overrides(["cpu_part_wait"])
 
 
+def test_a_variant_or_knob_without_a_value_is_named_in_the_error():
+    import split_timeline
+    import step_times
+
+    assert step_times.parse_variant("split:split_ratio=0.5,hetero.cache.LOOK_PAST_STEP_END=false")[1] == {
+        "mode": "split", "split_ratio": 0.5, "hetero.cache.LOOK_PAST_STEP_END": False}
+    with pytest.raises(SystemExit, match="variant 'split:split_ratio': got 'split_ratio', expected KEY=VALUE"):
+        step_times.parse_variant("split:split_ratio")
+    with pytest.raises(SystemExit, match="--knob: got 'hetero.cache.LOOK_PAST_STEP_END', expected KEY=VALUE"):
+        split_timeline.main(["--tiny", "--knob", "hetero.cache.LOOK_PAST_STEP_END"])
+
+
 def test_rows_kept_from_a_call_on_another_machine_name_it(tmp_path):
     def result(system, device, date):
         return {"workload": "fits", "scale": "full", "date": date, "machine": {"device": device},
