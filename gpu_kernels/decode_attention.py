@@ -121,6 +121,15 @@ def _decode_split_kernel(
         if BS == 0:
             k_rows = t.to(tl.int64) * k_tok
             v_rows = t.to(tl.int64) * v_tok
+        elif BS % BLOCK_N == 0:
+            # Tiles start at multiples of BLOCK_N, so a tile lies in one block: one table entry
+            # (t0 < hi <= cap, so it exists), and the tile's rows are consecutive in memory.
+            blk0 = t0 // BS
+            if HAS_TABLE:
+                blk0 = tl.load(table + blk0)
+            blk0 = blk0.to(tl.int64)
+            k_rows = blk0 * k_blk + (t % BS) * k_tok
+            v_rows = blk0 * v_blk + (t % BS) * v_tok
         else:
             blk = t // BS
             if HAS_TABLE:

@@ -145,8 +145,11 @@ def test_decode_attention_rows_with_no_tokens_get_zero_and_neg_inf(poisoned_empt
     assert torch.isneginf(lse).all() and torch.equal(out, torch.zeros_like(out))
 
 
-def test_decode_attention_splits_long_rows(poisoned_empty):
-    """Rows longer than one program's share are split across programs and merged."""
+@pytest.mark.parametrize("launch", [None, DecodeLaunch(block_n=16, min_split=16, programs_per_sm=8)],
+                         ids=["tiles-across-blocks", "two-tiles-per-block"])
+def test_decode_attention_splits_long_rows(poisoned_empty, launch):
+    """Rows longer than one program's share are split across programs and merged; tiles that span
+    blocks and tiles that lie within one (a table entry per tile) both read the right rows."""
     torch.manual_seed(5)
     B, Hkv, G, D, bs = 1, 1, 4, 64, 32
     pool = _pool(20, B, Hkv, bs, D, torch.float16)
@@ -154,7 +157,7 @@ def test_decode_attention_splits_long_rows(poisoned_empty):
     seg = Segment(pool[:, 0].permute(1, 2, 0, 3, 4), pool[:, 1].permute(1, 2, 0, 3, 4), block_table=table,
                   length=torch.tensor([18 * bs - 5], dtype=torch.int32, device=DEV))
     q = torch.randn(B, Hkv * G, D).half().to(DEV)
-    _check_attention(q, [seg], D**-0.5, atol=2e-3)
+    _check_attention(q, [seg], D**-0.5, atol=2e-3, launch=launch)
 
 
 def test_decode_attention_int_length_and_counters_left_at_zero(poisoned_empty):
@@ -235,10 +238,11 @@ def test_gpu_gather_blocks_from_pinned_host_memory():
 @pytest.mark.parametrize("D,G,dtype", [(128, 4, torch.bfloat16), (64, 8, torch.float16), (80, 1, torch.bfloat16),
                                        (96, 4, torch.float32), (256, 2, torch.bfloat16)])
 @pytest.mark.parametrize("fused_merge", [True, False])
-def test_gpu_decode_attention_32k(poisoned_empty, D, G, dtype, fused_merge):
+@pytest.mark.parametrize("bs", [16, 256])
+def test_gpu_decode_attention_32k(poisoned_empty, D, G, dtype, fused_merge, bs):
     torch.manual_seed(12)
-    B, Hkv, bs = 2, 8 if D <= 128 else 2, 16
-    segments = _segments(B, Hkv, D, dtype, bs, n_blocks=2048, dense_len=700, device="cuda")
+    B, Hkv = 2, 8 if D <= 128 else 2
+    segments = _segments(B, Hkv, D, dtype, bs, n_blocks=32768 // bs, dense_len=700, device="cuda")
     q = (2 * torch.randn(B, Hkv * G, D)).to(dtype).cuda()
     atol = 1e-3 if dtype == torch.float32 else 1e-2
     launch = DecodeLaunch(fused_merge=fused_merge)
