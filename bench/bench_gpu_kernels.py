@@ -7,6 +7,7 @@
     from CUDA-graph replay (GPU time alone); host time per call.
 
     python bench/bench_gpu_kernels.py --out gpu_kernels.json [--sweep]
+    python bench/bench_gpu_kernels.py --sections decode --sweep --sweep-shapes 8x32768 --block-size 256 --out s.json
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def graph_ms(fn) -> float:
     """Median milliseconds of fn replayed from a CUDA graph: GPU time, no host overhead."""
     try:
         return do_bench_cudagraph(fn, rep=30, return_mode="median")
+    except torch.AcceleratorError:  # a CUDA error, sticky: not a call that cannot be captured
+        raise
     except Exception:  # a call that cannot be captured keeps the other figures
         traceback.print_exc()
         return float("nan")
@@ -163,26 +166,44 @@ def bench_host_overhead(rows):
         print(f"host time per call, B=1 32K: {name:34s} {us:6.1f} us", flush=True)
 
 
-def sweep_decode(bs, ceiling, rows):
+SWEEP_SHAPES = ("1x32768", "1x131072", "8x32768", "8x131072")
+
+
+def sweep_decode(bs, ceiling, rows, shapes=SWEEP_SHAPES):
+    """Launch shapes of decode_attention on a block pool, each timed from CUDA-graph replay (GPU
+    time) and by do_bench (host time shows where it exceeds the GPU's), beside SDPA on the same
+    tokens laid out dense."""
     scale = D**-0.5
-    for B, L in ((1, 32768), (1, 131072), (8, 131072)):
+    grid = list(itertools.product((True, False), (1, 2, 3, 4), (2, 4, 8),
+                                  ((32, 3), (64, 2), (64, 3), (64, 4), (128, 2), (128, 3))))
+    for B, L in (map(int, shape.split("x")) for shape in shapes):
         kv_bytes = 2 * B * HKV * L * D * 2
+        q, segs, kv = decode_inputs(B, L, bs, "dense")
+        sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], kv[0], kv[1], scale=scale, enable_gqa=True)
+        sdpa_graph = graph_ms(sdpa)
+        del kv, segs
         q, segs, kv = decode_inputs(B, L, bs, "pool")
-        for fused, pps, (bn, stages) in itertools.product((True, False), (1, 2, 4, 8), ((64, 3), (128, 3), (64, 2))):
-            launch = DecodeLaunch(block_n=bn, num_stages=stages, programs_per_sm=pps, fused_merge=fused)
+        for fused, pps, warps, (bn, stages) in grid:
+            launch = DecodeLaunch(block_n=bn, num_warps=warps, num_stages=stages, programs_per_sm=pps, fused_merge=fused)
             try:
+                g = graph_ms(lambda: decode_attention(q, segs, scale, launch))
                 t = ms(lambda: decode_attention(q, segs, scale, launch))
+            except torch.AcceleratorError:  # a CUDA error is sticky: every later launch would fail too
+                raise
             except Exception as e:  # a shape that does not fit the SM (shared memory) is skipped
                 print(f"sweep skip {launch}: {type(e).__name__}", flush=True)
                 continue
-            rows.append(dict(kind="decode_sweep", B=B, L=L, block_n=bn, num_stages=stages, programs_per_sm=pps,
-                             fused_merge=fused, ms=t, gbs=kv_bytes / t / 1e6, ceiling_gbs=ceiling,
-                             of_ceiling=kv_bytes / t / 1e6 / ceiling))
+            rows.append(dict(kind="decode_sweep", B=B, L=L, block_n=bn, num_warps=warps, num_stages=stages,
+                             programs_per_sm=pps, fused_merge=fused, ms=t, gbs=kv_bytes / t / 1e6, graph_ms=g,
+                             graph_gbs=kv_bytes / g / 1e6, sdpa_graph_ms=sdpa_graph, ceiling_gbs=ceiling,
+                             of_ceiling=kv_bytes / g / 1e6 / ceiling))
         ranked = sorted((r for r in rows if r["kind"] == "decode_sweep" and r["B"] == B and r["L"] == L),
-                        key=lambda r: r["ms"])
-        for r in ranked[:4] + ranked[-1:]:
-            _print_row(r, f"sweep B={B} {L // 1024}K bn {r['block_n']} s {r['num_stages']} "
-                          f"pps {r['programs_per_sm']} fused {r['fused_merge']}")
+                        key=lambda r: r["graph_ms"])
+        print(f"sweep B={B} {L // 1024}K: SDPA graph {sdpa_graph:.4f} ms {kv_bytes / sdpa_graph / 1e6:.0f} GB/s", flush=True)
+        for r in ranked[:6] + ranked[-1:]:
+            print(f"  bn {r['block_n']:3d} w {r['num_warps']} s {r['num_stages']} pps {r['programs_per_sm']} "
+                  f"fused {r['fused_merge']!s:5s} graph {r['graph_ms']:.4f} ms ({r['graph_ms'] / sdpa_graph:.3f}x SDPA, "
+                  f"{100 * r['of_ceiling']:.1f}% of copy) do_bench {r['ms']:.4f} ms", flush=True)
         del kv, segs
         torch.cuda.empty_cache()
 
@@ -198,6 +219,10 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--gather-tokens", type=int, default=131072)
     parser.add_argument("--sweep", action="store_true", help="also try launch shapes of the kernels")
+    parser.add_argument("--sweep-shapes", nargs="+", default=SWEEP_SHAPES, metavar="BxTOKENS",
+                        help="the decode sweep's batch x context shapes")
+    parser.add_argument("--sections", nargs="+", default=["gather", "host", "decode"],
+                        choices=["gather", "host", "decode"], help="which of the three sections to run")
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "block_size": args.block_size, "rows": []}
     pinned = pinned_copy_gbs()
@@ -210,11 +235,12 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
-    sections = [lambda: bench_gather(args.gather_tokens, args.block_size, pinned, args.sweep, result["rows"]),
-                lambda: bench_host_overhead(result["rows"]),
-                lambda: bench_decode(args.block_size, d2d, result["rows"])]
+    sections = {"gather": lambda: bench_gather(args.gather_tokens, args.block_size, pinned, args.sweep, result["rows"]),
+                "host": lambda: bench_host_overhead(result["rows"]),
+                "decode": lambda: bench_decode(args.block_size, d2d, result["rows"])}
+    sections = [sections[name] for name in args.sections]
     if args.sweep:
-        sections.append(lambda: sweep_decode(args.block_size, d2d, result["rows"]))
+        sections.append(lambda: sweep_decode(args.block_size, d2d, result["rows"], args.sweep_shapes))
     for section in sections:
         try:
             section()

@@ -2,12 +2,14 @@
 
 `split` assumes two separate pipes, host-to-GPU copies and the CPU's reads of host memory. In one
 run on the GPU machine this times, for a host pool on 4 KiB pages and on transparent huge pages:
-the Numba decode-attention kernel alone and while pinned host-to-GPU copies run (at several thread
-counts, and called from a worker thread as the pipeline calls it), the kernel's own read pattern
-with no math, and the streaming-read ceiling, each beside the copies' rate in the same window.
+the Numba decode-attention kernel alone and while pinned host-to-GPU copies run (from a 4 GiB
+source by default, beyond the last-level cache; at several thread counts, and called from a worker
+thread as the pipeline calls it), the kernel's own read pattern with no math, and the
+streaming-read ceiling, each beside the copies' rate in the same window.
 
     python bench/bench_split_contention.py --out contention.json
     python bench/bench_split_contention.py --sweep --out contention_sweep.json
+    python bench/bench_split_contention.py --sweep --grid UNITS_PER_THREAD=2 --out contention_sweep.json
 
 `--sweep` times instead the kernel's tuning knobs (`hetero.cpu_kernels.attention`: the prefetch of
 the next tile, tokens per tile, units of work per thread, the hand-built bfloat16 loops) at the
@@ -34,6 +36,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_cpu_attention import _pattern_sum, _stream_sum  # noqa: E402
 from step_times import knobs_set  # noqa: E402
 
+from hetero.bench_cli import parse_key_values  # noqa: E402
 from hetero.cpu_kernels import host_decode_attention, warmup  # noqa: E402
 from hetero.storage.host_pool import HostPool  # noqa: E402
 
@@ -42,11 +45,15 @@ GiB = 2**30
 
 class Copier:
     """Pinned host -> GPU copies queued for longer than a window of CPU work; the rate of those that
-    landed inside it."""
+    landed inside it. Each copy moves the next `chunk` bytes of a source of `source_bytes`: a source
+    that fits the host's last-level cache (300 MiB on the GPU machine) may be served from there,
+    while split's fetches read KV from DRAM, beside the CPU's reads."""
 
-    def __init__(self, nbytes: int = GiB // 4):
-        self.src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        self.dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    def __init__(self, source_bytes: int = 4 * GiB, chunk: int = GiB // 4):
+        self.chunk = min(chunk, source_bytes)
+        self.src = torch.empty(source_bytes // self.chunk * self.chunk, dtype=torch.uint8, pin_memory=True)
+        self.src.fill_(1)  # pages faulted in before anything is timed
+        self.dst = torch.empty(self.chunk, dtype=torch.uint8, device="cuda")
         self.stream = torch.cuda.Stream()
 
     def alone(self) -> float:
@@ -54,14 +61,16 @@ class Copier:
 
     def beside(self, fn, seconds: float) -> tuple[float, list[float]]:
         """(copy bytes/s, fn's durations) with copies running through `seconds` of repeated `fn` calls."""
-        copies = int(2 * seconds * 60e9 / self.src.numel()) + 4  # outlasts the window at up to 60 GB/s
+        copies = int(2 * seconds * 60e9 / self.chunk) + 4  # outlasts the window at up to 60 GB/s
+        n_chunks = self.src.numel() // self.chunk
         start = torch.cuda.Event(enable_timing=True)
         landed = [torch.cuda.Event(enable_timing=True) for _ in range(copies)]
         torch.cuda.synchronize()
         with torch.cuda.stream(self.stream):
             start.record(self.stream)
-            for event in landed:
-                self.dst.copy_(self.src, non_blocking=True)
+            for i, event in enumerate(landed):
+                first = i % n_chunks * self.chunk
+                self.dst.copy_(self.src[first:first + self.chunk], non_blocking=True)
                 event.record(self.stream)
         time.sleep(0.01)  # the copies are under way before the first timed call
         began = time.perf_counter()
@@ -72,7 +81,7 @@ class Copier:
         inside = [t for t in times if t <= window]
         if len(inside) == len(times):
             raise RuntimeError("the copies ended before the CPU work: queue more")
-        return len(inside) * self.src.numel() / inside[-1], durations
+        return len(inside) * self.chunk / inside[-1], durations
 
 
 def timed_calls(fn, seconds: float) -> list[float]:
@@ -98,7 +107,8 @@ def make_pool(batch: int, tokens: int, huge_pages: bool, hq=32, hkv=8, d=128, bs
     for s in range(n_blocks):
         pool.slab[s] = torch.randn(2, batch, hkv, bs, d, generator=g).to(torch.bfloat16)
     table = torch.randperm(n_blocks, generator=g).int()
-    q = torch.randn(batch, hq, d, generator=g)
+    # The model's query is bfloat16 widened to float32: one bfloat16 part in the hand-built loops.
+    q = torch.randn(batch, hq, d, generator=g).to(torch.bfloat16).float()
     ranges = torch.tensor([0, tokens], dtype=torch.int32).expand(batch, hkv, 1, 2).contiguous()
     return pool, table, q, ranges
 
@@ -120,10 +130,15 @@ def main():
     p.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count(), os.cpu_count() - 1, os.cpu_count() - 2, 12])
     p.add_argument("--seconds", type=float, default=1.0, help="length of each timed window")
     p.add_argument("--sweep", action="store_true", help="time the kernel's tuning knobs instead (see above)")
+    p.add_argument("--grid", nargs="*", default=[], metavar="KNOB=V1,V2",
+                   help="with --sweep: these values for a knob instead of SWEEP's, e.g. BF16_TILES=None,False")
+    p.add_argument("--copy-source-gib", type=float, default=4.0,
+                   help="the pinned source the copies cycle through (default 4: beyond the last-level cache)")
     p.add_argument("--out", default="contention.json")
     args = p.parse_args()
+    grid = sweep_grid(args.grid)
     warmup(("bfloat16",))
-    copier = Copier()
+    copier = Copier(int(args.copy_source_gib * GiB))
     rows = []
     thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip() if os.path.exists(
         "/sys/kernel/mm/transparent_hugepage/enabled") else "absent"
@@ -140,13 +155,14 @@ def main():
         print(f"{case:<28} B={batch} {pages:<5} thr={threads:<3} alone {row['alone_gbs']:6.1f} GB/s{extra}", flush=True)
 
     copy_alone = copier.alone()
-    print(f"host->GPU copies alone: {copy_alone / 1e9:.1f} GB/s; THP: {thp}; numba layer {numba.threading_layer()}")
+    print(f"host->GPU copies alone: {copy_alone / 1e9:.1f} GB/s (source {copier.src.numel() / GiB:.2f} GiB); "
+          f"THP: {thp}; numba layer {numba.threading_layer()}")
     if args.sweep:
-        sweep(args, copier, add)
+        sweep(args, copier, add, grid)
     else:
         cases(args, copier, add)
     with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "copy_alone_gbs": copy_alone / 1e9, "thp": thp, "rows": rows,
+        json.dump({"args": vars(args), "copy_alone_gbs": copy_alone / 1e9, "copy_source_bytes": copier.src.numel(), "thp": thp, "rows": rows,
                    "numba_threading_layer": numba.threading_layer(), "cpu_count": os.cpu_count()}, f, indent=1)
 
 
@@ -160,19 +176,29 @@ SWEEP = {
 }
 
 
-def sweep(args, copier, add) -> None:
-    """Every combination of SWEEP at all cores but one, alone and beside the copies, the current
-    defaults first."""
+def sweep_grid(items: list[str]) -> dict:
+    """SWEEP with the values --grid gives (KNOB=V1,V2; each value read as JSON, None as None)."""
+    grid = dict(SWEEP)
+    for name, values in parse_key_values(items, "--grid", "BF16_TILES=None,False").items():
+        if name not in SWEEP:
+            raise SystemExit(f"--grid {name}: not a swept knob; expected one of {', '.join(SWEEP)}")
+        grid[name] = tuple(None if v == "None" else json.loads(v.lower()) for v in str(values).split(","))
+    return grid
+
+
+def sweep(args, copier, add, grid) -> None:
+    """Every combination of the grid (SWEEP's values unless --grid) at all cores but one, alone and
+    beside the copies, the current defaults first."""
     threads = max(1, min(os.cpu_count() - 1, numba.config.NUMBA_NUM_THREADS))
     for batch in args.batches:
         pool, table, q, ranges = make_pool(batch, args.tokens, False)
         nbytes, scale = pool.slab.numel() * 2, q.shape[-1] ** -0.5
-        for values in itertools.product(*SWEEP.values()):
-            knobs = {f"hetero.cpu_kernels.attention.{name}": v for name, v in zip(SWEEP, values)}
+        for values in itertools.product(*grid.values()):
+            knobs = {f"hetero.cpu_kernels.attention.{name}": v for name, v in zip(grid, values)}
             with knobs_set(knobs):
                 kernel = lambda: host_decode_attention(q, pool.slab, table, ranges, scale, threads)  # noqa: E731
                 copy_gbs, durations = copier.beside(kernel, args.seconds)
-                case = " ".join(f"{name.lower()}={v}" for name, v in zip(SWEEP, values))
+                case = " ".join(f"{name.lower()}={v}" for name, v in zip(grid, values))
                 add(case, batch, "4k", threads, nbytes, repeated(kernel, args.seconds), durations, copy_gbs)
         pool.close()
 
