@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from hetero.bench_cli import knobs_set
 from hetero.cpu_kernels import attention as knobs
 from hetero.cpu_kernels import host_decode_attention, host_decode_attention_indexed, warmup
 from hetero.cpu_kernels._bf16_tiles import cpu_has_dpbf16
@@ -101,30 +102,20 @@ def streaming_ceiling(gib, reps, threads):
     return result
 
 
-_KNOBS = ("TILE_TOKENS", "UNITS_PER_THREAD", "DYNAMIC_SCHEDULE", "PREFETCH_NEXT_TILE", "BF16_TILES")
-
-
 def sweep_knobs(q, pool, table, tokens, reps, threads):
     """The kernel's GB/s under each tuning knob setting (tile, units per thread, schedule, prefetch,
     hand-built bfloat16 loops)."""
-    saved = {name: getattr(knobs, name) for name in _KNOBS}
     settings = [dict(TILE_TOKENS=tile, PREFETCH_NEXT_TILE=pf, BF16_TILES=tiles)
                 for tiles in (True, False) for pf in (1, 2) for tile in (32, 64, 128)]
     settings += [dict(TILE_TOKENS=64, PREFETCH_NEXT_TILE=0, BF16_TILES=tiles) for tiles in (True, False)]
     settings += [dict(UNITS_PER_THREAD=units, DYNAMIC_SCHEDULE=dyn) for units in (1, 2, 4, 8) for dyn in (True, False)]
     results = []
-    try:
-        for changed in settings:
-            setting = {**saved, **changed}
-            for name, value in setting.items():
-                setattr(knobs, name, value)
+    for changed in settings:
+        with knobs_set({f"{knobs.__name__}.{name}": value for name, value in changed.items()}):
             r = bench_kernel(q, pool, table, tokens, reps, threads)
-            results.append(dict(tile=setting["TILE_TOKENS"], units_per_thread=setting["UNITS_PER_THREAD"],
-                                dynamic=setting["DYNAMIC_SCHEDULE"], prefetch=setting["PREFETCH_NEXT_TILE"],
-                                bf16_tiles=setting["BF16_TILES"], gbps=r["gbps"]))
-    finally:
-        for name, value in saved.items():
-            setattr(knobs, name, value)
+            results.append(dict(tile=knobs.TILE_TOKENS, units_per_thread=knobs.UNITS_PER_THREAD,
+                                dynamic=knobs.DYNAMIC_SCHEDULE, prefetch=knobs.PREFETCH_NEXT_TILE,
+                                bf16_tiles=knobs.BF16_TILES, gbps=r["gbps"]))
     return results
 
 
@@ -133,11 +124,8 @@ LOOPS = ((False, "numba"), (True, "hand-built"))  # BF16_TILES, and the rows' na
 
 def loops(hand_built, fn):
     """fn() with the bfloat16 pools on the hand-built loops of `_bf16_tiles` or on Numba's own."""
-    saved, knobs.BF16_TILES = knobs.BF16_TILES, hand_built
-    try:
+    with knobs_set({f"{knobs.__name__}.BF16_TILES": hand_built}):
         return fn()
-    finally:
-        knobs.BF16_TILES = saved
 
 
 def make_case(B, tokens, dtype, Hq, Hkv, D, bs, seed=0, query_dtype=None):

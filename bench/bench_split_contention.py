@@ -34,9 +34,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_cpu_attention import _pattern_sum, _stream_sum  # noqa: E402
-from step_times import knobs_set  # noqa: E402
 
-from hetero.bench_cli import parse_key_values  # noqa: E402
+from hetero.bench_cli import knobs_set, parse_key_values  # noqa: E402
 from hetero.cpu_kernels import host_decode_attention, warmup  # noqa: E402
 from hetero.storage.host_pool import HostPool  # noqa: E402
 

@@ -26,10 +26,9 @@ import torch
 
 import hetero
 from hetero import pipeline as pl
-from hetero.bench_cli import parse_key_values, parse_overrides
+from hetero.bench_cli import knobs_set, parse_key_values, parse_overrides
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_times import knobs_set  # noqa: E402
 from suite.model import build_random_model, llama_8b_config, random_prompt, tiny_llama_config  # noqa: E402
 
 TINY = {"block_size": 16, "sink_tokens": 16, "window_tokens": 32, "prefill_chunk_tokens": 64}

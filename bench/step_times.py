@@ -18,9 +18,7 @@ A variant that fails is recorded with its error, the others still run, and the s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import faulthandler
-import importlib
 import json
 import os
 import statistics
@@ -31,7 +29,7 @@ import time
 import torch
 
 import hetero
-from hetero.bench_cli import parse_key_values
+from hetero.bench_cli import knobs_set, parse_key_values
 
 sys.path.insert(0, os.path.dirname(__file__))
 from suite.ceilings import pinned_h2d_bytes_per_s  # noqa: E402
@@ -47,24 +45,6 @@ def parse_variant(text: str) -> tuple[str, dict]:
     mode, _, rest = text.partition(":")
     settings = parse_key_values(filter(None, rest.split(",")), f"variant {text!r}", "split:split_ratio=0.5")
     return text, {"mode": mode, **settings}
-
-
-@contextlib.contextmanager
-def knobs_set(knobs: dict):
-    """Set module attributes ("package.module.NAME": value) for the block, then restore them."""
-    saved = []
-    try:
-        for path, value in knobs.items():
-            module_name, _, name = path.rpartition(".")
-            module = importlib.import_module(module_name)
-            if not hasattr(module, name):
-                raise ValueError(f"knob {path}: {module_name} has no attribute {name}")
-            saved.append((module, name, getattr(module, name)))
-            setattr(module, name, value)
-        yield
-    finally:
-        for module, name, value in reversed(saved):
-            setattr(module, name, value)
 
 
 class StallWatch:

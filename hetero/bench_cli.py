@@ -5,6 +5,8 @@ The suite is imported only when the command runs: it lives beside the package, n
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import shlex
 import sys
 from pathlib import Path
@@ -94,6 +96,24 @@ def parse_key_values(items, source: str, example: str) -> dict:
         except json.JSONDecodeError:
             settings[key] = value
     return settings
+
+
+@contextlib.contextmanager
+def knobs_set(knobs: dict):
+    """Set module attributes ("package.module.NAME": value) for the block, then restore them."""
+    saved = []
+    try:
+        for path, value in knobs.items():
+            module_name, _, name = path.rpartition(".")
+            module = importlib.import_module(module_name)
+            if not hasattr(module, name):
+                raise ValueError(f"knob {path}: {module_name} has no attribute {name}")
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
 
 
 def _command_line(program: str, args, workloads: list[str] | None) -> str:
