@@ -169,6 +169,14 @@ def bench_host_overhead(rows):
 SWEEP_SHAPES = ("1x32768", "1x131072", "8x32768", "8x131072")
 
 
+def batch_by_tokens(text: str) -> str:
+    """argparse type of a sweep shape: BATCHxTOKENS, two positive integers."""
+    batch, _, tokens = text.partition("x")
+    if not (batch.isdigit() and tokens.isdigit() and int(batch) > 0 and int(tokens) > 0):
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected BATCHxTOKENS, e.g. 8x32768")
+    return text
+
+
 def sweep_decode(bs, ceiling, rows, shapes=SWEEP_SHAPES):
     """Launch shapes of decode_attention on a block pool, each timed from CUDA-graph replay (GPU
     time) and by do_bench (host time shows where it exceeds the GPU's), beside SDPA on the same
@@ -219,11 +227,14 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--gather-tokens", type=int, default=131072)
     parser.add_argument("--sweep", action="store_true", help="also try launch shapes of the kernels")
-    parser.add_argument("--sweep-shapes", nargs="+", default=SWEEP_SHAPES, metavar="BxTOKENS",
+    parser.add_argument("--sweep-shapes", nargs="+", type=batch_by_tokens, default=SWEEP_SHAPES, metavar="BxTOKENS",
                         help="the decode sweep's batch x context shapes")
     parser.add_argument("--sections", nargs="+", default=["gather", "host", "decode"],
                         choices=["gather", "host", "decode"], help="which of the three sections to run")
     args = parser.parse_args()
+    for shape in args.sweep_shapes:
+        if int(shape.split("x")[1]) % args.block_size:
+            parser.error(f"--sweep-shapes {shape}: the tokens must fill whole blocks of --block-size {args.block_size}")
     result = {"device": torch.cuda.get_device_name(), "block_size": args.block_size, "rows": []}
     pinned = pinned_copy_gbs()
     d2d = device_copy_gbs()

@@ -181,7 +181,10 @@ def sweep_grid(items: list[str]) -> dict:
     for name, values in parse_key_values(items, "--grid", "BF16_TILES=None,False").items():
         if name not in SWEEP:
             raise SystemExit(f"--grid {name}: not a swept knob; expected one of {', '.join(SWEEP)}")
-        grid[name] = tuple(None if v == "None" else json.loads(v.lower()) for v in str(values).split(","))
+        try:
+            grid[name] = tuple(None if v == "None" else json.loads(v.lower()) for v in str(values).split(","))
+        except json.JSONDecodeError:
+            raise SystemExit(f"--grid {name}={values}: expected comma-separated numbers, true/false or None") from None
     return grid
 
 
