@@ -166,15 +166,15 @@ def bench_host_overhead(rows):
         print(f"host time per call, B=1 32K: {name:34s} {us:6.1f} us", flush=True)
 
 
-SWEEP_SHAPES = ("1x32768", "1x131072", "8x32768", "8x131072")
+SWEEP_SHAPES = ((1, 32768), (1, 131072), (8, 32768), (8, 131072))
 
 
-def batch_by_tokens(text: str) -> str:
-    """argparse type of a sweep shape: BATCHxTOKENS, two positive integers."""
+def batch_by_tokens(text: str) -> tuple[int, int]:
+    """argparse type of a sweep shape: BATCHxTOKENS, two positive integers, as (batch, tokens)."""
     batch, _, tokens = text.partition("x")
     if not (batch.isdigit() and tokens.isdigit() and int(batch) > 0 and int(tokens) > 0):
         raise argparse.ArgumentTypeError(f"got {text!r}, expected BATCHxTOKENS, e.g. 8x32768")
-    return text
+    return int(batch), int(tokens)
 
 
 def sweep_decode(bs, ceiling, rows, shapes=SWEEP_SHAPES):
@@ -184,7 +184,7 @@ def sweep_decode(bs, ceiling, rows, shapes=SWEEP_SHAPES):
     scale = D**-0.5
     grid = list(itertools.product((True, False), (1, 2, 3, 4), (2, 4, 8),
                                   ((32, 3), (64, 2), (64, 3), (64, 4), (128, 2), (128, 3))))
-    for B, L in (map(int, shape.split("x")) for shape in shapes):
+    for B, L in shapes:
         kv_bytes = 2 * B * HKV * L * D * 2
         q, segs, kv = decode_inputs(B, L, bs, "dense")
         sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], kv[0], kv[1], scale=scale, enable_gqa=True)
@@ -232,9 +232,9 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["gather", "host", "decode"],
                         choices=["gather", "host", "decode"], help="which of the three sections to run")
     args = parser.parse_args()
-    for shape in args.sweep_shapes:
-        if int(shape.split("x")[1]) % args.block_size:
-            parser.error(f"--sweep-shapes {shape}: the tokens must fill whole blocks of --block-size {args.block_size}")
+    for batch, tokens in args.sweep_shapes:
+        if tokens % args.block_size:
+            parser.error(f"--sweep-shapes {batch}x{tokens}: the tokens must fill whole blocks of --block-size {args.block_size}")
     result = {"device": torch.cuda.get_device_name(), "block_size": args.block_size, "rows": []}
     pinned = pinned_copy_gbs()
     d2d = device_copy_gbs()
