@@ -332,6 +332,22 @@ def test_a_variant_or_knob_without_a_value_is_named_in_the_error():
         split_timeline.main(["--tiny", "--knob", "hetero.cache.LOOK_PAST_STEP_END"])
 
 
+def test_the_kernel_benchmarks_name_a_bad_grid_or_sweep_shape_in_the_error():
+    import bench_gpu_kernels
+    import bench_split_contention
+
+    grid = bench_split_contention.sweep_grid(["TILE_TOKENS=64,128", "BF16_TILES=None,False"])
+    assert grid["TILE_TOKENS"] == (64, 128) and grid["BF16_TILES"] == (None, False)
+    assert grid["PREFETCH_NEXT_TILE"] == bench_split_contention.SWEEP["PREFETCH_NEXT_TILE"]
+    with pytest.raises(SystemExit, match="--grid TILE_TOKENS=abc: expected comma-separated numbers"):
+        bench_split_contention.sweep_grid(["TILE_TOKENS=abc"])
+    with pytest.raises(SystemExit, match="--grid FOO: not a swept knob"):
+        bench_split_contention.sweep_grid(["FOO=1"])
+    assert bench_gpu_kernels.batch_by_tokens("8x32768") == (8, 32768)
+    with pytest.raises(Exception, match="got '8x', expected BATCHxTOKENS"):
+        bench_gpu_kernels.batch_by_tokens("8x")
+
+
 def test_rows_kept_from_a_call_on_another_machine_name_it(tmp_path):
     def result(system, device, date):
         return {"workload": "fits", "scale": "full", "date": date, "machine": {"device": device},
