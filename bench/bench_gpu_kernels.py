@@ -157,6 +157,7 @@ def bench_host_overhead(rows):
     calls = {
         "decode_attention (fused merge)": lambda: decode_attention(q, segs, scale),
         "decode_attention (merge kernel)": lambda: decode_attention(q, segs, scale, DecodeLaunch(fused_merge=False)),
+        "decode_attention (thread loads)": lambda: decode_attention(q, segs, scale, DecodeLaunch(tma=False)),
         "torch SDPA enable_gqa": lambda: F.scaled_dot_product_attention(q[:, :, None], kv[0], kv[1], scale=scale,
                                                                         enable_gqa=True),
     }
@@ -177,13 +178,19 @@ def batch_by_tokens(text: str) -> tuple[int, int]:
     return int(batch), int(tokens)
 
 
-def sweep_decode(bs, ceiling, rows, shapes=SWEEP_SHAPES):
+SWEEP_GRIDS = {  # (fused merge, programs per SM, warps, (tokens per tile, stages)) by how tiles are loaded
+    "tma": ((True, False), (1, 2, 4), (4, 8), ((64, 3), (64, 4), (128, 2), (128, 3))),
+    "threads": ((True, False), (1, 2, 3, 4), (2, 4, 8), ((32, 3), (64, 2), (64, 3), (64, 4), (128, 2), (128, 3))),
+}
+
+
+def sweep_decode(bs, ceiling, rows, shapes=SWEEP_SHAPES, loads=("tma",)):
     """Launch shapes of decode_attention on a block pool, each timed from CUDA-graph replay (GPU
     time) and by do_bench (host time shows where it exceeds the GPU's), beside SDPA on the same
-    tokens laid out dense."""
+    tokens laid out dense. `loads`: the tile loads to sweep (the tensor memory accelerator's, the
+    threads' own), each over its own grid."""
     scale = D**-0.5
-    grid = list(itertools.product((True, False), (1, 2, 3, 4), (2, 4, 8),
-                                  ((32, 3), (64, 2), (64, 3), (64, 4), (128, 2), (128, 3))))
+    grid = [(tma, *shape) for tma in loads for shape in itertools.product(*SWEEP_GRIDS[tma])]
     for B, L in shapes:
         kv_bytes = 2 * B * HKV * L * D * 2
         q, segs, kv = decode_inputs(B, L, bs, "dense")
@@ -191,8 +198,9 @@ def sweep_decode(bs, ceiling, rows, shapes=SWEEP_SHAPES):
         sdpa_graph = graph_ms(sdpa)
         del kv, segs
         q, segs, kv = decode_inputs(B, L, bs, "pool")
-        for fused, pps, warps, (bn, stages) in grid:
-            launch = DecodeLaunch(block_n=bn, num_warps=warps, num_stages=stages, programs_per_sm=pps, fused_merge=fused)
+        for loads_by, fused, pps, warps, (bn, stages) in grid:
+            launch = DecodeLaunch(block_n=bn, num_warps=warps, num_stages=stages, programs_per_sm=pps, fused_merge=fused,
+                                  tma=loads_by == "tma")
             try:
                 g = graph_ms(lambda: decode_attention(q, segs, scale, launch))
                 t = ms(lambda: decode_attention(q, segs, scale, launch))
@@ -201,7 +209,7 @@ def sweep_decode(bs, ceiling, rows, shapes=SWEEP_SHAPES):
             except Exception as e:  # a shape that does not fit the SM (shared memory) is skipped
                 print(f"sweep skip {launch}: {type(e).__name__}", flush=True)
                 continue
-            rows.append(dict(kind="decode_sweep", B=B, L=L, block_n=bn, num_warps=warps, num_stages=stages,
+            rows.append(dict(kind="decode_sweep", B=B, L=L, loads=loads_by, block_n=bn, num_warps=warps, num_stages=stages,
                              programs_per_sm=pps, fused_merge=fused, ms=t, gbs=kv_bytes / t / 1e6, graph_ms=g,
                              graph_gbs=kv_bytes / g / 1e6, sdpa_graph_ms=sdpa_graph, ceiling_gbs=ceiling,
                              of_ceiling=kv_bytes / g / 1e6 / ceiling))
@@ -209,7 +217,7 @@ def sweep_decode(bs, ceiling, rows, shapes=SWEEP_SHAPES):
                         key=lambda r: r["graph_ms"])
         print(f"sweep B={B} {L // 1024}K: SDPA graph {sdpa_graph:.4f} ms {kv_bytes / sdpa_graph / 1e6:.0f} GB/s", flush=True)
         for r in ranked[:6] + ranked[-1:]:
-            print(f"  bn {r['block_n']:3d} w {r['num_warps']} s {r['num_stages']} pps {r['programs_per_sm']} "
+            print(f"  {r['loads']:7s} bn {r['block_n']:3d} w {r['num_warps']} s {r['num_stages']} pps {r['programs_per_sm']} "
                   f"fused {r['fused_merge']!s:5s} graph {r['graph_ms']:.4f} ms ({r['graph_ms'] / sdpa_graph:.3f}x SDPA, "
                   f"{100 * r['of_ceiling']:.1f}% of copy) do_bench {r['ms']:.4f} ms", flush=True)
         del kv, segs
@@ -229,6 +237,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also try launch shapes of the kernels")
     parser.add_argument("--sweep-shapes", nargs="+", type=batch_by_tokens, default=SWEEP_SHAPES, metavar="BxTOKENS",
                         help="the decode sweep's batch x context shapes")
+    parser.add_argument("--sweep-loads", nargs="+", default=["tma"], choices=sorted(SWEEP_GRIDS),
+                        help="the decode sweep's tile loads: the tensor memory accelerator's, the threads' own")
     parser.add_argument("--sections", nargs="+", default=["gather", "host", "decode"],
                         choices=["gather", "host", "decode"], help="which of the three sections to run")
     args = parser.parse_args()
@@ -251,7 +261,8 @@ def main() -> None:
                 "decode": lambda: bench_decode(args.block_size, d2d, result["rows"])}
     sections = [sections[name] for name in args.sections]
     if args.sweep:
-        sections.append(lambda: sweep_decode(args.block_size, d2d, result["rows"], args.sweep_shapes))
+        sections.append(lambda: sweep_decode(args.block_size, d2d, result["rows"], args.sweep_shapes,
+                                             args.sweep_loads))
     for section in sections:
         try:
             section()

@@ -24,6 +24,7 @@ import triton.language as tl
 from triton import knobs
 from triton.compiler import CompiledKernel
 from triton.runtime import driver
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference
 from ._dispatch import INTERPRET, next_pow2
@@ -41,7 +42,10 @@ class DecodeLaunch:
     row is rounded down, so that the grid is at most that many programs per SM: a partial second
     wave would cost as much as a full one); min_split: fewest tokens a program takes (a multiple
     of block_n), so short rows stay unsplit; fused_merge: the last program of each (b, KV head)
-    merges the partials, instead of a second kernel (one launch fewer: less host time per call).
+    merges the partials, instead of a second kernel (one launch fewer: less host time per call);
+    tma: K and V tiles come by the tensor memory accelerator (Hopper and later) wherever a segment
+    allows it (16-bit K, V and query of one dtype; rows of a tile consecutive in memory), which
+    keeps more bytes in flight per program than the threads' own loads.
     """
 
     block_n: int = 64
@@ -50,6 +54,7 @@ class DecodeLaunch:
     programs_per_sm: float = 2
     min_split: int = 256
     fused_merge: bool = True
+    tma: bool = True
 
 
 # Tuned on an H200 (.scratch sweep, 2026-11-30): merging in the last program costs ~10% of GPU time
@@ -70,7 +75,7 @@ def default_launch(batch: int, tokens: int) -> DecodeLaunch:
 # would recompile the kernel in the middle of a generation.
 @triton.jit(do_not_specialize=["B", "Hkv", "cap", "split_tokens", "split_offset", "P"])
 def _decode_split_kernel(
-    q, k, v, table, length, start, work, arrivals, out, lse,
+    q, k, v, k_desc, v_desc, table, length, start, work, arrivals, out, lse,
     q_b, q_h, q_d,
     k_b, k_h, k_blk, k_tok, k_d,
     v_b, v_h, v_blk, v_tok, v_d,
@@ -79,7 +84,7 @@ def _decode_split_kernel(
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_LEN: tl.constexpr,
     HAS_START: tl.constexpr, QK_F32: tl.constexpr, PV_F32: tl.constexpr,
-    MERGE: tl.constexpr, MERGE_R: tl.constexpr, MERGE_P: tl.constexpr,
+    MERGE: tl.constexpr, MERGE_R: tl.constexpr, MERGE_P: tl.constexpr, TMA: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -115,32 +120,49 @@ def _decode_split_kernel(
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    if TMA:  # each row's first row in the descriptors' [rows, D] views (the host checked the strides divide)
+        k_first = (b.to(tl.int64) * k_b + h.to(tl.int64) * k_h) // k_tok
+        v_first = (b.to(tl.int64) * v_b + h.to(tl.int64) * v_h) // v_tok
     for t0 in range(begin, hi, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         valid = (t < hi) & (t >= first)
-        if BS == 0:
-            k_rows = t.to(tl.int64) * k_tok
-            v_rows = t.to(tl.int64) * v_tok
-        elif BS % BLOCK_N == 0:
+        if BS != 0 and BS % BLOCK_N == 0:
             # Tiles start at multiples of BLOCK_N, so a tile lies in one block: one table entry
             # (t0 < hi <= cap, so it exists), and the tile's rows are consecutive in memory.
             blk0 = t0 // BS
             if HAS_TABLE:
                 blk0 = tl.load(table + blk0)
             blk0 = blk0.to(tl.int64)
-            k_rows = blk0 * k_blk + (t % BS) * k_tok
-            v_rows = blk0 * v_blk + (t % BS) * v_tok
+        if TMA:
+            # The tensor memory accelerator copies the tile into shared memory, K and V each in one
+            # request; rows past the view read as zeros, and rows beyond `hi` are masked below.
+            if BS == 0:
+                k_at = k_first + t0
+                v_at = v_first + t0
+            else:
+                k_at = k_first + blk0 * (k_blk // k_tok) + t0 % BS
+                v_at = v_first + blk0 * (v_blk // v_tok) + t0 % BS
+            kt = k_desc.load([k_at.to(tl.int32), 0])
+            # Rows past the valid ones may hold anything, NaN too: p is 0 there, but 0 * NaN is not.
+            vt = tl.where(valid[:, None], v_desc.load([v_at.to(tl.int32), 0]), 0.0)
         else:
-            blk = t // BS
-            if HAS_TABLE:
-                blk = tl.load(table + blk, mask=valid, other=0)
-            blk = blk.to(tl.int64)
-            k_rows = blk * k_blk + (t % BS) * k_tok
-            v_rows = blk * v_blk + (t % BS) * v_tok
-        mask_kv = valid[:, None] & mask_d[None, :]
-        kt = tl.load(k_head + k_rows[:, None] + offs_d[None, :] * k_d, mask=mask_kv, other=0.0)
-        # V is requested before the scores are computed so that both loads are in flight at once.
-        vt = tl.load(v_head + v_rows[:, None] + offs_d[None, :] * v_d, mask=mask_kv, other=0.0)
+            if BS == 0:
+                k_rows = t.to(tl.int64) * k_tok
+                v_rows = t.to(tl.int64) * v_tok
+            elif BS % BLOCK_N == 0:
+                k_rows = blk0 * k_blk + (t % BS) * k_tok
+                v_rows = blk0 * v_blk + (t % BS) * v_tok
+            else:
+                blk = t // BS
+                if HAS_TABLE:
+                    blk = tl.load(table + blk, mask=valid, other=0)
+                blk = blk.to(tl.int64)
+                k_rows = blk * k_blk + (t % BS) * k_tok
+                v_rows = blk * v_blk + (t % BS) * v_tok
+            mask_kv = valid[:, None] & mask_d[None, :]
+            kt = tl.load(k_head + k_rows[:, None] + offs_d[None, :] * k_d, mask=mask_kv, other=0.0)
+            # V is requested before the scores are computed so that both loads are in flight at once.
+            vt = tl.load(v_head + v_rows[:, None] + offs_d[None, :] * v_d, mask=mask_kv, other=0.0)
         if QK_F32:
             s = tl.dot(qt, tl.trans(kt.to(tl.float32)), input_precision="ieee")
         else:
@@ -229,7 +251,8 @@ def decode_attention(q: torch.Tensor, segments: list[Segment], scale: float,
     offset = 0
     for seg, plan, cap, (n_splits, split_tokens) in zip(segments, plans, caps, splits):
         length = seg.length
-        args = (q, seg.k, seg.v,
+        descs = (_descriptor(seg.k, plan), _descriptor(seg.v, plan)) if plan.tma else (seg.k, seg.v)
+        args = (q, seg.k, seg.v, *descs,
                 work if seg.block_table is None else seg.block_table,
                 work if length is None or plan.int_length else length,
                 work if seg.start is None else seg.start,
@@ -257,9 +280,10 @@ def _all_cuda(q: torch.Tensor, segments: list[Segment]) -> bool:
 class _Plan:
     """What one kind of segment needs for a launch, apart from the sizes that change per call."""
 
-    __slots__ = ("hkv", "block_n", "int_length", "strides", "constexprs", "num_warps", "num_stages", "kernel")
+    __slots__ = ("hkv", "block_n", "block_d", "tma", "int_length", "strides", "constexprs", "num_warps", "num_stages",
+                 "kernel")
 
-    def __init__(self, q, seg: Segment, launch: DecodeLaunch, merge: bool):
+    def __init__(self, q, seg: Segment, launch: DecodeLaunch, merge: bool, tma_spans: bool):
         _, Hq, D = q.shape
         k, v = seg.k, seg.v
         self.hkv = Hkv = k.shape[1]
@@ -278,15 +302,18 @@ class _Plan:
         if has_len:
             len_strides = (length.stride(0), 0) if length.dim() == 1 else tuple(length.stride())
         self.strides = (*q.stride(), *k_strides, *v_strides, *len_strides)
-        block_d = max(16, next_pow2(D))
+        self.block_d = block_d = max(16, next_pow2(D))
         merge_r = next_pow2(G)
         # Triton 3.6's interpreter multiplies bf16 operands of tl.dot as raw bits; there, bf16 goes in fp32.
         half = (torch.float16,) if INTERPRET else (torch.float16, torch.bfloat16)
+        self.tma = (launch.tma and tma_spans and q.dtype == k.dtype == v.dtype and k.dtype in half
+                    and (bs == 0 or bs % block_n == 0) and _has_tma(q.device)
+                    and all(_rows_divide(t) for t in (k, v)))
         self.constexprs = (
             G, max(16, next_pow2(G)), D, block_d, block_n, bs,
             seg.block_table is not None, has_len, seg.start is not None,
             not (q.dtype == k.dtype and k.dtype in half), v.dtype not in half,
-            merge, merge_r, max(2, min(16, 4096 // (merge_r * block_d))),
+            merge, merge_r, max(2, min(16, 4096 // (merge_r * block_d))), self.tma,
         )
         self.num_warps, self.num_stages = launch.num_warps, launch.num_stages
         self.kernel = None  # the compiled kernel, once Triton has chosen it for these arguments
@@ -310,13 +337,40 @@ def _plan(q, seg: Segment, launch: DecodeLaunch, merge: bool, device) -> _Plan:
         ptrs |= start.data_ptr()
     if table is not None:
         ptrs |= table.data_ptr()
-    key = (device, launch, merge, q.dtype, q.shape[1:], q.stride(), k.dtype, v.dtype, k.shape[1:2], k.shape[3:],
+    tma_spans = launch.tma and ptrs & 15 == 0 and all(0 < _rows_spanned(t) < 2**31 for t in (k, v))
+    key = (device, launch, merge, tma_spans, q.dtype, q.shape[1:], q.stride(), k.dtype, v.dtype, k.shape[1:2], k.shape[3:],
            k.stride(), v.stride(), length_key, None if start is None else start.dtype,
            None if table is None else table.dtype, ptrs & 15 == 0)
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans[key] = _Plan(q, seg, launch, merge)
+        plan = _plans[key] = _Plan(q, seg, launch, merge, tma_spans)
     return plan
+
+
+def _rows_divide(t: torch.Tensor) -> bool:
+    """Whether K or V is a [rows, D] matrix that a tensor descriptor reads: the last axis
+    contiguous, and every other axis's step a whole number of rows 16-byte aligned."""
+    *steps, row, last = t.stride()
+    return last == 1 and row > 0 and row * t.element_size() % 16 == 0 and all(s >= 0 and s % row == 0 for s in steps)
+
+
+def _rows_spanned(t: torch.Tensor) -> int:
+    """Rows of the [rows, D] view from `t`'s first element to its last row (0 when t is empty)."""
+    if t.numel() == 0 or t.stride(-2) <= 0:
+        return 0
+    return sum((n - 1) * s for n, s in zip(t.shape[:-1], t.stride()[:-1])) // t.stride(-2) + 1
+
+
+def _descriptor(t: torch.Tensor, plan: _Plan) -> TensorDescriptor:
+    """The tensor descriptor of K or V as [rows, D] with tiles of [block_n, block_d] (columns past D read as 0)."""
+    return TensorDescriptor(t, [_rows_spanned(t), t.shape[-1]], [t.stride(-2), 1], [plan.block_n, plan.block_d])
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device) -> bool:
+    if INTERPRET:
+        return True
+    return torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _launch(plan: _Plan, grid, stream, args) -> None:

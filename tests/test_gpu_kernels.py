@@ -93,9 +93,9 @@ def _segments(B, Hkv, D, dtype, bs, n_blocks, dense_len, device=DEV):
     return [blocked, dense, empty, one]
 
 
-def _check_attention(q, segments, scale, atol, launch=None):
+def _check_attention(q, segments, scale, atol, launch=None, reference_segments=None):
     out, lse = decode_attention(q, segments, scale, launch)
-    ref_out, ref_lse = reference.decode_attention(q, segments, scale, compute_dtype=torch.float64)
+    ref_out, ref_lse = reference.decode_attention(q, reference_segments or segments, scale, compute_dtype=torch.float64)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     assert not out.isnan().any() and not lse.isnan().any()
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
@@ -158,6 +158,39 @@ def test_decode_attention_splits_long_rows(poisoned_empty, launch):
                   length=torch.tensor([18 * bs - 5], dtype=torch.int32, device=DEV))
     q = torch.randn(B, Hkv * G, D).half().to(DEV)
     _check_attention(q, [seg], D**-0.5, atol=2e-3, launch=launch)
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tensor-memory-accelerator", "thread-loads"])
+def test_decode_attention_reads_no_nan_from_rows_outside_the_valid_ones(poisoned_empty, tma):
+    """Whole tiles are read (by the tensor memory accelerator, or by masked thread loads) though a
+    row's tokens may end inside one or start after its first token: NaN in the rows around the
+    valid ones, and in slots no table names, never reaches the result."""
+    import importlib
+    module = importlib.import_module("hetero.gpu_kernels.decode_attention")
+    torch.manual_seed(8)
+    B, Hkv, G, D, bs = 2, 2, 4, 80, 32
+    pool = _pool(7, B, Hkv, bs, D, torch.float16)
+    table = torch.tensor([5, 0, 6, 2], dtype=torch.int32, device=DEV)
+    length = torch.tensor([[bs * 4 - 7, bs + 3], [bs * 3 + 1, bs * 4]], dtype=torch.int32, device=DEV)
+    start = torch.tensor([0, 11], dtype=torch.int32, device=DEV)
+    for b in range(B):
+        pool[table[0].item(), :, b, :, : start[b]] = float("nan")
+        for h in range(Hkv):
+            n = length[b, h].item()
+            if n < 4 * bs:
+                pool[table[n // bs].item(), :, b, h, n % bs :] = float("nan")
+    pool[[1, 3, 4]] = float("nan")
+    kv = torch.randn(2, B, Hkv, 45, D).half().to(DEV)
+    kv[:, :, :, 40:] = float("nan")
+    segments = [Segment(pool[:, 0].permute(1, 2, 0, 3, 4), pool[:, 1].permute(1, 2, 0, 3, 4), length=length,
+                        start=start, block_table=table),
+                Segment(kv[0], kv[1], length=40)]
+    clean = [Segment(seg.k.nan_to_num(), seg.v.nan_to_num(), seg.length, seg.start, seg.block_table) for seg in segments]
+    q = torch.randn(B, Hkv * G, D).half().to(DEV)
+    module._plans.clear()
+    _check_attention(q, segments, D**-0.5, atol=2e-3, launch=DecodeLaunch(block_n=16, min_split=16, tma=tma),
+                     reference_segments=clean)  # the reference's masked product would be 0 * NaN
+    assert [plan.tma for plan in module._plans.values()] == [tma, tma]
 
 
 def test_decode_attention_int_length_and_counters_left_at_zero(poisoned_empty):
