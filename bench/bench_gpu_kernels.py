@@ -179,7 +179,7 @@ def batch_by_tokens(text: str) -> tuple[int, int]:
 
 
 SWEEP_GRIDS = {  # (fused merge, programs per SM, warps, (tokens per tile, stages)) by how tiles are loaded
-    "tma": ((True, False), (1, 2, 4), (4, 8), ((64, 3), (64, 4), (128, 2), (128, 3))),
+    "tma": ((True, False), (1, 2, 4), (4, 8), ((64, 3), (64, 4), (64, 5), (128, 2), (128, 3))),
     "threads": ((True, False), (1, 2, 3, 4), (2, 4, 8), ((32, 3), (64, 2), (64, 3), (64, 4), (128, 2), (128, 3))),
 }
 

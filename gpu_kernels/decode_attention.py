@@ -123,16 +123,21 @@ def _decode_split_kernel(
     if TMA:  # each row's first row in the descriptors' [rows, D] views (the host checked the strides divide)
         k_first = (b.to(tl.int64) * k_b + h.to(tl.int64) * k_h) // k_tok
         v_first = (b.to(tl.int64) * v_b + h.to(tl.int64) * v_h) // v_tok
+    if BS != 0 and BS % BLOCK_N == 0 and HAS_TABLE:
+        # Tiles start at multiples of BLOCK_N, so a tile lies in one block: one table entry per
+        # tile, read a tile ahead, so that no load of this tile waits on a load of the same tile
+        # (the software pipeline would spend a stage on that chain, leaving fewer tiles in flight).
+        blk_next = tl.load(table + begin // BS, mask=begin < hi, other=0)
     for t0 in range(begin, hi, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         valid = (t < hi) & (t >= first)
         if BS != 0 and BS % BLOCK_N == 0:
-            # Tiles start at multiples of BLOCK_N, so a tile lies in one block: one table entry
-            # (t0 < hi <= cap, so it exists), and the tile's rows are consecutive in memory.
-            blk0 = t0 // BS
+            # The tile's rows are consecutive in memory.
             if HAS_TABLE:
-                blk0 = tl.load(table + blk0)
-            blk0 = blk0.to(tl.int64)
+                blk0 = blk_next.to(tl.int64)
+                blk_next = tl.load(table + (t0 + BLOCK_N) // BS, mask=t0 + BLOCK_N < hi, other=0)
+            else:
+                blk0 = (t0 // BS).to(tl.int64)
         if TMA:
             # The tensor memory accelerator copies the tile into shared memory, K and V each in one
             # request; rows past the view read as zeros, and rows beyond `hi` are masked below.
