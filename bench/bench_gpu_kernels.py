@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
-from hetero.gpu_kernels import DecodeLaunch, Segment, decode_attention, gather_blocks, gather_tokens
+from hetero.gpu_kernels import DecodeLaunch, Segment, decode_attention, default_launches, gather_blocks, gather_tokens
 
 B_GATHER, HKV, HQ, D = 1, 8, 32, 128
 DTYPE = torch.bfloat16
@@ -154,10 +154,11 @@ def bench_host_overhead(rows):
     """Host time per call at B=1, 32K, where the GPU part is shortest."""
     scale = D**-0.5
     q, segs, kv = decode_inputs(1, 32768, 16, "dense")
+    thread_loads = DecodeLaunch(block_n=128, programs_per_sm=2, tma=False)
     calls = {
-        "decode_attention (fused merge)": lambda: decode_attention(q, segs, scale),
-        "decode_attention (merge kernel)": lambda: decode_attention(q, segs, scale, DecodeLaunch(fused_merge=False)),
-        "decode_attention (thread loads)": lambda: decode_attention(q, segs, scale, DecodeLaunch(tma=False)),
+        "decode_attention (default)": lambda: decode_attention(q, segs, scale),
+        "decode_attention (large calls' launch)": lambda: decode_attention(q, segs, scale, default_launches(q)[1]),
+        "decode_attention (thread loads, fused merge)": lambda: decode_attention(q, segs, scale, thread_loads),
         "torch SDPA enable_gqa": lambda: F.scaled_dot_product_attention(q[:, :, None], kv[0], kv[1], scale=scale,
                                                                         enable_gqa=True),
     }

@@ -19,6 +19,16 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def run_compiled(kernel, grid, stream, args) -> None:
+    """Launch a kernel Triton compiled for arguments of this kind, without Triton's binding of
+    them (tens of microseconds of host time per call): the caller keeps the compiled kernel, under
+    a key holding everything Triton specialized it on."""
+    hook = triton.knobs.runtime.launch_enter_hook
+    metadata = None if hook is None else kernel.launch_metadata(grid, stream, *args)
+    kernel.run(grid[0], grid[1], 1, stream, kernel.function, kernel.packed_metadata, metadata, hook,
+               triton.knobs.runtime.launch_exit_hook, *args)
+
+
 def _fix_interpreter_loop_bounds() -> None:
     """Let the interpreter take tensors as `range` bounds under numpy >= 2.4.
 

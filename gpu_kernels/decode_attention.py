@@ -27,8 +27,8 @@ from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference
-from ._dispatch import INTERPRET, next_pow2
-from .merge import merge_partials, merge_rows
+from ._dispatch import INTERPRET, next_pow2, run_compiled
+from .merge import merge_flat, merge_partials, merge_rows
 from .segment import Segment
 
 _LOG2E = 1.4426950408889634
@@ -57,18 +57,28 @@ class DecodeLaunch:
     tma: bool = True
 
 
-# Tuned on an H200 (.scratch sweep, 2026-11-30): merging in the last program costs ~10% of GPU time
-# but saves a launch, ~65 us of host time on the GPU machine; small calls, whose GPU time is below
-# that, are host-bound and merge fused, large ones launch the merge kernel.
-_SMALL_LAUNCH = DecodeLaunch(block_n=128, num_warps=4, num_stages=3, programs_per_sm=2, fused_merge=True)
-_LARGE_LAUNCH = DecodeLaunch(block_n=64, num_warps=4, num_stages=2, programs_per_sm=4, fused_merge=False)
+# Tuned on an H200 (bench_gpu_kernels.py --sweep, 2026-12-01). Merging in the last program costs
+# GPU time but saves a launch, and host time: small calls, whose GPU time is below the host's,
+# merge fused; large, GPU-bound ones launch the merge kernel. Tiles by the tensor memory accelerator
+# are deep in flight (num_stages - 1 of them), so one program per SM fills the GPU; the threads' own
+# loads are not pipelined by Triton here, and need more programs per SM to hide their latency.
+_TMA_LAUNCHES = (DecodeLaunch(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1, fused_merge=True),
+                 DecodeLaunch(block_n=128, num_warps=8, num_stages=3, programs_per_sm=1, fused_merge=False))
+_THREAD_LAUNCHES = (DecodeLaunch(block_n=128, num_warps=4, num_stages=3, programs_per_sm=2, fused_merge=True),
+                    DecodeLaunch(block_n=64, num_warps=4, num_stages=2, programs_per_sm=4, fused_merge=False))
 _LARGE_ROW_TOKENS = 256 * 1024  # batch x tokens from which a call is GPU-bound
-DEFAULT_LAUNCHES = (_SMALL_LAUNCH, _LARGE_LAUNCH)  # what a caller compiles ahead
 
 
-def default_launch(batch: int, tokens: int) -> DecodeLaunch:
-    """The launch shape for `batch` rows over about `tokens` KV tokens each."""
-    return _LARGE_LAUNCH if batch * tokens >= _LARGE_ROW_TOKENS else _SMALL_LAUNCH
+def default_launches(q: torch.Tensor) -> tuple[DecodeLaunch, DecodeLaunch]:
+    """The launch shapes for small and for large calls with this query (what a caller compiles ahead)."""
+    tma = q.dtype in (torch.float16, torch.bfloat16) and _has_tma(q.device)
+    return _TMA_LAUNCHES if tma else _THREAD_LAUNCHES
+
+
+def default_launch(q: torch.Tensor, tokens: int) -> DecodeLaunch:
+    """The launch shape for `q`'s rows over about `tokens` KV tokens each."""
+    small, large = default_launches(q)
+    return large if q.shape[0] * tokens >= _LARGE_ROW_TOKENS else small
 
 
 # Runtime sizes change as a context grows: specializing on them (Triton's default, by divisibility)
@@ -228,7 +238,7 @@ def decode_attention(q: torch.Tensor, segments: list[Segment], scale: float,
             raise ValueError(f"segment k {tuple(shape)} does not fit q {tuple(q.shape)}")
     if B == 0 or not segments or not (INTERPRET or _all_cuda(q, segments)):
         return reference.decode_attention(q, segments if B else [], scale)
-    launch = launch or default_launch(B, sum(seg.capacity for seg in segments))
+    launch = launch or default_launch(q, sum(seg.capacity for seg in segments))
     fused = launch.fused_merge
     device = None if INTERPRET else driver.active.get_current_device()
     last = len(segments) - 1
@@ -256,7 +266,7 @@ def decode_attention(q: torch.Tensor, segments: list[Segment], scale: float,
     offset = 0
     for seg, plan, cap, (n_splits, split_tokens) in zip(segments, plans, caps, splits):
         length = seg.length
-        descs = (_descriptor(seg.k, plan), _descriptor(seg.v, plan)) if plan.tma else (seg.k, seg.v)
+        descs = plan.descriptors(seg.k, seg.v) if plan.tma else (seg.k, seg.v)
         args = (q, seg.k, seg.v, *descs,
                 work if seg.block_table is None else seg.block_table,
                 work if length is None or plan.int_length else length,
@@ -267,7 +277,9 @@ def decode_attention(q: torch.Tensor, segments: list[Segment], scale: float,
         offset += n_splits
     if fused:
         return out, lse
-    return merge_partials(work[:P * R * D].view(P, B, Hq, D), work[P * R * D:].view(P, B, Hq))
+    if INTERPRET:
+        return merge_partials(work[:P * R * D].view(P, B, Hq, D), work[P * R * D:].view(P, B, Hq))
+    return merge_flat(work, P, B, Hq, D, device, stream)
 
 
 def _all_cuda(q: torch.Tensor, segments: list[Segment]) -> bool:
@@ -286,7 +298,7 @@ class _Plan:
     """What one kind of segment needs for a launch, apart from the sizes that change per call."""
 
     __slots__ = ("hkv", "block_n", "block_d", "tma", "int_length", "strides", "constexprs", "num_warps", "num_stages",
-                 "kernel")
+                 "kernel", "direct")
 
     def __init__(self, q, seg: Segment, launch: DecodeLaunch, merge: bool, tma_spans: bool):
         _, Hq, D = q.shape
@@ -322,6 +334,13 @@ class _Plan:
         )
         self.num_warps, self.num_stages = launch.num_warps, launch.num_stages
         self.kernel = None  # the compiled kernel, once Triton has chosen it for these arguments
+        self.direct = None  # its _DescriptorLaunch, when K and V come as tensor descriptors
+
+    def descriptors(self, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """K's and V's tensor descriptors as this plan's launch takes them."""
+        if self.direct is not None and knobs.runtime.launch_enter_hook is None:
+            return self.direct.encoded(k, 0, self), self.direct.encoded(v, 1, self)
+        return _descriptor(k, self), _descriptor(v, self)
 
 
 _plans: dict = {}
@@ -384,11 +403,58 @@ def _launch(plan: _Plan, grid, stream, args) -> None:
         kernel = _decode_split_kernel[grid](*args, num_warps=plan.num_warps, num_stages=plan.num_stages)
         if isinstance(kernel, CompiledKernel):  # not in the interpreter
             plan.kernel = kernel
+            plan.direct = _DescriptorLaunch.of(kernel) if plan.tma else None
         return
-    hook = knobs.runtime.launch_enter_hook
-    metadata = None if hook is None else kernel.launch_metadata(grid, stream, *args)
-    kernel.run(grid[0], grid[1], 1, stream, kernel.function, kernel.packed_metadata, metadata, hook,
-               knobs.runtime.launch_exit_hook, *args)
+    if plan.direct is not None and not isinstance(args[3], TensorDescriptor):
+        plan.direct(grid, stream, args)
+        return
+    run_compiled(kernel, grid, stream, args)
+
+
+
+class _DescriptorLaunch:
+    """Launches a compiled kernel whose K and V are tensor descriptors with less host work than
+    Triton's launcher, which encodes every descriptor anew on each call, after a Python pass over
+    all the arguments: here each descriptor is encoded once per (address, rows, row step) and kept,
+    and the launcher's C function is called with the encoded arguments directly. It relies on
+    Triton 3.6's launcher; `of` gives None where that does not hold, and Triton's own path is used."""
+
+    _KEPT = 512  # encoded descriptors kept: 128 bytes each, and stale ones are merely unused
+
+    def __init__(self, kernel: CompiledKernel, launch, metas):
+        self.kernel, self.launch, self.metas = kernel, launch, metas
+        self.encoded_by_key: dict = {}
+
+    @classmethod
+    def of(cls, kernel: CompiledKernel) -> "_DescriptorLaunch | None":
+        try:
+            from triton.backends.nvidia.driver import make_tensordesc_arg  # noqa: F401  (what `encoded` calls)
+            wrapper = kernel.run.launch
+            free = dict(zip(wrapper.__code__.co_freevars, (cell.cell_contents for cell in wrapper.__closure__ or ())))
+            launch, metas = free.get("launcher"), getattr(kernel.metadata, "tensordesc_meta", None)
+            if launch is None or not metas or len(metas) != 2:
+                return None
+            if kernel.run.global_scratch_size or kernel.run.profile_scratch_size:
+                return None
+        except (AttributeError, ImportError, TypeError, ValueError):
+            return None
+        return cls(kernel, launch, metas)
+
+    def encoded(self, t: torch.Tensor, which: int, plan: _Plan) -> tuple:
+        key = (t.data_ptr(), _rows_spanned(t), t.stride(-2), t.shape[-1], which)
+        arg = self.encoded_by_key.get(key)
+        if arg is None:
+            from triton.backends.nvidia.driver import make_tensordesc_arg
+            if len(self.encoded_by_key) >= self._KEPT:
+                self.encoded_by_key.clear()
+            arg = self.encoded_by_key[key] = tuple(make_tensordesc_arg(_descriptor(t, plan), self.metas[which]))
+        return arg
+
+    def __call__(self, grid, stream, args) -> None:
+        kernel, run = self.kernel, self.kernel.run
+        self.launch(grid[0], grid[1], 1, stream, kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                    kernel.packed_metadata, None, None, knobs.runtime.launch_exit_hook,
+                    *args[:3], *args[3], *args[4], *args[5:])
 
 
 def _split_count(cap: int, rows: int, block_n: int, launch: DecodeLaunch, sms: int) -> tuple[int, int]:

@@ -7,7 +7,9 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._dispatch import use_triton, next_pow2
+from triton.compiler import CompiledKernel
+
+from ._dispatch import next_pow2, run_compiled, use_triton
 
 
 @triton.jit
@@ -46,7 +48,8 @@ def merge_rows(outs, lses, out, lse, P, R, r0, n_rows,
     tl.store(lse + offs_r, lse_r, mask=mask_r)
 
 
-@triton.jit
+# P and R change from call to call: specializing on them would compile a variant per value class.
+@triton.jit(do_not_specialize=["P", "R"])
 def _merge_partials_kernel(outs, lses, out, lse, P, R,
                            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
     merge_rows(outs, lses, out, lse, P, R, tl.program_id(0), 1, D, BLOCK_D, 1, BLOCK_P)
@@ -94,6 +97,29 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
     outs = outs.float().contiguous()
     lses = lses.float().contiguous()
     _merge_partials_kernel[(B * Hq,)](outs, lses, out, lse, P, B * Hq, D=D, BLOCK_D=next_pow2(D), BLOCK_P=16)
+    return out, lse
+
+
+_flat_kernels: dict = {}
+
+
+def merge_flat(work: torch.Tensor, P: int, B: int, Hq: int, D: int, device, stream) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge_partials` of P partials laid out flat in float32 CUDA `work` (out [P, B*Hq, D], then
+    lse [P, B*Hq]), with little host time: the compiled kernel is kept per kind of call and launched
+    directly on `stream` of `device` (Triton's driver handles)."""
+    R = B * Hq
+    out = torch.empty(B, Hq, D, dtype=torch.float32, device=work.device)
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=work.device)
+    lses = work[P * R * D:]
+    args = (work, lses, out, lse, P, R, D, next_pow2(D), 16)
+    key = (device, D, lses.data_ptr() % 16 == 0)
+    kernel = _flat_kernels.get(key)
+    if kernel is None:
+        kernel = _merge_partials_kernel[(R,)](*args)
+        if isinstance(kernel, CompiledKernel):
+            _flat_kernels[key] = kernel
+    else:
+        run_compiled(kernel, (R, 1), stream, args)
     return out, lse
 
 
