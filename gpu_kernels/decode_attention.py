@@ -27,7 +27,7 @@ from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference
-from ._dispatch import INTERPRET, next_pow2, run_compiled
+from ._dispatch import INTERPRET, launch_hooked, next_pow2, run_compiled
 from .merge import merge_flat, merge_partials, merge_rows
 from .segment import Segment
 
@@ -242,10 +242,10 @@ def decode_attention(q: torch.Tensor, segments: list[Segment], scale: float,
     fused = launch.fused_merge
     device = None if INTERPRET else driver.active.get_current_device()
     last = len(segments) - 1
-    plans = [_plan(q, seg, launch, fused and i == last, device) for i, seg in enumerate(segments)]
+    plans = [_plan(q, seg, launch, fused and i == last, device) for i, seg in enumerate(segments)]  # (plan, rows)
     sms = _sm_count(q.device)
     caps, splits, P = [], [], 0
-    for seg, plan in zip(segments, plans):
+    for seg, (plan, _) in zip(segments, plans):
         cap = seg.capacity
         if plan.int_length:
             cap = max(0, min(cap, seg.length))
@@ -259,14 +259,14 @@ def decode_attention(q: torch.Tensor, segments: list[Segment], scale: float,
     if fused:
         out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
-        arrivals = _arrivals(q.device, device, stream, B * plans[-1].hkv)
+        arrivals = _arrivals(q.device, device, stream, B * plans[-1][0].hkv)
     else:
         out = lse = arrivals = work  # stand-ins, never touched without MERGE
     scale_log2 = scale * _LOG2E
     offset = 0
-    for seg, plan, cap, (n_splits, split_tokens) in zip(segments, plans, caps, splits):
+    for seg, (plan, rows), cap, (n_splits, split_tokens) in zip(segments, plans, caps, splits):
         length = seg.length
-        descs = plan.descriptors(seg.k, seg.v) if plan.tma else (seg.k, seg.v)
+        descs = plan.descriptors(seg.k, seg.v, rows) if plan.tma else (seg.k, seg.v)
         args = (q, seg.k, seg.v, *descs,
                 work if seg.block_table is None else seg.block_table,
                 work if length is None or plan.int_length else length,
@@ -336,18 +336,18 @@ class _Plan:
         self.kernel = None  # the compiled kernel, once Triton has chosen it for these arguments
         self.direct = None  # its _DescriptorLaunch, when K and V come as tensor descriptors
 
-    def descriptors(self, k: torch.Tensor, v: torch.Tensor) -> tuple:
-        """K's and V's tensor descriptors as this plan's launch takes them."""
-        if self.direct is not None and knobs.runtime.launch_enter_hook is None:
-            return self.direct.encoded(k, 0, self), self.direct.encoded(v, 1, self)
-        return _descriptor(k, self), _descriptor(v, self)
+    def descriptors(self, k: torch.Tensor, v: torch.Tensor, rows: tuple[int, int]) -> tuple:
+        """K's and V's tensor descriptors, over `rows` rows each, as this plan's launch takes them."""
+        if self.direct is not None and not launch_hooked():
+            return self.direct.encoded(k, 0, rows[0], self), self.direct.encoded(v, 1, rows[1], self)
+        return _descriptor(k, rows[0], self), _descriptor(v, rows[1], self)
 
 
 _plans: dict = {}
 
 
-def _plan(q, seg: Segment, launch: DecodeLaunch, merge: bool, device) -> _Plan:
-    """The cached plan for this segment's kind. The key holds everything Triton specializes the
+def _plan(q, seg: Segment, launch: DecodeLaunch, merge: bool, device) -> tuple[_Plan, tuple[int, int]]:
+    """The cached plan for this segment's kind, and the rows K and V span as [rows, D] (0 without tma). The key holds everything Triton specializes the
     kernel on (dtypes, strides, 16-byte alignment of the pointers), so that the kernel compiled
     for one call is the one Triton would pick for every call of the same key."""
     k, v, length, start, table = seg.k, seg.v, seg.length, seg.start, seg.block_table
@@ -361,14 +361,15 @@ def _plan(q, seg: Segment, launch: DecodeLaunch, merge: bool, device) -> _Plan:
         ptrs |= start.data_ptr()
     if table is not None:
         ptrs |= table.data_ptr()
-    tma_spans = launch.tma and ptrs & 15 == 0 and all(0 < _rows_spanned(t) < 2**31 for t in (k, v))
+    rows = (_rows_spanned(k), _rows_spanned(v)) if launch.tma else (0, 0)
+    tma_spans = launch.tma and ptrs & 15 == 0 and 0 < min(rows) and max(rows) < 2**31
     key = (device, launch, merge, tma_spans, q.dtype, q.shape[1:], q.stride(), k.dtype, v.dtype, k.shape[1:2], k.shape[3:],
            k.stride(), v.stride(), length_key, None if start is None else start.dtype,
            None if table is None else table.dtype, ptrs & 15 == 0)
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _Plan(q, seg, launch, merge, tma_spans)
-    return plan
+    return plan, rows
 
 
 def _rows_divide(t: torch.Tensor) -> bool:
@@ -380,14 +381,19 @@ def _rows_divide(t: torch.Tensor) -> bool:
 
 def _rows_spanned(t: torch.Tensor) -> int:
     """Rows of the [rows, D] view from `t`'s first element to its last row (0 when t is empty)."""
-    if t.numel() == 0 or t.stride(-2) <= 0:
+    strides = t.stride()
+    row = strides[-2]
+    if row <= 0 or t.numel() == 0:
         return 0
-    return sum((n - 1) * s for n, s in zip(t.shape[:-1], t.stride()[:-1])) // t.stride(-2) + 1
+    last = 0
+    for n, step in zip(t.shape[:-1], strides[:-1]):
+        last += (n - 1) * step
+    return last // row + 1
 
 
-def _descriptor(t: torch.Tensor, plan: _Plan) -> TensorDescriptor:
+def _descriptor(t: torch.Tensor, rows: int, plan: _Plan) -> TensorDescriptor:
     """The tensor descriptor of K or V as [rows, D] with tiles of [block_n, block_d] (columns past D read as 0)."""
-    return TensorDescriptor(t, [_rows_spanned(t), t.shape[-1]], [t.stride(-2), 1], [plan.block_n, plan.block_d])
+    return TensorDescriptor(t, [rows, t.shape[-1]], [t.stride(-2), 1], [plan.block_n, plan.block_d])
 
 
 @functools.lru_cache(maxsize=None)
@@ -440,14 +446,14 @@ class _DescriptorLaunch:
             return None
         return cls(kernel, launch, metas)
 
-    def encoded(self, t: torch.Tensor, which: int, plan: _Plan) -> tuple:
-        key = (t.data_ptr(), _rows_spanned(t), t.stride(-2), t.shape[-1], which)
+    def encoded(self, t: torch.Tensor, which: int, rows: int, plan: _Plan) -> tuple:
+        key = (t.data_ptr(), rows, t.stride(-2), t.shape[-1], which)
         arg = self.encoded_by_key.get(key)
         if arg is None:
             from triton.backends.nvidia.driver import make_tensordesc_arg
             if len(self.encoded_by_key) >= self._KEPT:
                 self.encoded_by_key.clear()
-            arg = self.encoded_by_key[key] = tuple(make_tensordesc_arg(_descriptor(t, plan), self.metas[which]))
+            arg = self.encoded_by_key[key] = tuple(make_tensordesc_arg(_descriptor(t, rows, plan), self.metas[which]))
         return arg
 
     def __call__(self, grid, stream, args) -> None:
