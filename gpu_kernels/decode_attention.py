@@ -6,10 +6,15 @@ G query heads of its KV head and writes a partial (out, lse). One merge over eve
 every segment gives the result: by default done by the last program of each (b, KV head) of the
 last launch (one launch per segment, nothing more), or by a separate merge kernel.
 
+On Hopper and later, the K and V tiles of a 16-bit segment whose tiles are consecutive rows in
+memory (dense, or blocks a whole number of tiles long) come by the tensor memory accelerator,
+through tensor descriptors made on the host; Triton's software pipeline keeps num_stages - 1 of
+them in flight. Other segments are read by the threads' own loads.
+
 Host time per call counts as much as GPU time here (one call per layer per decode step, and a
 slow host): launch parameters are cached per geometry, the kernel compiled for it is launched
-directly (Triton's argument binding skipped), the partials and both results take one allocation
-each, and the arrival counters of the fused merge live across calls (the last program of each
+directly (Triton's argument binding skipped; tensor descriptors encoded once per buffer and
+kept), the partials and both results take one allocation each, and the arrival counters of the fused merge live across calls (the last program of each
 row resets its own), so no memset runs per call.
 """
 
@@ -347,7 +352,8 @@ _plans: dict = {}
 
 
 def _plan(q, seg: Segment, launch: DecodeLaunch, merge: bool, device) -> tuple[_Plan, tuple[int, int]]:
-    """The cached plan for this segment's kind, and the rows K and V span as [rows, D] (0 without tma). The key holds everything Triton specializes the
+    """The cached plan for this segment's kind, and the rows K and V span as [rows, D] matrices (0
+    when the launch loads no tensor descriptors). The key holds everything Triton specializes the
     kernel on (dtypes, strides, 16-byte alignment of the pointers), so that the kernel compiled
     for one call is the one Triton would pick for every call of the same key."""
     k, v, length, start, table = seg.k, seg.v, seg.length, seg.start, seg.block_table
@@ -415,7 +421,6 @@ def _launch(plan: _Plan, grid, stream, args) -> None:
         plan.direct(grid, stream, args)
         return
     run_compiled(kernel, grid, stream, args)
-
 
 
 class _DescriptorLaunch:

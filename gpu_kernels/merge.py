@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from . import reference
 from triton.compiler import CompiledKernel
 
+from . import reference
 from ._dispatch import next_pow2, run_compiled, use_triton
 
 
@@ -106,7 +105,7 @@ _flat_kernels: dict = {}
 def merge_flat(work: torch.Tensor, P: int, B: int, Hq: int, D: int, device, stream) -> tuple[torch.Tensor, torch.Tensor]:
     """`merge_partials` of P partials laid out flat in float32 CUDA `work` (out [P, B*Hq, D], then
     lse [P, B*Hq]), with little host time: the compiled kernel is kept per kind of call and launched
-    directly on `stream` of `device` (Triton's driver handles)."""
+    directly on `stream` (`device` and `stream` as Triton's driver names them)."""
     R = B * Hq
     out = torch.empty(B, Hq, D, dtype=torch.float32, device=work.device)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=work.device)
