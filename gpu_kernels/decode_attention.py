@@ -404,9 +404,12 @@ def _descriptor(t: torch.Tensor, rows: int, plan: _Plan) -> TensorDescriptor:
 
 @functools.lru_cache(maxsize=None)
 def _has_tma(device) -> bool:
+    """Whether `device` has NVIDIA's tensor memory accelerator (Hopper on; ROCm reports its own
+    capabilities through the same call)."""
     if INTERPRET:
         return True
-    return torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return (torch.device(device).type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def _launch(plan: _Plan, grid, stream, args) -> None:
