@@ -14,8 +14,9 @@ them in flight. Other segments are read by the threads' own loads.
 Host time per call counts as much as GPU time here (one call per layer per decode step, and a
 slow host): launch parameters are cached per geometry, the kernel compiled for it is launched
 directly (Triton's argument binding skipped; tensor descriptors encoded once per buffer and
-kept), the partials and both results take one allocation each, and the arrival counters of the fused merge live across calls (the last program of each
-row resets its own), so no memset runs per call.
+kept), the partials and both results take one allocation each, and the arrival counters of the
+fused merge live across calls (the last program of each row resets its own), so no memset runs
+per call.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference
 from ._dispatch import INTERPRET, launch_hooked, next_pow2, run_compiled
-from .merge import merge_flat, merge_partials, merge_rows
+from .merge import merge_flat, merge_rows
 from .segment import Segment
 
 _LOG2E = 1.4426950408889634
@@ -282,8 +283,6 @@ def decode_attention(q: torch.Tensor, segments: list[Segment], scale: float,
         offset += n_splits
     if fused:
         return out, lse
-    if INTERPRET:
-        return merge_partials(work[:P * R * D].view(P, B, Hq, D), work[P * R * D:].view(P, B, Hq))
     return merge_flat(work, P, B, Hq, D, device, stream)
 
 
@@ -302,7 +301,7 @@ def _all_cuda(q: torch.Tensor, segments: list[Segment]) -> bool:
 class _Plan:
     """What one kind of segment needs for a launch, apart from the sizes that change per call."""
 
-    __slots__ = ("hkv", "block_n", "block_d", "tma", "int_length", "strides", "constexprs", "num_warps", "num_stages",
+    __slots__ = ("hkv", "block_n", "block", "tma", "int_length", "strides", "constexprs", "num_warps", "num_stages",
                  "kernel", "direct")
 
     def __init__(self, q, seg: Segment, launch: DecodeLaunch, merge: bool, tma_spans: bool):
@@ -324,7 +323,8 @@ class _Plan:
         if has_len:
             len_strides = (length.stride(0), 0) if length.dim() == 1 else tuple(length.stride())
         self.strides = (*q.stride(), *k_strides, *v_strides, *len_strides)
-        self.block_d = block_d = max(16, next_pow2(D))
+        block_d = max(16, next_pow2(D))
+        self.block = (block_n, block_d)  # a tensor descriptor's tile
         merge_r = next_pow2(G)
         # Triton 3.6's interpreter multiplies bf16 operands of tl.dot as raw bits; there, bf16 goes in fp32.
         half = (torch.float16,) if INTERPRET else (torch.float16, torch.bfloat16)
@@ -344,8 +344,8 @@ class _Plan:
     def descriptors(self, k: torch.Tensor, v: torch.Tensor, rows: tuple[int, int]) -> tuple:
         """K's and V's tensor descriptors, over `rows` rows each, as this plan's launch takes them."""
         if self.direct is not None and not launch_hooked():
-            return self.direct.encoded(k, 0, rows[0], self), self.direct.encoded(v, 1, rows[1], self)
-        return _descriptor(k, rows[0], self), _descriptor(v, rows[1], self)
+            return self.direct.encoded(k, 0, rows[0]), self.direct.encoded(v, 1, rows[1])
+        return _descriptor(k, rows[0], self.block), _descriptor(v, rows[1], self.block)
 
 
 _plans: dict = {}
@@ -367,11 +367,12 @@ def _plan(q, seg: Segment, launch: DecodeLaunch, merge: bool, device) -> tuple[_
         ptrs |= start.data_ptr()
     if table is not None:
         ptrs |= table.data_ptr()
+    aligned = ptrs & 15 == 0
     rows = (_rows_spanned(k), _rows_spanned(v)) if launch.tma else (0, 0)
-    tma_spans = launch.tma and ptrs & 15 == 0 and 0 < min(rows) and max(rows) < 2**31
+    tma_spans = launch.tma and aligned and 0 < min(rows) and max(rows) < 2**31
     key = (device, launch, merge, tma_spans, q.dtype, q.shape[1:], q.stride(), k.dtype, v.dtype, k.shape[1:2], k.shape[3:],
            k.stride(), v.stride(), length_key, None if start is None else start.dtype,
-           None if table is None else table.dtype, ptrs & 15 == 0)
+           None if table is None else table.dtype, aligned)
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _Plan(q, seg, launch, merge, tma_spans)
@@ -397,9 +398,9 @@ def _rows_spanned(t: torch.Tensor) -> int:
     return last // row + 1
 
 
-def _descriptor(t: torch.Tensor, rows: int, plan: _Plan) -> TensorDescriptor:
-    """The tensor descriptor of K or V as [rows, D] with tiles of [block_n, block_d] (columns past D read as 0)."""
-    return TensorDescriptor(t, [rows, t.shape[-1]], [t.stride(-2), 1], [plan.block_n, plan.block_d])
+def _descriptor(t: torch.Tensor, rows: int, block: tuple[int, int]) -> TensorDescriptor:
+    """The tensor descriptor of K or V as [rows, D] with tiles of `block` (columns past D read as 0)."""
+    return TensorDescriptor(t, [rows, t.shape[-1]], [t.stride(-2), 1], list(block))
 
 
 @functools.lru_cache(maxsize=None)
@@ -418,7 +419,7 @@ def _launch(plan: _Plan, grid, stream, args) -> None:
         kernel = _decode_split_kernel[grid](*args, num_warps=plan.num_warps, num_stages=plan.num_stages)
         if isinstance(kernel, CompiledKernel):  # not in the interpreter
             plan.kernel = kernel
-            plan.direct = _DescriptorLaunch.of(kernel) if plan.tma else None
+            plan.direct = _DescriptorLaunch.of(kernel, plan.block) if plan.tma else None
         return
     if plan.direct is not None and not isinstance(args[3], TensorDescriptor):
         plan.direct(grid, stream, args)
@@ -435,14 +436,14 @@ class _DescriptorLaunch:
 
     _KEPT = 512  # encoded descriptors kept: 128 bytes each, and stale ones are merely unused
 
-    def __init__(self, kernel: CompiledKernel, launch, metas):
-        self.kernel, self.launch, self.metas = kernel, launch, metas
+    def __init__(self, kernel: CompiledKernel, launch, metas, encode, block: tuple[int, int]):
+        self.kernel, self.launch, self.metas, self.encode, self.block = kernel, launch, metas, encode, block
         self.encoded_by_key: dict = {}
 
     @classmethod
-    def of(cls, kernel: CompiledKernel) -> "_DescriptorLaunch | None":
+    def of(cls, kernel: CompiledKernel, block: tuple[int, int]) -> "_DescriptorLaunch | None":
         try:
-            from triton.backends.nvidia.driver import make_tensordesc_arg  # noqa: F401  (what `encoded` calls)
+            from triton.backends.nvidia.driver import make_tensordesc_arg
             wrapper = kernel.run.launch
             free = dict(zip(wrapper.__code__.co_freevars, (cell.cell_contents for cell in wrapper.__closure__ or ())))
             launch, metas = free.get("launcher"), getattr(kernel.metadata, "tensordesc_meta", None)
@@ -452,16 +453,16 @@ class _DescriptorLaunch:
                 return None
         except (AttributeError, ImportError, TypeError, ValueError):
             return None
-        return cls(kernel, launch, metas)
+        return cls(kernel, launch, metas, make_tensordesc_arg, block)
 
-    def encoded(self, t: torch.Tensor, which: int, rows: int, plan: _Plan) -> tuple:
+    def encoded(self, t: torch.Tensor, which: int, rows: int) -> tuple:
+        """K's (which 0) or V's (1) descriptor over `rows` rows, as the launcher's C function takes it."""
         key = (t.data_ptr(), rows, t.stride(-2), t.shape[-1], which)
         arg = self.encoded_by_key.get(key)
         if arg is None:
-            from triton.backends.nvidia.driver import make_tensordesc_arg
             if len(self.encoded_by_key) >= self._KEPT:
                 self.encoded_by_key.clear()
-            arg = self.encoded_by_key[key] = tuple(make_tensordesc_arg(_descriptor(t, rows, plan), self.metas[which]))
+            arg = self.encoded_by_key[key] = tuple(self.encode(_descriptor(t, rows, self.block), self.metas[which]))
         return arg
 
     def __call__(self, grid, stream, args) -> None:

@@ -103,9 +103,10 @@ _flat_kernels: dict = {}
 
 
 def merge_flat(work: torch.Tensor, P: int, B: int, Hq: int, D: int, device, stream) -> tuple[torch.Tensor, torch.Tensor]:
-    """`merge_partials` of P partials laid out flat in float32 CUDA `work` (out [P, B*Hq, D], then
-    lse [P, B*Hq]), with little host time: the compiled kernel is kept per kind of call and launched
-    directly on `stream` (`device` and `stream` as Triton's driver names them)."""
+    """`merge_partials` of P partials laid out flat in float32 `work` (out [P, B*Hq, D], then lse
+    [P, B*Hq]; on CUDA, or on the CPU in Triton's interpreter), with little host time: the compiled
+    kernel is kept per kind of call and launched directly on `stream` (`device` and `stream` as
+    Triton's driver names them)."""
     R = B * Hq
     out = torch.empty(B, Hq, D, dtype=torch.float32, device=work.device)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=work.device)
