@@ -236,6 +236,24 @@ def test_merge_partials_is_exact_and_neg_inf_safe(poisoned_empty):
     assert torch.allclose(out_a.double(), ref_out, atol=1e-5) and torch.allclose(lse_a.double(), ref_lse, atol=1e-5)
 
 
+def test_launches_build_hook_metadata_only_while_a_hook_is_registered():
+    """Triton 3.6 keeps an empty chain of launch hooks, never None: the direct launches must tell
+    an empty chain from a registered hook, or they would build the hook's metadata on every call."""
+    import triton
+
+    from hetero.gpu_kernels._dispatch import launch_hooked
+
+    chain = triton.knobs.runtime.launch_enter_hook
+    assert not launch_hooked()
+    hook = lambda metadata: None  # noqa: E731
+    chain.add(hook)
+    try:
+        assert launch_hooked()
+    finally:
+        chain.remove(hook)
+    assert not launch_hooked()
+
+
 def test_segment_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
         Segment(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 5))
