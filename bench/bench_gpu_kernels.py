@@ -8,13 +8,17 @@
 
     python bench/bench_gpu_kernels.py --out gpu_kernels.json [--sweep]
     python bench/bench_gpu_kernels.py --sections decode --sweep --sweep-shapes 8x32768 --block-size 256 --out s.json
+    python bench/bench_gpu_kernels.py --sections host rounds --rounds 5 --block-size 256 --out r.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import itertools
 import json
+import statistics
 import time
 import traceback
 
@@ -158,6 +162,8 @@ def bench_host_overhead(rows):
     calls = {
         "decode_attention (default)": lambda: decode_attention(q, segs, scale),
         "decode_attention (large calls' launch)": lambda: decode_attention(q, segs, scale, default_launches(q)[1]),
+        "decode_attention (large, merge not early)": lambda: decode_attention(
+            q, segs, scale, dataclasses.replace(default_launches(q)[1], early_merge=False)),
         "decode_attention (thread loads, fused merge)": lambda: decode_attention(q, segs, scale, thread_loads),
         "torch SDPA enable_gqa": lambda: F.scaled_dot_product_attention(q[:, :, None], kv[0], kv[1], scale=scale,
                                                                         enable_gqa=True),
@@ -225,6 +231,47 @@ def sweep_decode(bs, ceiling, rows, shapes=SWEEP_SHAPES, loads=("tma",)):
         torch.cuda.empty_cache()
 
 
+ROUND_SHAPES = ((1, 32768), (1, 65536), (1, 131072), (8, 32768), (8, 65536), (8, 131072))
+
+
+def round_launches(q) -> dict:
+    """The launches that `--sections rounds` alternates with SDPA: the two defaults, and the large
+    calls' launch with its merge kernel launched after the split kernel (not as its dependent)."""
+    small, large = default_launches(q)
+    return {"small calls' launch": small, "large calls' launch": large,
+            "large calls' launch, merge not early": dataclasses.replace(large, early_merge=False)}
+
+
+def bench_rounds(bs, ceiling, rows, shapes=ROUND_SHAPES, rounds=5):
+    """Graph time of SDPA and of each of `round_launches` over a block pool, alternated `rounds`
+    times in one process, so that drift between runs (seen at 4-10%) falls on every call alike;
+    the medians are compared."""
+    scale = D**-0.5
+    for B, L in shapes:
+        kv_bytes = 2 * B * HKV * L * D * 2
+        q, dense_segs, kv = decode_inputs(B, L, bs, "dense")
+        _, segs, pool = decode_inputs(B, L, bs, "pool")
+        calls = {"torch SDPA (dense)": lambda: F.scaled_dot_product_attention(q[:, :, None], kv[0], kv[1], scale=scale,
+                                                                                enable_gqa=True)}
+        for name, launch in round_launches(q).items():
+            calls[name] = functools.partial(decode_attention, q, segs, scale, launch)
+        times = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, fn in calls.items():
+                times[name].append(graph_ms(fn))
+        sdpa = statistics.median(times["torch SDPA (dense)"])
+        print(f"rounds B={B} {L // 1024}K ({rounds} rounds, median graph time):", flush=True)
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            rows.append(dict(kind="decode_rounds", B=B, L=L, call=name, graph_ms=med, graph_ms_rounds=ts,
+                             vs_sdpa=med / sdpa, graph_gbs=kv_bytes / med / 1e6, ceiling_gbs=ceiling,
+                             of_ceiling=kv_bytes / med / 1e6 / ceiling))
+            print(f"  {name:40s} {1e3 * med:8.1f} us  {med / sdpa:.3f}x SDPA  {100 * kv_bytes / med / 1e6 / ceiling:5.1f}% "
+                  f"of copy  (rounds {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})", flush=True)
+        del kv, pool, segs, dense_segs
+        torch.cuda.empty_cache()
+
+
 def _print_row(r, label):
     print(f"{label:72s} {r['ms']:8.3f} ms {r['gbs']:8.1f} GB/s  ceiling {r['ceiling_gbs']:7.1f}"
           f"  {100 * r['of_ceiling']:5.1f}%", flush=True)
@@ -241,7 +288,9 @@ def main() -> None:
     parser.add_argument("--sweep-loads", nargs="+", default=["tma"], choices=sorted(SWEEP_GRIDS),
                         help="the decode sweep's tile loads: the tensor memory accelerator's, the threads' own")
     parser.add_argument("--sections", nargs="+", default=["gather", "host", "decode"],
-                        choices=["gather", "host", "decode"], help="which of the three sections to run")
+                        choices=["gather", "host", "decode", "rounds"],
+                        help="which sections to run (rounds: the default launches and SDPA alternated, not by default)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the rounds section")
     args = parser.parse_args()
     for batch, tokens in args.sweep_shapes:
         if tokens % args.block_size:
@@ -259,7 +308,8 @@ def main() -> None:
 
     sections = {"gather": lambda: bench_gather(args.gather_tokens, args.block_size, pinned, args.sweep, result["rows"]),
                 "host": lambda: bench_host_overhead(result["rows"]),
-                "decode": lambda: bench_decode(args.block_size, d2d, result["rows"])}
+                "decode": lambda: bench_decode(args.block_size, d2d, result["rows"]),
+                "rounds": lambda: bench_rounds(args.block_size, d2d, result["rows"], rounds=args.rounds)}
     sections = [sections[name] for name in args.sections]
     if args.sweep:
         sections.append(lambda: sweep_decode(args.block_size, d2d, result["rows"], args.sweep_shapes,

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 from triton.compiler import CompiledKernel
+from triton.language.extra.cuda import gdc_launch_dependents
 from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -51,7 +52,9 @@ class DecodeLaunch:
     merges the partials, instead of a second kernel (one launch fewer: less host time per call);
     tma: K and V tiles come by the tensor memory accelerator (Hopper and later) wherever a segment
     allows it (16-bit K, V and query of one dtype; rows of a tile consecutive in memory), which
-    keeps more bytes in flight per program than the threads' own loads.
+    keeps more bytes in flight per program than the threads' own loads; early_merge: a separate merge
+    kernel is launched as a programmatic dependent of the split kernel (Hopper and later), so that
+    its programs are resident and waiting when the split ends, instead of launching after it.
     """
 
     block_n: int = 64
@@ -61,6 +64,7 @@ class DecodeLaunch:
     min_split: int = 256
     fused_merge: bool = True
     tma: bool = True
+    early_merge: bool = True
 
 
 # Tuned on an H200 (bench_gpu_kernels.py --sweep, 2026-12-01). Merging in the last program costs
@@ -77,7 +81,7 @@ _LARGE_ROW_TOKENS = 256 * 1024  # batch x tokens from which a call is GPU-bound
 
 def default_launches(q: torch.Tensor) -> tuple[DecodeLaunch, DecodeLaunch]:
     """The launch shapes for small and for large calls with this query (what a caller compiles ahead)."""
-    tma = q.dtype in (torch.float16, torch.bfloat16) and _has_tma(q.device)
+    tma = q.dtype in (torch.float16, torch.bfloat16) and _hopper_on(q.device)
     return _TMA_LAUNCHES if tma else _THREAD_LAUNCHES
 
 
@@ -101,7 +105,10 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr, BS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_LEN: tl.constexpr,
     HAS_START: tl.constexpr, QK_F32: tl.constexpr, PV_F32: tl.constexpr,
     MERGE: tl.constexpr, MERGE_R: tl.constexpr, MERGE_P: tl.constexpr, TMA: tl.constexpr,
+    EARLY_MERGE: tl.constexpr,
 ):
+    if EARLY_MERGE:  # the merge kernel's programs may take their places now; they wait for this grid's end
+        gdc_launch_dependents()
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -283,7 +290,7 @@ def decode_attention(q: torch.Tensor, segments: list[Segment], scale: float,
         offset += n_splits
     if fused:
         return out, lse
-    return merge_flat(work, P, B, Hq, D, device, stream)
+    return merge_flat(work, P, B, Hq, D, device, stream, early=plans[-1][0].early_merge)
 
 
 def _all_cuda(q: torch.Tensor, segments: list[Segment]) -> bool:
@@ -301,8 +308,8 @@ def _all_cuda(q: torch.Tensor, segments: list[Segment]) -> bool:
 class _Plan:
     """What one kind of segment needs for a launch, apart from the sizes that change per call."""
 
-    __slots__ = ("hkv", "block_n", "block", "tma", "int_length", "strides", "constexprs", "num_warps", "num_stages",
-                 "kernel", "direct")
+    __slots__ = ("hkv", "block_n", "block", "tma", "early_merge", "int_length", "strides", "constexprs", "num_warps",
+                 "num_stages", "kernel", "direct")
 
     def __init__(self, q, seg: Segment, launch: DecodeLaunch, merge: bool, tma_spans: bool):
         _, Hq, D = q.shape
@@ -329,13 +336,15 @@ class _Plan:
         # Triton 3.6's interpreter multiplies bf16 operands of tl.dot as raw bits; there, bf16 goes in fp32.
         half = (torch.float16,) if INTERPRET else (torch.float16, torch.bfloat16)
         self.tma = (launch.tma and tma_spans and q.dtype == k.dtype == v.dtype and k.dtype in half
-                    and (bs == 0 or bs % block_n == 0) and _has_tma(q.device)
+                    and (bs == 0 or bs % block_n == 0) and _hopper_on(q.device)
                     and all(_rows_divide(t) for t in (k, v)))
+        # Programmatic dependent launch is a CUDA launch attribute: the interpreter has none.
+        self.early_merge = launch.early_merge and not merge and not INTERPRET and _hopper_on(q.device)
         self.constexprs = (
             G, max(16, next_pow2(G)), D, block_d, block_n, bs,
             seg.block_table is not None, has_len, seg.start is not None,
             not (q.dtype == k.dtype and k.dtype in half), v.dtype not in half,
-            merge, merge_r, max(2, min(16, 4096 // (merge_r * block_d))), self.tma,
+            merge, merge_r, max(2, min(16, 4096 // (merge_r * block_d))), self.tma, self.early_merge,
         )
         self.num_warps, self.num_stages = launch.num_warps, launch.num_stages
         self.kernel = None  # the compiled kernel, once Triton has chosen it for these arguments
@@ -404,9 +413,9 @@ def _descriptor(t: torch.Tensor, rows: int, block: tuple[int, int]) -> TensorDes
 
 
 @functools.lru_cache(maxsize=None)
-def _has_tma(device) -> bool:
-    """Whether `device` has NVIDIA's tensor memory accelerator (Hopper on; ROCm reports its own
-    capabilities through the same call)."""
+def _hopper_on(device) -> bool:
+    """Whether `device` is an NVIDIA GPU of Hopper or later: the tensor memory accelerator, and
+    programmatic dependent launch (ROCm reports its own capabilities through the same call)."""
     if INTERPRET:
         return True
     return (torch.device(device).type == "cuda" and torch.version.hip is None
