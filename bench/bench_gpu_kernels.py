@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import itertools
 import json
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
 from hetero.gpu_kernels import DecodeLaunch, Segment, decode_attention, default_launches, gather_blocks, gather_tokens
+from hetero.gpu_kernels.decode_attention import default_launch
 
 B_GATHER, HKV, HQ, D = 1, 8, 32, 128
 DTYPE = torch.bfloat16
@@ -154,24 +154,29 @@ def bench_decode(bs, ceiling, rows):
         torch.cuda.empty_cache()
 
 
-def bench_host_overhead(rows):
-    """Host time per call at B=1, 32K, where the GPU part is shortest."""
+def bench_host_overhead(rows, rounds=5):
+    """Host time per call at B=1, 32K, where the GPU part is shortest: the calls alternated over
+    `rounds` rounds of 200 each, the median kept."""
     scale = D**-0.5
     q, segs, kv = decode_inputs(1, 32768, 16, "dense")
+    fused, merge_kernel = default_launches(q)
     thread_loads = DecodeLaunch(block_n=128, programs_per_sm=2, tma=False)
     calls = {
         "decode_attention (default)": lambda: decode_attention(q, segs, scale),
-        "decode_attention (large calls' launch)": lambda: decode_attention(q, segs, scale, default_launches(q)[1]),
-        "decode_attention (large, merge not early)": lambda: decode_attention(
-            q, segs, scale, dataclasses.replace(default_launches(q)[1], early_merge=False)),
+        "decode_attention (fused merge)": lambda: decode_attention(q, segs, scale, fused),
+        "decode_attention (merge kernel)": lambda: decode_attention(q, segs, scale, merge_kernel),
         "decode_attention (thread loads, fused merge)": lambda: decode_attention(q, segs, scale, thread_loads),
         "torch SDPA enable_gqa": lambda: F.scaled_dot_product_attention(q[:, :, None], kv[0], kv[1], scale=scale,
                                                                         enable_gqa=True),
     }
-    for name, fn in calls.items():
-        us = host_us(fn)
-        rows.append(dict(kind="host_overhead", call=name, host_us=us))
-        print(f"host time per call, B=1 32K: {name:34s} {us:6.1f} us", flush=True)
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(host_us(fn))
+    for name, us in times.items():
+        rows.append(dict(kind="host_overhead", call=name, host_us=statistics.median(us), host_us_rounds=us))
+        print(f"host time per call, B=1 32K: {name:44s} {statistics.median(us):6.1f} us (rounds {min(us):.1f}-{max(us):.1f})",
+              flush=True)
 
 
 SWEEP_SHAPES = ((1, 32768), (1, 131072), (8, 32768), (8, 131072))
@@ -234,27 +239,22 @@ def sweep_decode(bs, ceiling, rows, shapes=SWEEP_SHAPES, loads=("tma",)):
 ROUND_SHAPES = ((1, 32768), (1, 65536), (1, 131072), (8, 32768), (8, 65536), (8, 131072))
 
 
-def round_launches(q) -> dict:
-    """The launches that `--sections rounds` alternates with SDPA: the two defaults, and the large
-    calls' launch with its merge kernel launched after the split kernel (not as its dependent)."""
-    small, large = default_launches(q)
-    return {"small calls' launch": small, "large calls' launch": large,
-            "large calls' launch, merge not early": dataclasses.replace(large, early_merge=False)}
-
-
 def bench_rounds(bs, ceiling, rows, shapes=ROUND_SHAPES, rounds=5):
-    """Graph time of SDPA and of each of `round_launches` over a block pool, alternated `rounds`
-    times in one process, so that drift between runs (seen at 4-10%) falls on every call alike;
-    the medians are compared."""
+    """Graph time of SDPA and of both default launch shapes over a block pool, alternated `rounds`
+    times in one process, so that drift within a run (seen at 4-10% between sections) falls on
+    every call alike; the medians are compared, and the shape `decode_attention` picks is named."""
     scale = D**-0.5
     for B, L in shapes:
         kv_bytes = 2 * B * HKV * L * D * 2
         q, dense_segs, kv = decode_inputs(B, L, bs, "dense")
         _, segs, pool = decode_inputs(B, L, bs, "pool")
+        fused, merge_kernel = default_launches(q)
+        chosen = default_launch(q, HKV, L)
         calls = {"torch SDPA (dense)": lambda: F.scaled_dot_product_attention(q[:, :, None], kv[0], kv[1], scale=scale,
                                                                                 enable_gqa=True)}
-        for name, launch in round_launches(q).items():
-            calls[name] = functools.partial(decode_attention, q, segs, scale, launch)
+        for name, launch in (("fused merge", fused), ("merge kernel", merge_kernel)):
+            calls[name + (" (default)" if launch == chosen else "")] = functools.partial(
+                decode_attention, q, segs, scale, launch)
         times = {name: [] for name in calls}
         for _ in range(rounds):
             for name, fn in calls.items():
@@ -266,7 +266,7 @@ def bench_rounds(bs, ceiling, rows, shapes=ROUND_SHAPES, rounds=5):
             rows.append(dict(kind="decode_rounds", B=B, L=L, call=name, graph_ms=med, graph_ms_rounds=ts,
                              vs_sdpa=med / sdpa, graph_gbs=kv_bytes / med / 1e6, ceiling_gbs=ceiling,
                              of_ceiling=kv_bytes / med / 1e6 / ceiling))
-            print(f"  {name:40s} {1e3 * med:8.1f} us  {med / sdpa:.3f}x SDPA  {100 * kv_bytes / med / 1e6 / ceiling:5.1f}% "
+            print(f"  {name:28s} {1e3 * med:8.1f} us  {med / sdpa:.3f}x SDPA  {100 * kv_bytes / med / 1e6 / ceiling:5.1f}% "
                   f"of copy  (rounds {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})", flush=True)
         del kv, pool, segs, dense_segs
         torch.cuda.empty_cache()
@@ -290,7 +290,7 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["gather", "host", "decode"],
                         choices=["gather", "host", "decode", "rounds"],
                         help="which sections to run (rounds: the default launches and SDPA alternated, not by default)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of the rounds section")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the host and rounds sections")
     args = parser.parse_args()
     for batch, tokens in args.sweep_shapes:
         if tokens % args.block_size:
@@ -307,7 +307,7 @@ def main() -> None:
             json.dump(result, f, indent=1)
 
     sections = {"gather": lambda: bench_gather(args.gather_tokens, args.block_size, pinned, args.sweep, result["rows"]),
-                "host": lambda: bench_host_overhead(result["rows"]),
+                "host": lambda: bench_host_overhead(result["rows"], args.rounds),
                 "decode": lambda: bench_decode(args.block_size, d2d, result["rows"]),
                 "rounds": lambda: bench_rounds(args.block_size, d2d, result["rows"], rounds=args.rounds)}
     sections = [sections[name] for name in args.sections]

@@ -314,14 +314,13 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def warm_units(pool, block_table, pieces, unit_begin, v_rows, bs, tokens_per_unit, flag, number):
+def warm_units(pool, block_table, pieces, unit_begin, v_rows, bs, tokens_per_unit, flag, number, taken):
     """Prefetch into L2 the K and V rows of the first `tokens_per_unit` tokens of each unit, in the
     order `attend_units` reads them (same pool rows, block table and pieces; ranges only), until
     flag[0] reaches `number`: work for cores that would otherwise wait for the query, whose reads
-    of host memory the attention then finds in cache. Returns the tokens prefetched."""
+    of host memory the attention then finds in cache. taken[u]: the tokens prefetched of unit u."""
     slot_rows = 2 * v_rows
     step = max(1, 64 // pool.itemsize)
-    total = 0
     for u in prange(unit_begin.shape[0] - 1):
         done = 0
         for i in range(unit_begin[u], unit_begin[u + 1]):
@@ -336,8 +335,7 @@ def warm_units(pool, block_table, pieces, unit_begin, v_rows, bs, tokens_per_uni
                         prefetch_l2(pool, row + v_rows, d)
                 pos += n
                 done += n
-        total += done
-    return total
+        taken[u] = done
 
 
 @njit(cache=True, _nrt=False)

@@ -113,8 +113,10 @@ def warm_host_ranges(pool, block_table, ranges, flag, number, threads=None) -> i
     pieces, unit_begin, _, _ = build_units(rng, _chunk(n_tokens, n_threads))
     previous = numba.set_parallel_chunksize(1 if DYNAMIC_SCHEDULE else 0)
     try:
-        return int(warm_units(rows, table, pieces, unit_begin, B * Hkv * bs, bs,
-                              WARM_BYTES_PER_UNIT // (2 * D * rows.itemsize), flag, number))
+        taken = np.zeros(unit_begin.shape[0] - 1, np.int64)
+        warm_units(rows, table, pieces, unit_begin, B * Hkv * bs, bs, WARM_BYTES_PER_UNIT // (2 * D * rows.itemsize),
+                   flag, number, taken)
+        return int(taken.sum())
     finally:
         numba.set_parallel_chunksize(previous)
 

@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 from triton import knobs
 from triton.compiler import CompiledKernel
-from triton.language.extra.cuda import gdc_launch_dependents
 from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -52,9 +51,7 @@ class DecodeLaunch:
     merges the partials, instead of a second kernel (one launch fewer: less host time per call);
     tma: K and V tiles come by the tensor memory accelerator (Hopper and later) wherever a segment
     allows it (16-bit K, V and query of one dtype; rows of a tile consecutive in memory), which
-    keeps more bytes in flight per program than the threads' own loads; early_merge: a separate merge
-    kernel is launched as a programmatic dependent of the split kernel (Hopper and later), so that
-    its programs are resident and waiting when the split ends, instead of launching after it.
+    keeps more bytes in flight per program than the threads' own loads.
     """
 
     block_n: int = 64
@@ -64,31 +61,53 @@ class DecodeLaunch:
     min_split: int = 256
     fused_merge: bool = True
     tma: bool = True
-    early_merge: bool = True
 
 
-# Tuned on an H200 (bench_gpu_kernels.py --sweep, 2026-12-01). Merging in the last program costs
-# GPU time but saves a launch, and host time: small calls, whose GPU time is below the host's,
-# merge fused; large, GPU-bound ones launch the merge kernel. Tiles by the tensor memory accelerator
-# are deep in flight (num_stages - 1 of them), so one program per SM fills the GPU; the threads' own
-# loads are not pipelined by Triton here, and need more programs per SM to hide their latency.
-_TMA_LAUNCHES = (DecodeLaunch(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1, fused_merge=True),
-                 DecodeLaunch(block_n=128, num_warps=8, num_stages=3, programs_per_sm=1, fused_merge=False))
-_THREAD_LAUNCHES = (DecodeLaunch(block_n=128, num_warps=4, num_stages=3, programs_per_sm=2, fused_merge=True),
-                    DecodeLaunch(block_n=64, num_warps=4, num_stages=2, programs_per_sm=4, fused_merge=False))
-_LARGE_ROW_TOKENS = 256 * 1024  # batch x tokens from which a call is GPU-bound
+@dataclass(frozen=True)
+class _Launches:
+    """A default launch shape, and another for calls over at most `most_rows` (batch row, KV head)
+    rows and at least `least_tokens` of batch x tokens."""
+
+    default: DecodeLaunch
+    other: DecodeLaunch
+    most_rows: int
+    least_tokens: int
+
+
+# Tuned on an H200 (bench_gpu_kernels.py --sweep, then --sections rounds, 2026-12-01). Tiles by the
+# tensor memory accelerator are deep in flight (num_stages - 1 of them), so one program per SM fills
+# the GPU. Merging in the last program of each row saves a launch and host time; it is also the
+# faster on the GPU at batch 8 (1.002-1.011x SDPA against 1.02-1.06x with the merge kernel), and
+# the slower at batch 1 (1.03-1.14x against 0.99-1.02x), where a call is GPU-bound from about 64K
+# tokens. The threads' own loads are not pipelined by Triton here, and need more programs per SM.
+_TMA_LAUNCHES = _Launches(
+    DecodeLaunch(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1, fused_merge=True),
+    DecodeLaunch(block_n=128, num_warps=8, num_stages=3, programs_per_sm=1, fused_merge=False),
+    most_rows=16, least_tokens=64 * 1024)
+_THREAD_LAUNCHES = _Launches(
+    DecodeLaunch(block_n=128, num_warps=4, num_stages=3, programs_per_sm=2, fused_merge=True),
+    DecodeLaunch(block_n=64, num_warps=4, num_stages=2, programs_per_sm=4, fused_merge=False),
+    most_rows=1 << 62, least_tokens=256 * 1024)
 
 
 def default_launches(q: torch.Tensor) -> tuple[DecodeLaunch, DecodeLaunch]:
-    """The launch shapes for small and for large calls with this query (what a caller compiles ahead)."""
-    tma = q.dtype in (torch.float16, torch.bfloat16) and _hopper_on(q.device)
+    """The launch shapes calls with this query may take (what a caller compiles ahead)."""
+    launches = _launches(q)
+    return launches.default, launches.other
+
+
+def default_launch(q: torch.Tensor, kv_heads: int, tokens: int) -> DecodeLaunch:
+    """The launch shape for `q`'s rows over `kv_heads` KV heads of about `tokens` tokens each."""
+    launches = _launches(q)
+    B = q.shape[0]
+    if B * kv_heads <= launches.most_rows and B * tokens >= launches.least_tokens:
+        return launches.other
+    return launches.default
+
+
+def _launches(q: torch.Tensor) -> _Launches:
+    tma = q.dtype in (torch.float16, torch.bfloat16) and _has_tma(q.device)
     return _TMA_LAUNCHES if tma else _THREAD_LAUNCHES
-
-
-def default_launch(q: torch.Tensor, tokens: int) -> DecodeLaunch:
-    """The launch shape for `q`'s rows over about `tokens` KV tokens each."""
-    small, large = default_launches(q)
-    return large if q.shape[0] * tokens >= _LARGE_ROW_TOKENS else small
 
 
 # Runtime sizes change as a context grows: specializing on them (Triton's default, by divisibility)
@@ -105,10 +124,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr, BS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_LEN: tl.constexpr,
     HAS_START: tl.constexpr, QK_F32: tl.constexpr, PV_F32: tl.constexpr,
     MERGE: tl.constexpr, MERGE_R: tl.constexpr, MERGE_P: tl.constexpr, TMA: tl.constexpr,
-    EARLY_MERGE: tl.constexpr,
 ):
-    if EARLY_MERGE:  # the merge kernel's programs may take their places now; they wait for this grid's end
-        gdc_launch_dependents()
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -251,7 +267,7 @@ def decode_attention(q: torch.Tensor, segments: list[Segment], scale: float,
             raise ValueError(f"segment k {tuple(shape)} does not fit q {tuple(q.shape)}")
     if B == 0 or not segments or not (INTERPRET or _all_cuda(q, segments)):
         return reference.decode_attention(q, segments if B else [], scale)
-    launch = launch or default_launch(q, sum(seg.capacity for seg in segments))
+    launch = launch or default_launch(q, segments[0].k.shape[1], sum(seg.capacity for seg in segments))
     fused = launch.fused_merge
     device = None if INTERPRET else driver.active.get_current_device()
     last = len(segments) - 1
@@ -290,7 +306,7 @@ def decode_attention(q: torch.Tensor, segments: list[Segment], scale: float,
         offset += n_splits
     if fused:
         return out, lse
-    return merge_flat(work, P, B, Hq, D, device, stream, early=plans[-1][0].early_merge)
+    return merge_flat(work, P, B, Hq, D, device, stream)
 
 
 def _all_cuda(q: torch.Tensor, segments: list[Segment]) -> bool:
@@ -308,8 +324,8 @@ def _all_cuda(q: torch.Tensor, segments: list[Segment]) -> bool:
 class _Plan:
     """What one kind of segment needs for a launch, apart from the sizes that change per call."""
 
-    __slots__ = ("hkv", "block_n", "block", "tma", "early_merge", "int_length", "strides", "constexprs", "num_warps",
-                 "num_stages", "kernel", "direct")
+    __slots__ = ("hkv", "block_n", "block", "tma", "int_length", "strides", "constexprs", "num_warps", "num_stages",
+                 "kernel", "direct")
 
     def __init__(self, q, seg: Segment, launch: DecodeLaunch, merge: bool, tma_spans: bool):
         _, Hq, D = q.shape
@@ -336,15 +352,13 @@ class _Plan:
         # Triton 3.6's interpreter multiplies bf16 operands of tl.dot as raw bits; there, bf16 goes in fp32.
         half = (torch.float16,) if INTERPRET else (torch.float16, torch.bfloat16)
         self.tma = (launch.tma and tma_spans and q.dtype == k.dtype == v.dtype and k.dtype in half
-                    and (bs == 0 or bs % block_n == 0) and _hopper_on(q.device)
+                    and (bs == 0 or bs % block_n == 0) and _has_tma(q.device)
                     and all(_rows_divide(t) for t in (k, v)))
-        # Programmatic dependent launch is a CUDA launch attribute: the interpreter has none.
-        self.early_merge = launch.early_merge and not merge and not INTERPRET and _hopper_on(q.device)
         self.constexprs = (
             G, max(16, next_pow2(G)), D, block_d, block_n, bs,
             seg.block_table is not None, has_len, seg.start is not None,
             not (q.dtype == k.dtype and k.dtype in half), v.dtype not in half,
-            merge, merge_r, max(2, min(16, 4096 // (merge_r * block_d))), self.tma, self.early_merge,
+            merge, merge_r, max(2, min(16, 4096 // (merge_r * block_d))), self.tma,
         )
         self.num_warps, self.num_stages = launch.num_warps, launch.num_stages
         self.kernel = None  # the compiled kernel, once Triton has chosen it for these arguments
@@ -413,9 +427,9 @@ def _descriptor(t: torch.Tensor, rows: int, block: tuple[int, int]) -> TensorDes
 
 
 @functools.lru_cache(maxsize=None)
-def _hopper_on(device) -> bool:
-    """Whether `device` is an NVIDIA GPU of Hopper or later: the tensor memory accelerator, and
-    programmatic dependent launch (ROCm reports its own capabilities through the same call)."""
+def _has_tma(device) -> bool:
+    """Whether `device` has NVIDIA's tensor memory accelerator (Hopper on; ROCm reports its own
+    capabilities through the same call)."""
     if INTERPRET:
         return True
     return (torch.device(device).type == "cuda" and torch.version.hip is None

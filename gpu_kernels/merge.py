@@ -6,7 +6,6 @@ import torch
 import triton
 import triton.language as tl
 from triton.compiler import CompiledKernel
-from triton.language.extra.cuda import gdc_wait
 
 from . import reference
 from ._dispatch import next_pow2, run_compiled, use_triton
@@ -51,9 +50,7 @@ def merge_rows(outs, lses, out, lse, P, R, r0, n_rows,
 # P and R change from call to call: specializing on them would compile a variant per value class.
 @triton.jit(do_not_specialize=["P", "R"])
 def _merge_partials_kernel(outs, lses, out, lse, P, R,
-                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, DEPENDENT: tl.constexpr):
-    if DEPENDENT:  # launched before the kernel writing the partials ended: wait for its end and its writes
-        gdc_wait()
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
     merge_rows(outs, lses, out, lse, P, R, tl.program_id(0), 1, D, BLOCK_D, 1, BLOCK_P)
 
 
@@ -98,30 +95,27 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
         return out, lse
     outs = outs.float().contiguous()
     lses = lses.float().contiguous()
-    _merge_partials_kernel[(B * Hq,)](outs, lses, out, lse, P, B * Hq, D=D, BLOCK_D=next_pow2(D), BLOCK_P=16,
-                                      DEPENDENT=False)
+    _merge_partials_kernel[(B * Hq,)](outs, lses, out, lse, P, B * Hq, D=D, BLOCK_D=next_pow2(D), BLOCK_P=16)
     return out, lse
 
 
 _flat_kernels: dict = {}
 
 
-def merge_flat(work: torch.Tensor, P: int, B: int, Hq: int, D: int, device, stream,
-               early: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_flat(work: torch.Tensor, P: int, B: int, Hq: int, D: int, device, stream) -> tuple[torch.Tensor, torch.Tensor]:
     """`merge_partials` of P partials laid out flat in float32 `work` (out [P, B*Hq, D], then lse
     [P, B*Hq]; on CUDA, or on the CPU in Triton's interpreter), with little host time: the compiled
     kernel is kept per kind of call and launched directly on `stream` (`device` and `stream` as
-    Triton's driver names them). `early`: launched as a programmatic dependent of the kernel before
-    it on the stream, which wrote the partials (CUDA, Hopper and later)."""
+    Triton's driver names them)."""
     R = B * Hq
     out = torch.empty(B, Hq, D, dtype=torch.float32, device=work.device)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=work.device)
     lses = work[P * R * D:]
-    args = (work, lses, out, lse, P, R, D, next_pow2(D), 16, early)
-    key = (device, D, lses.data_ptr() % 16 == 0, early)
+    args = (work, lses, out, lse, P, R, D, next_pow2(D), 16)
+    key = (device, D, lses.data_ptr() % 16 == 0)
     kernel = _flat_kernels.get(key)
     if kernel is None:
-        kernel = _merge_partials_kernel[(R,)](*args, launch_pdl=early)
+        kernel = _merge_partials_kernel[(R,)](*args)
         if isinstance(kernel, CompiledKernel):
             _flat_kernels[key] = kernel
     else:

@@ -254,6 +254,21 @@ def test_launches_build_hook_metadata_only_while_a_hook_is_registered():
     assert not launch_hooked()
 
 
+def test_default_launch_takes_the_merge_kernel_only_for_few_long_rows(monkeypatch):
+    """With the tensor memory accelerator, batch 1 over 64K tokens and more is GPU-bound, and faster
+    with the merge kernel; shorter calls and many rows (batch 8) merge in the last program."""
+    import importlib
+    module = importlib.import_module("hetero.gpu_kernels.decode_attention")
+    monkeypatch.setattr(module, "_has_tma", lambda device: True)
+    q1, q8 = torch.zeros(1, 32, 128, dtype=torch.bfloat16), torch.zeros(8, 32, 128, dtype=torch.bfloat16)
+    fused, merge_kernel = module.default_launches(q1)
+    assert fused.fused_merge and not merge_kernel.fused_merge
+    assert module.default_launch(q1, 8, 32768) == fused
+    assert module.default_launch(q1, 8, 65536) == module.default_launch(q1, 8, 131072) == merge_kernel
+    assert module.default_launch(q8, 8, 32768) == module.default_launch(q8, 8, 131072) == fused
+    assert module.default_launch(q1.float(), 8, 131072) == module._THREAD_LAUNCHES.default
+
+
 def test_segment_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
         Segment(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 5))
