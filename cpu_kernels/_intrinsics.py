@@ -1,5 +1,4 @@
-"""LLVM-level helpers for the Numba kernels: 16-bit float widening, bit casts, 2**k, prefetch hints
-and a load that sees another agent's writes.
+"""LLVM-level helpers for the Numba kernels: 16-bit float widening, bit casts, 2**k and prefetch hints.
 
 Numba has no bfloat16 or float16 type, so 16-bit pools reach the kernels as uint16 bit
 patterns. The conversions emit the LLVM operation directly (a 16-bit shift for bfloat16,
@@ -123,18 +122,3 @@ def _prefetch_intrinsic(locality, doc):
 # span several.
 prefetch_l1 = _prefetch_intrinsic(3, "Bring the cache line of arr[row, col] (a 2-D array) into every cache level.")
 prefetch_l2 = _prefetch_intrinsic(2, "Bring the cache line of arr[row, col] (a 2-D array) into L2 and L3, not L1.")
-
-
-@intrinsic
-def load_acquire(typingctx, arr):
-    """arr[0] of a 1-D int64 array, by an atomic load with acquire order: read anew on every call
-    (a plain load in a loop that writes nothing may be hoisted out of it), for a word another
-    thread or the GPU raises."""
-    if not isinstance(arr, types.Array) or arr.ndim != 1 or arr.dtype != types.int64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        return builder.load_atomic(array.data, "acquire", 8)
-
-    return types.int64(arr), codegen

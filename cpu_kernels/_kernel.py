@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._bf16_tiles import HEADS, accumulate_step, query_parts, score_step, split_index
-from ._intrinsics import exponent_to_f32, load_acquire, prefetch_l1, prefetch_l2, to_f32
+from ._intrinsics import exponent_to_f32, prefetch_l1, prefetch_l2, to_f32
 
 # No "nnan"/"ninf": the softmax state starts at -inf and empty heads must end at lse -inf.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -311,31 +311,6 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
             for d in range(D):
                 row[d] *= inv
             lse[b, h * G + g] = top + np.log(total)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def warm_units(pool, block_table, pieces, unit_begin, v_rows, bs, tokens_per_unit, flag, number, taken):
-    """Prefetch into L2 the K and V rows of the first `tokens_per_unit` tokens of each unit, in the
-    order `attend_units` reads them (same pool rows, block table and pieces; ranges only), until
-    flag[0] reaches `number`: work for cores that would otherwise wait for the query, whose reads
-    of host memory the attention then finds in cache. taken[u]: the tokens prefetched of unit u."""
-    slot_rows = 2 * v_rows
-    step = max(1, 64 // pool.itemsize)
-    for u in prange(unit_begin.shape[0] - 1):
-        done = 0
-        for i in range(unit_begin[u], unit_begin[u + 1]):
-            bh, pos, last = pieces[i, 0], pieces[i, 1], pieces[i, 2]
-            while pos < last and done < tokens_per_unit and load_acquire(flag) < number:
-                blk = pos // bs
-                n = min(16, last - pos, bs - (pos - blk * bs), tokens_per_unit - done)
-                first = block_table[blk] * slot_rows + bh * bs + pos - blk * bs
-                for row in range(first, first + n):
-                    for d in range(0, pool.shape[1], step):
-                        prefetch_l2(pool, row, d)
-                        prefetch_l2(pool, row + v_rows, d)
-                pos += n
-                done += n
-        taken[u] = done
 
 
 @njit(cache=True, _nrt=False)

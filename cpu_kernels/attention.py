@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._bf16_tiles import CHUNK, HEADS, cpu_has_dpbf16
-from ._kernel import BLOCK_WITHOUT_SLOT, RANGE_OUTSIDE_TABLE, RANGES_OK, attend_units, build_units, check_ranges, warm_units
+from ._kernel import BLOCK_WITHOUT_SLOT, RANGE_OUTSIDE_TABLE, attend_units, build_units, check_ranges
 
 # Tuning knobs, set from bench/bench_cpu_attention.py --sweep on the 16-core machine: units of work
 # per thread (equal shares of the tokens; more than one lets a thread that runs slow fall behind by
@@ -31,9 +31,6 @@ TILE_TOKENS = 128
 DYNAMIC_SCHEDULE = True
 PREFETCH_NEXT_TILE = 1
 BF16_TILES: bool | None = None
-# `warm_host_ranges`: K and V bytes per unit prefetched into L2 while the query is on its way
-# (the units of a thread's share stay within its L2, 2 MiB on the 16-core machine's cores).
-WARM_BYTES_PER_UNIT = 1 << 20
 _threads: int | None = None
 
 
@@ -97,30 +94,6 @@ def host_decode_attention_indexed(q, pool, block_table, token_idx, token_count, 
     return _run(q, qa, rows, fp16, table, idx, True, spans, int(count.sum()), Hkv, bs, scale, threads, chunk, out, lse)
 
 
-def warm_host_ranges(pool, block_table, ranges, flag, number, threads=None) -> int:
-    """While a query is on its way, prefetch into the cores' caches the first K and V rows of each
-    unit of work that `host_decode_attention` over the same pool, block table and ranges will cut
-    (WARM_BYTES_PER_UNIT of each), and return once flag[0] (int64, e.g. pinned memory the GPU
-    writes) reaches `number`, or when all are prefetched. Returns the tokens prefetched."""
-    rows, _, (n_slots, B, Hkv, bs, D) = _pool_rows(pool)
-    table = _int32(block_table, "block_table", (None,))
-    rng = _int32(ranges, "ranges", (B, Hkv, None, 2))
-    status, n_tokens = check_ranges(rng, table, bs, n_slots)
-    if status != RANGES_OK or not n_tokens:
-        return 0  # the attention call itself reports bad ranges
-    n_threads = threads or _threads or numba.config.NUMBA_NUM_THREADS
-    numba.set_num_threads(n_threads)
-    pieces, unit_begin, _, _ = build_units(rng, _chunk(n_tokens, n_threads))
-    previous = numba.set_parallel_chunksize(1 if DYNAMIC_SCHEDULE else 0)
-    try:
-        taken = np.zeros(unit_begin.shape[0] - 1, np.int64)
-        warm_units(rows, table, pieces, unit_begin, B * Hkv * bs, bs, WARM_BYTES_PER_UNIT // (2 * D * rows.itemsize),
-                   flag, number, taken)
-        return int(taken.sum())
-    finally:
-        numba.set_parallel_chunksize(previous)
-
-
 def warmup(dtypes=("bfloat16", "float16", "float32")) -> None:
     """Compile (or load from Numba's cache) every kernel signature the given pool dtypes need."""
     for name in dtypes:
@@ -130,7 +103,6 @@ def warmup(dtypes=("bfloat16", "float16", "float32")) -> None:
         table = torch.zeros(1, dtype=torch.int32)
         host_decode_attention(q, pool, table, torch.tensor([[[[0, 5]]]], dtype=torch.int32), 1.0, chunk=2)
         host_decode_attention_indexed(q, pool, table, torch.zeros(1, 1, 1, dtype=torch.int32), torch.ones(1, 1, dtype=torch.int32), 1.0)
-        warm_host_ranges(pool, table, torch.tensor([[[[0, 5]]]], dtype=torch.int32), np.zeros(1, np.int64), 1)
 
 
 _NO_INDEX = np.zeros((1, 1, 1), np.int32)
@@ -148,16 +120,6 @@ _NUMPY_POOL_KINDS = {
 
 def _operands(q, pool):
     """float32 q as numpy, the pool as a zero-copy [rows, D] numpy view, fp16 flag, pool dims."""
-    rows, fp16, (n_slots, B, Hkv, bs, D) = _pool_rows(pool)
-    qa = q.detach().cpu().numpy() if isinstance(q, torch.Tensor) else np.asarray(q)
-    qa = np.ascontiguousarray(qa, dtype=np.float32)
-    if qa.ndim != 3 or qa.shape[0] != B or qa.shape[2] != D or qa.shape[1] % Hkv:
-        raise ValueError(f"q: got shape {qa.shape}, expected [{B}, G * {Hkv}, {D}]")
-    return qa, rows, fp16, (n_slots, B, Hkv, bs, D)
-
-
-def _pool_rows(pool):
-    """The pool as a zero-copy [rows, D] numpy view, fp16 flag, pool dims."""
     if pool.ndim != 6 or pool.shape[1] != 2:
         raise ValueError(f"pool: got shape {tuple(pool.shape)}, expected [n_slots, 2, B, Hkv, bs, D]")
     is_torch = isinstance(pool, torch.Tensor)
@@ -173,7 +135,12 @@ def _pool_rows(pool):
             raise ValueError("pool: expected a C-contiguous array (the kernel reads it in place)")
         arr = pool
     n_slots, _, B, Hkv, bs, D = pool.shape
-    return arr.reshape(-1, D).view(kind[0]), kind[1], (n_slots, B, Hkv, bs, D)
+    rows = arr.reshape(-1, D).view(kind[0])
+    qa = q.detach().cpu().numpy() if isinstance(q, torch.Tensor) else np.asarray(q)
+    qa = np.ascontiguousarray(qa, dtype=np.float32)
+    if qa.ndim != 3 or qa.shape[0] != B or qa.shape[2] != D or qa.shape[1] % Hkv:
+        raise ValueError(f"q: got shape {qa.shape}, expected [{B}, G * {Hkv}, {D}]")
+    return qa, rows, kind[1], (n_slots, B, Hkv, bs, D)
 
 
 def _int32(x, name, shape):
@@ -198,7 +165,7 @@ def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale
     numba.set_num_threads(n_threads)
     B, Hq, D = qa.shape
     if chunk is None:
-        chunk = _chunk(n_tokens, n_threads)
+        chunk = max(MIN_CHUNK, -(-n_tokens // (n_threads * UNITS_PER_THREAD)))
     elif chunk < 1:
         raise ValueError(f"chunk: got {chunk}, expected a positive number of tokens")
     pieces, unit_begin, head_begin, n_parts = build_units(spans, chunk)
@@ -215,11 +182,6 @@ def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale
     if isinstance(q, torch.Tensor):
         return (out if out is not None else torch.from_numpy(out_np)), (lse if lse is not None else torch.from_numpy(lse_np))
     return out_np, lse_np
-
-
-def _chunk(n_tokens: int, n_threads: int) -> int:
-    """Tokens per unit of work: UNITS_PER_THREAD units per thread, none below MIN_CHUNK."""
-    return max(MIN_CHUNK, -(-n_tokens // (n_threads * UNITS_PER_THREAD)))
 
 
 def _output(given, shape, name):

@@ -11,7 +11,6 @@ fetched through the pipeline's ring, one layer or more ahead, while the layer be
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import gpu_decode
 from .config import Budgets, OffloadConfig
 from .errors import ConfigError
-from .host_attention import attend_host_blocks, attend_host_unselected, warm_host_blocks
+from .host_attention import attend_host_blocks, attend_host_unselected
 from .gpu_kernels import Segment, gather_tokens
 from .block_bounds import blocks_within, score_upper_bounds
 from .held_rows import HeldRows
@@ -418,7 +417,6 @@ class HeteroCache(Cache):
         return self.pipeline.run_on_host(
             ready, attend_host_blocks, q_host, self._home.slab, table, first, end, scale, valid_host,
             work_bytes=(end - first) * self.layout.block_bytes, returns=self._returns_on_gpu(query),
-            meanwhile=functools.partial(warm_host_blocks, self._home.slab, table, first, end),
         )
 
     def _returns_on_gpu(self, query: torch.Tensor) -> tuple | None:

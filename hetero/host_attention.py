@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .cpu_kernels import host_decode_attention, warm_host_ranges
+from .cpu_kernels import host_decode_attention
 from .partial_attention import attend
 
 
@@ -46,17 +46,6 @@ def attend_host_blocks(
     key_pos = torch.arange(lo, hi)
     valid = None if valid_from is None else key_pos[None, :] >= valid_from[:, None]
     return attend(query.float(), kv[0], kv[1], scale, key_pos, None, valid)
-
-
-def warm_host_blocks(slab: torch.Tensor, block_table: np.ndarray, first_block: int, end_block: int,
-                     flag: np.ndarray, number: int) -> None:
-    """Until flag[0] reaches `number` (the decode query of `attend_host_blocks` over the same blocks
-    has landed), bring the first KV rows that call will read into the cores' caches."""
-    bs, kv_heads = slab.shape[4], slab.shape[3]
-    ranges = np.empty((slab.shape[2], kv_heads, 1, 2), np.int32)
-    ranges[..., 0] = first_block * bs
-    ranges[..., 1] = end_block * bs
-    warm_host_ranges(slab, block_table, ranges, flag, number)
 
 
 def attend_host_unselected(

@@ -293,13 +293,11 @@ class Pipeline:
         event.record(torch.cuda.current_stream(self.device))
         return Fence(event)
 
-    def run_on_host(self, ready: Fence, fn, *args, work_bytes: int = 0, returns=None, meanwhile=None) -> HostJob:
+    def run_on_host(self, ready: Fence, fn, *args, work_bytes: int = 0, returns=None) -> HostJob:
         """Run `fn(*args)` on the host worker once `ready` (a fence or several) has landed; returns the
         job. `work_bytes`: the KV it reads, for `take_work_times`. `returns`: the (shape, dtype) of each
         tensor `fn` returns, when known: on CUDA they then come back through a pinned mailbox, and
-        `host_result` does not block the calling thread. `meanwhile(flag, number)`: what the worker
-        does if it finds the one fence of a `to_host(..., numbered=True)` not yet landed; it must
-        return once flag[0] reaches number."""
+        `host_result` does not block the calling thread."""
         if not hasattr(self, "_worker"):
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetero-host")
 
@@ -319,8 +317,6 @@ class Pipeline:
         def job():
             try:
                 waits, call_args = inputs
-                if meanwhile is not None and len(waits) == 1 and waits[0].landed is not None and not waits[0].done():
-                    meanwhile(waits[0].landed, waits[0].number)
                 for fence in waits:
                     fence.synchronize()
                 started = time.perf_counter()

@@ -11,7 +11,6 @@ from hetero.cpu_kernels import (
     host_decode_attention_indexed,
     merge_partials,
     set_threads,
-    warm_host_ranges,
     warmup,
 )
 from hetero.cpu_kernels import reference
@@ -175,29 +174,6 @@ def test_units_are_equal_shares_that_cover_every_range_once():
         b, h = divmod(bh, 3)
         wanted = np.concatenate([np.arange(a, b_) for a, b_ in ranges[b, h]])
         assert np.array_equal(covered, wanted)
-
-
-def test_warming_prefetches_each_units_first_rows_until_the_flag_rises(monkeypatch):
-    """Prefetches change nothing a kernel computes; what shows is how many tokens were taken: each
-    unit's first WARM_BYTES_PER_UNIT while the flag stays down, none once it is up."""
-    from hetero.cpu_kernels import attention
-
-    rng = np.random.default_rng(21)
-    q, pool, table = _case(rng, "bfloat16", 64, 4)
-    ranges = _random_ranges(rng, 2, 2, 3, 13 * 16)
-    total = int(np.clip(ranges[..., 1] - ranges[..., 0], 0, None).sum())
-    monkeypatch.setattr(attention, "MIN_CHUNK", 1)
-    monkeypatch.setattr(attention, "WARM_BYTES_PER_UNIT", 2 * 64 * 2 * 10)  # 10 tokens of K and V a unit
-    flag = np.zeros(1, np.int64)
-    units = -(-total // attention._chunk(total, 2))
-    assert warm_host_ranges(pool, table, ranges, flag, 1, threads=2) == min(total, 10 * units)
-    monkeypatch.setattr(attention, "WARM_BYTES_PER_UNIT", 1 << 30)
-    assert warm_host_ranges(pool, table, ranges, flag, 1, threads=2) == total
-    flag[0] = 3  # the query has landed: nothing more to do
-    assert warm_host_ranges(pool, table, ranges, flag, 3, threads=2) == 0
-    assert warm_host_ranges(pool, table, ranges, flag, 4, threads=2) == total
-    out, lse = host_decode_attention(q, pool, table, ranges, 64**-0.5)
-    _assert_close(out, lse, *reference.decode_attention(q, pool, table, ranges, 64**-0.5), "bfloat16")
 
 
 def test_merged_partials_equal_attention_over_the_union():
@@ -375,7 +351,7 @@ def test_kernel_helpers_count_no_references():
 
     helpers = [f for module in (_kernel, _bf16_tiles) for name, f in vars(module).items()
                if isinstance(f, CPUDispatcher) and f.py_func.__module__ == module.__name__
-               and name not in ("attend_units", "build_units", "check_ranges", "cpu_has_dpbf16", "warm_units")]  # from Python
+               and name not in ("attend_units", "build_units", "check_ranges", "cpu_has_dpbf16")]  # from Python
     assert {"_score_tile", "_accumulate_tile", "_bf16_tile", "_prefetch_rows"} <= {f.__name__ for f in helpers}
     counted = [f.__name__ for f in helpers if f.targetoptions.get("_nrt", True)]
     assert counted == [], f"compile these with _nrt=False: {counted}"

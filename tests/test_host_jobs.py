@@ -172,27 +172,6 @@ def test_the_host_thread_frees_a_jobs_inputs_not_the_worker():
     pipeline.close()
 
 
-def test_a_worker_that_finds_its_query_on_the_way_does_the_jobs_meanwhile_work_first():
-    import numpy as np
-
-    from hetero.pipeline import Fence
-
-    pipeline = Pipeline("cpu")  # the worker's side is the same on every device
-    landed = np.zeros(1, np.int64)
-    seen = []
-
-    def meanwhile(flag, number):
-        seen.append(("meanwhile", int(flag[0]), number))
-        flag[0] = number  # as the GPU's copy would
-
-    job = pipeline.run_on_host(Fence(None, landed, 4), lambda: seen.append(("job",)), meanwhile=meanwhile)
-    job.future.result(timeout=30)
-    again = pipeline.run_on_host(Fence(None, landed, 4), lambda: seen.append(("job",)), meanwhile=meanwhile)
-    again.future.result(timeout=30)  # landed already: no meanwhile
-    pipeline.close()
-    assert seen == [("meanwhile", 0, 4), ("job",), ("job",)]
-
-
 def test_the_host_thread_frees_a_jobs_inputs_even_when_it_drops_the_job_before_the_worker_is_done():
     """The executor lets go of a job's function only after its future is done: a host thread that
     drops the job in between must still be the one that frees the job's inputs."""
