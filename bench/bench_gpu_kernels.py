@@ -111,6 +111,23 @@ def graph_ms(fn) -> float:
         return float("nan")
 
 
+def queued_ms(fn, n=40) -> float:
+    """GPU milliseconds per call of n eager calls run back to back: they are queued
+    behind a sleeping kernel, so that the host's launch time stays off the GPU's timeline. Unlike a
+    graph replay, each call is the eager call a runtime makes (what a call does only when captured
+    into a graph, such as the fused merge's zeroing of its counters, is left out)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(50e6))  # tens of ms of clock cycles: longer than queueing n calls takes
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
 def host_us(fn, n=200) -> float:
     """Host microseconds per call: n calls enqueued without waiting for the GPU."""
     fn()
@@ -240,9 +257,10 @@ ROUND_SHAPES = ((1, 32768), (1, 65536), (1, 131072), (8, 32768), (8, 65536), (8,
 
 
 def bench_rounds(bs, ceiling, rows, shapes=ROUND_SHAPES, rounds=5):
-    """Graph time of SDPA and of both default launch shapes over a block pool, alternated `rounds`
-    times in one process, so that drift within a run (seen at 4-10% between sections) falls on
-    every call alike; the medians are compared, and the shape `decode_attention` picks is named."""
+    """GPU time of SDPA and of both default launch shapes over a block pool, by graph replay and by
+    eager calls queued back to back, alternated `rounds` times in one process, so that drift
+    within a run (seen at 4-10% between sections) falls on every call alike; the medians are
+    compared, and the shape `decode_attention` picks is named."""
     scale = D**-0.5
     for B, L in shapes:
         kv_bytes = 2 * B * HKV * L * D * 2
@@ -255,19 +273,24 @@ def bench_rounds(bs, ceiling, rows, shapes=ROUND_SHAPES, rounds=5):
         for name, launch in (("fused merge", fused), ("merge kernel", merge_kernel)):
             calls[name + (" (default)" if launch == chosen else "")] = functools.partial(
                 decode_attention, q, segs, scale, launch)
-        times = {name: [] for name in calls}
+        graphs = {name: [] for name in calls}
+        queued = {name: [] for name in calls}
         for _ in range(rounds):
             for name, fn in calls.items():
-                times[name].append(graph_ms(fn))
-        sdpa = statistics.median(times["torch SDPA (dense)"])
-        print(f"rounds B={B} {L // 1024}K ({rounds} rounds, median graph time):", flush=True)
-        for name, ts in times.items():
-            med = statistics.median(ts)
-            rows.append(dict(kind="decode_rounds", B=B, L=L, call=name, graph_ms=med, graph_ms_rounds=ts,
-                             vs_sdpa=med / sdpa, graph_gbs=kv_bytes / med / 1e6, ceiling_gbs=ceiling,
-                             of_ceiling=kv_bytes / med / 1e6 / ceiling))
-            print(f"  {name:28s} {1e3 * med:8.1f} us  {med / sdpa:.3f}x SDPA  {100 * kv_bytes / med / 1e6 / ceiling:5.1f}% "
-                  f"of copy  (rounds {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})", flush=True)
+                graphs[name].append(graph_ms(fn))
+                queued[name].append(queued_ms(fn))
+        sdpa_graph, sdpa_queued = statistics.median(graphs["torch SDPA (dense)"]), statistics.median(queued["torch SDPA (dense)"])
+        print(f"rounds B={B} {L // 1024}K ({rounds} rounds, medians; graph replay, and eager calls queued back to back):",
+              flush=True)
+        for name in calls:
+            g, qd = statistics.median(graphs[name]), statistics.median(queued[name])
+            rows.append(dict(kind="decode_rounds", B=B, L=L, call=name, graph_ms=g, graph_ms_rounds=graphs[name],
+                             queued_ms=qd, queued_ms_rounds=queued[name], graph_vs_sdpa=g / sdpa_graph,
+                             queued_vs_sdpa=qd / sdpa_queued, graph_gbs=kv_bytes / g / 1e6, queued_gbs=kv_bytes / qd / 1e6,
+                             ceiling_gbs=ceiling, of_ceiling=kv_bytes / min(g, qd) / 1e6 / ceiling))
+            print(f"  {name:28s} graph {1e3 * g:7.1f} us {g / sdpa_graph:.3f}x SDPA | queued {1e3 * qd:7.1f} us "
+                  f"{qd / sdpa_queued:.3f}x SDPA {100 * kv_bytes / qd / 1e6 / ceiling:5.1f}% of copy "
+                  f"(rounds {1e3 * min(queued[name]):.1f}-{1e3 * max(queued[name]):.1f})", flush=True)
         del kv, pool, segs, dense_segs
         torch.cuda.empty_cache()
 

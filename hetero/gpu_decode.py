@@ -69,7 +69,7 @@ def warmup(device, query_dtype: torch.dtype, kv_dtype: torch.dtype, q_heads: int
         rows = torch.empty(2, 1, kv_heads, tokens + 5, head_dim, dtype=kv_dtype, device=device)[:, :, :, :tokens]
         gather_tokens(host, table, idx, count, rows)
         picked = [gathered_segment(rows, count)] * 2
-    for launch in default_launches(query[:, :, 0]):  # short and long contexts launch differently
+    for launch in default_launches(query[:, :, 0]):  # calls launch by their batch and length
         attend_segments(query, [resident], 1.0, launch)
         attend_segments(query, [resident, blocks_segment(pool[1:])], 1.0, launch)
         for n in range(1, len(picked) + 1):  # speculation's buffer, and the one its verification adds
