@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -32,7 +32,7 @@ from .storage import PAGE, GpuPool, HostPool, NvmeStore
 from .token_sets import missing_tokens
 from .partial_attention import PartialMerger, attend
 from .pipeline import Pipeline
-from .plan import fetch_ring_shape
+from .plan import size_gpu_tier
 from .residency import LayerPlan, LayerResidency, ResidencyPolicy
 
 # Whether a decode step's last layer plans the next step's first layers into the whole ring
@@ -450,23 +450,13 @@ class HeteroCache(Cache):
             self._ring = self.pipeline.fetch_ring(1, 1, layout.block_shape, dtype)
             self.layout = layout
             return
-        resident_slots = nl * self.policy.slots_per_layer()
-        resident_bytes = resident_slots * layout.block_bytes
-        spare = self.budgets.gpu_kv_bytes - resident_bytes - self._speculation_bytes(layout)
-        ring_buffers, per_buffer = fetch_ring_shape(cfg.prefetch_layers, spare, bpl, layout.block_bytes)
-        if per_buffer < 1:
-            speculation = self._speculation_bytes(layout)
-            need = resident_bytes + speculation + ring_buffers * layout.block_bytes
-            extra = f", the speculative mode's partial keys and gather buffers ({speculation} bytes)" if speculation else ""
-            raise ConfigError(
-                "gpu_kv_bytes",
-                f"gpu_kv_bytes: got {self.budgets.gpu_kv_bytes} bytes, expected at least {need} for the sink "
-                f"({cfg.sink_tokens} tokens), window ({cfg.window_tokens} tokens){extra} and {ring_buffers} fetch "
-                f"buffers of one {cfg.block_size}-token block for {nl} layers; raise it or lower window_tokens/block_size",
-            )
+        speculation = self._speculation_bytes(layout)
+        extra = f", the speculative mode's partial keys and gather buffers ({speculation} bytes)" if speculation else ""
+        tier = size_gpu_tier(cfg, nl, bpl, layout.block_bytes, self.budgets.gpu_kv_bytes, speculation, extra)
+        self.policy = replace(self.policy, window_blocks=tier.window_blocks)
         home = self._home = self._make_home(layout)
-        self._gpu = GpuPool(resident_slots, layout.block_shape, dtype, self.device)
-        self._ring = self.pipeline.fetch_ring(ring_buffers, per_buffer, layout.block_shape, dtype)
+        self._gpu = GpuPool(tier.resident_blocks, layout.block_shape, dtype, self.device)
+        self._ring = self.pipeline.fetch_ring(tier.ring_buffers, tier.blocks_per_buffer, layout.block_shape, dtype)
         if self.speculator is not None:
             self._home_tables_gpu = torch.from_numpy(home.all_tables).to(self.device)
             if home.ssd_blocks and not cfg.cpu_attends_remainder:  # else the CPU reads every block anyway

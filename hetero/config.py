@@ -48,7 +48,10 @@ _DOCS = {
     "ssd_kv_bytes": "disk budget under ssd_dir, bytes or a size; > 0 exactly when ssd_dir is set",
     "block_size": "tokens per KV block, the unit of every transfer (a power of two >= 16)",
     "sink_tokens": "first tokens of each layer kept on the GPU (the attention sink)",
-    "window_tokens": "most recent tokens of each layer kept on the GPU",
+    "window_tokens": "most recent tokens of each layer kept on the GPU (the least, with grow_window)",
+    "grow_window": "stream and split: the window grows past window_tokens to hold as many recent blocks as the GPU "
+                   "budget leaves beside fetch buffers of a whole layer, so that they never cross PCIe or reach the "
+                   "CPU (speculative keeps window_tokens: its selection is defined beside that window)",
     "kv_dtype": "storage dtype of the KV: auto (the model's) | bfloat16 | float16 | float32",
     "cpu_threads": "threads for CPU attention (split, cpu_remainder; auto: all cores but one, which drives the GPU)",
     "prefetch_layers": "layers ahead of the one computing whose KV is fetched",
@@ -96,6 +99,7 @@ class OffloadConfig:
     block_size: int = 256
     sink_tokens: int = 64
     window_tokens: int = 1024
+    grow_window: bool = True
     kv_dtype: str = "auto"
     cpu_threads: int | str = "auto"
     prefetch_layers: int = 1
@@ -148,6 +152,7 @@ class OffloadConfig:
         if ratio != "auto" and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1):
             raise ConfigError("split_ratio", f'split_ratio: got {_shown(ratio)}, expected "auto" or a number in [0, 1]')
         check_speculation_keys(self)
+        _bool("grow_window", self.grow_window)
         _bool("reuse_rows", self.reuse_rows)
         _bool("speculation_debug", self.speculation_debug)
         if not _is_number(self.verify_share) or not 0 <= self.verify_share < 1:

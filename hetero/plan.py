@@ -66,12 +66,14 @@ class KVGeometry:
 class GpuTier:
     """What the GPU holds of the KV, over all layers: resident blocks (sink, window, the block being
     filled, and window blocks a chunk pushed out that a pending plan still reads) and a ring of
-    fetch buffers, each up to one layer of blocks, sized from what the budget leaves."""
+    fetch buffers, each up to one layer's middle, sized from what the budget leaves. `window_blocks`:
+    the window, grown past the configured one where the budget leaves room (`grow_window`)."""
 
     resident_blocks: int
     ring_buffers: int
     blocks_per_buffer: int
     block_bytes: int
+    window_blocks: int = 0
 
     @property
     def bytes(self) -> int:
@@ -88,24 +90,66 @@ def fetch_ring_shape(prefetch_layers: int, spare_bytes: int, blocks_per_layer: i
     return buffers, min(blocks_per_layer, max(0, spare_bytes) // (buffers * block_bytes))
 
 
+GROWING_MODES = ("stream", "split")  # exact modes: where a block lies changes nothing but the time
+
+
 def size_gpu_tier(config: OffloadConfig, num_layers: int, blocks_per_layer: int, block_bytes: int,
-                  gpu_budget: int) -> GpuTier:
-    """Lay the GPU tier out within `gpu_budget` bytes; ConfigError("gpu_kv_bytes") when even one
-    block per fetch buffer does not fit beside the resident blocks."""
+                  gpu_budget: int, taken_bytes: int = 0, taken_for: str = "") -> GpuTier:
+    """Lay the GPU tier out within `gpu_budget` bytes, of which `taken_bytes` go elsewhere (named by
+    `taken_for`); ConfigError("gpu_kv_bytes") when even one block per fetch buffer does not fit
+    beside the resident blocks. In `stream` and `split` with `grow_window`, what a whole layer's
+    fetch buffers leave widens the window: those blocks then never cross PCIe or reach the CPU."""
     policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
-    resident = num_layers * policy.slots_per_layer()
-    spare = gpu_budget - resident * block_bytes
-    ring_buffers, per_buffer = fetch_ring_shape(config.prefetch_layers, spare, blocks_per_layer, block_bytes)
+    chunk = chunk_blocks(config)
+    room = gpu_budget - taken_bytes
+    resident = num_layers * policy.slots_per_layer(chunk)
+    ring_buffers, per_buffer = fetch_ring_shape(config.prefetch_layers, room - resident * block_bytes,
+                                                blocks_per_layer, block_bytes)
     if per_buffer < 1:
-        need = (resident + ring_buffers) * block_bytes
+        need = (resident + ring_buffers) * block_bytes + taken_bytes
         raise ConfigError(
             "gpu_kv_bytes",
             f"gpu_kv_bytes: got {gpu_budget} bytes ({format_bytes(gpu_budget)}), expected at least {need} "
             f"({format_bytes(need)}) for the sink ({config.sink_tokens} tokens), window ({config.window_tokens} "
-            f"tokens) and {ring_buffers} fetch buffers of one {config.block_size}-token block, for {num_layers} "
-            "layers; raise gpu_kv_bytes or lower window_tokens or block_size",
+            f"tokens){taken_for} and {ring_buffers} fetch buffers of one {config.block_size}-token block, for "
+            f"{num_layers} layers; raise gpu_kv_bytes or lower window_tokens or block_size",
         )
-    return GpuTier(resident, ring_buffers, per_buffer, block_bytes)
+    window = policy.window_blocks
+    if config.grow_window and config.mode in GROWING_MODES:
+        window = _widest_window(policy, chunk, num_layers, blocks_per_layer, block_bytes, room, ring_buffers)
+        policy = ResidencyPolicy(policy.block_size, policy.sink_blocks, window)
+        resident = num_layers * policy.slots_per_layer(chunk)
+        per_buffer = min(_middle_blocks(policy, blocks_per_layer), (room - resident * block_bytes) // (ring_buffers * block_bytes))
+    return GpuTier(resident, ring_buffers, per_buffer, block_bytes, window)
+
+
+def chunk_blocks(config: OffloadConfig) -> int:
+    """Blocks a prefill chunk adds to a layer at most."""
+    return -(-config.prefill_chunk_tokens // config.block_size)
+
+
+def _middle_blocks(policy: ResidencyPolicy, blocks_per_layer: int) -> int:
+    """A layer's blocks that ever leave the GPU (at least 1: the ring is never empty)."""
+    return max(1, blocks_per_layer - policy.sink_blocks - policy.window_blocks - 1)
+
+
+def _widest_window(policy: ResidencyPolicy, chunk: int, num_layers: int, blocks_per_layer: int, block_bytes: int,
+                   room: int, ring_buffers: int) -> int:
+    """The widest window (at least the policy's) whose resident blocks, beside fetch buffers of a
+    whole layer's middle each, fit `room` bytes."""
+
+    def fits(window: int) -> bool:
+        wider = ResidencyPolicy(policy.block_size, policy.sink_blocks, window)
+        blocks = num_layers * wider.slots_per_layer(chunk) + ring_buffers * _middle_blocks(wider, blocks_per_layer)
+        return blocks * block_bytes <= room
+
+    low, high = policy.window_blocks, max(policy.window_blocks, blocks_per_layer - policy.sink_blocks - 1)
+    if not fits(low) or fits(high):
+        return high if fits(high) else low
+    while high - low > 1:  # fits(low), not fits(high); each wider block costs more than the ring saves
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
 
 
 @dataclass(frozen=True)
@@ -147,7 +191,7 @@ class Plan:
             f"KV in total:  {format_bytes(self.total_bytes)} for {self.context} tokens per sequence",
             "",
             f"{'tier':6} {'bytes':>11}  holds",
-            f"{'GPU':6} {format_bytes(self.gpu_bytes):>11}  sink, window and the block being filled; "
+            f"{'GPU':6} {format_bytes(self.gpu_bytes):>11}  sink, window ({self.gpu.window_blocks} blocks) and the block being filled; "
             f"{self.gpu.ring_buffers} fetch buffers of {self.gpu.blocks_per_buffer} blocks",
             f"{'host':6} {format_bytes(self.host_bytes):>11}  every token's home"
             + (" but the SSD's" if self.ssd_bytes else ""),
@@ -211,7 +255,7 @@ def make_plan(
             ", or shorten the context or the batch",
         )
 
-    policy = ResidencyPolicy.from_tokens(bs, config.sink_tokens, config.window_tokens)
+    policy = ResidencyPolicy(bs, -(-config.sink_tokens // bs), gpu.window_blocks)
     middle_end = max(policy.sink_blocks, context_tokens // bs - policy.window_blocks)
     offloaded = geometry.num_layers * (middle_end - policy.sink_blocks) * block_bytes
     from_disk = min(ssd, offloaded) / ceilings.disk_read  # the SSD holds the coldest, never resident, blocks

@@ -22,10 +22,13 @@ class ResidencyPolicy:
     def from_tokens(cls, block_size: int, sink_tokens: int, window_tokens: int) -> "ResidencyPolicy":
         return cls(block_size, -(-sink_tokens // block_size), -(-window_tokens // block_size))
 
-    def slots_per_layer(self) -> int:
-        """GPU slots one layer may hold: sink, window, the block being filled, and window blocks
-        that a chunk of new tokens pushed out but the pending plan still reads."""
-        return self.sink_blocks + 2 * self.window_blocks + 2
+    def slots_per_layer(self, chunk_blocks: int | None = None) -> int:
+        """GPU slots one layer may hold: sink, window and the block being filled, and as many again
+        for the blocks a chunk of new tokens adds while the pending plan still reads those it pushed
+        out of the window: no more than `chunk_blocks`, a chunk's length in blocks (None: unbounded)."""
+        held = self.window_blocks + 1
+        added = held if chunk_blocks is None else min(held, chunk_blocks)
+        return self.sink_blocks + held + added
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,22 @@ def test_batch_of_one_matches_transformers(model_dir):
     assert stats.new_tokens == 12
 
 
+@pytest.mark.parametrize("mode", ["stream", "split"])
+def test_a_grown_window_moves_less_and_generates_the_same(model_dir, mode):
+    """What two fetch buffers of a whole layer leave of the GPU budget holds more of the window: the
+    same tokens come out, fewer bytes cross to the GPU or reach the CPU, and the budget holds."""
+    ids = torch.randint(1, 256, (1, 301), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    config = {**SMALL, "mode": mode}
+    fixed, fixed_model = _hetero(model_dir, ids, mask, 12, {**config, "grow_window": False})
+    grown, grown_model = _hetero(model_dir, ids, mask, 12, config)
+    assert torch.equal(grown, fixed)
+    before, after = fixed_model.hetero.last_stats, grown_model.hetero.last_stats
+    moved = lambda s: s.bytes_to_gpu + s.bytes_read_by_cpu  # noqa: E731
+    assert 0 < moved(after) < moved(before)
+    assert after.gpu_kv_bytes <= 256 * 1024  # the buffers gave up what the window took
+
+
 def test_left_padded_batch_matches_transformers(model_dir):
     ids, mask = left_padded([211, 97, 150], seed=3)
     expected = _reference(model_dir, ids, mask, 10)
