@@ -51,7 +51,8 @@ _DOCS = {
     "window_tokens": "most recent tokens of each layer kept on the GPU (the least, with grow_window)",
     "grow_window": "stream and split: the window grows past window_tokens to hold as many recent blocks as the GPU "
                    "budget leaves beside fetch buffers of a whole layer, so that they never cross PCIe or reach the "
-                   "CPU (speculative keeps window_tokens: its selection is defined beside that window)",
+                   "CPU (speculative keeps window_tokens: its selection is defined beside that window; so does an SSD tier, "
+                   "which holds only blocks that leave the GPU)",
     "kv_dtype": "storage dtype of the KV: auto (the model's) | bfloat16 | float16 | float32",
     "cpu_threads": "threads for CPU attention (split, cpu_remainder; auto: all cores but one, which drives the GPU)",
     "prefetch_layers": "layers ahead of the one computing whose KV is fetched",
@@ -247,7 +248,11 @@ class MachineMemory:
 
         gpu = None
         if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-            gpu = torch.cuda.mem_get_info(device)[0]
+            gpu, total = torch.cuda.mem_get_info(device)
+            # A process capped below the card (set_per_process_memory_fraction) may not take what is free.
+            capped = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device) * total
+            if capped < total:
+                gpu = max(0, min(gpu, int(capped) - torch.cuda.memory_reserved(device)))
         return cls(gpu, psutil.virtual_memory().available, _disk_free(ssd_dir))
 
     def after_loading(self, weight_bytes: int) -> "MachineMemory":

@@ -97,8 +97,9 @@ def size_gpu_tier(config: OffloadConfig, num_layers: int, blocks_per_layer: int,
                   gpu_budget: int, taken_bytes: int = 0, taken_for: str = "") -> GpuTier:
     """Lay the GPU tier out within `gpu_budget` bytes, of which `taken_bytes` go elsewhere (named by
     `taken_for`); ConfigError("gpu_kv_bytes") when even one block per fetch buffer does not fit
-    beside the resident blocks. In `stream` and `split` with `grow_window`, what a whole layer's
-    fetch buffers leave widens the window: those blocks then never cross PCIe or reach the CPU."""
+    beside the resident blocks. In `stream` and `split` with `grow_window` and no SSD tier, what a
+    whole layer's fetch buffers leave widens the window: those blocks then never cross PCIe or reach
+    the CPU."""
     policy = ResidencyPolicy.from_tokens(config.block_size, config.sink_tokens, config.window_tokens)
     chunk = chunk_blocks(config)
     room = gpu_budget - taken_bytes
@@ -115,7 +116,8 @@ def size_gpu_tier(config: OffloadConfig, num_layers: int, blocks_per_layer: int,
             f"{num_layers} layers; raise gpu_kv_bytes or lower window_tokens or block_size",
         )
     window = policy.window_blocks
-    if config.grow_window and config.mode in GROWING_MODES:
+    # The SSD holds only blocks that leave the GPU: a wider window would leave it fewer.
+    if config.grow_window and config.mode in GROWING_MODES and config.ssd_dir is None:
         window = _widest_window(policy, chunk, num_layers, blocks_per_layer, block_bytes, room, ring_buffers)
         policy = ResidencyPolicy(policy.block_size, policy.sink_blocks, window)
         resident = num_layers * policy.slots_per_layer(chunk)

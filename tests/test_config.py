@@ -171,6 +171,20 @@ def test_file_errors(tmp_path):
 MACHINE = MachineMemory(gpu_free_bytes=10 * GiB, host_available_bytes=100 * GiB)
 
 
+def test_a_process_capped_below_its_card_counts_only_what_the_cap_leaves(monkeypatch):
+    """set_per_process_memory_fraction (a smaller card, emulated) caps what the caching allocator may
+    reserve: "auto" budgets must come from that, not from the card's free memory."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (120 * GiB, 140 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 18 * GiB)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.5)
+    assert MachineMemory.probe("cuda").gpu_free_bytes == 70 * GiB - 18 * GiB
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
+    assert MachineMemory.probe("cuda").gpu_free_bytes == 120 * GiB
+
+
 def test_budgets_resolve_against_the_machine():
     b = resolve_budgets(OffloadConfig(), MACHINE)
     assert b == Budgets(5 * GiB, 80 * GiB, 0)

@@ -72,6 +72,8 @@ def test_the_window_grows_into_what_the_fetch_buffers_leave(mode):
     assert plan.offloaded_bytes == 32 * (512 - 1 - 15) * block
     speculative = make_plan(geo, 131072, 4, OffloadConfig(mode="speculative"), Budgets(8 * GiB, 100 * GiB, 0))
     assert speculative.gpu.window_blocks == 4  # its selection is defined beside the configured window
+    ssd = OffloadConfig(mode=mode, ssd_dir="/tmp/kv", ssd_kv_bytes="8GiB")
+    assert make_plan(geo, 131072, 4, ssd, Budgets(8 * GiB, 100 * GiB, 8 * GiB)).gpu.window_blocks == 4
 
 
 def test_the_window_grows_no_further_than_every_block_that_would_leave():
@@ -82,3 +84,86 @@ def test_the_window_grows_no_further_than_every_block_that_would_leave():
     plan = make_plan(geo, 131072, 1, cfg, Budgets((32 * 513 + 2) * block, 100 * GiB, 0))
     assert (plan.gpu.window_blocks, plan.gpu.blocks_per_buffer) == (510, 1)
     assert make_plan(geo, 131072, 1, cfg, Budgets((32 * 513 + 1) * block, 100 * GiB, 0)).gpu.window_blocks == 509
+
+
+def test_tier_split_with_ssd_takes_what_the_host_cannot():
+    geo = KVGeometry.from_model_config(llama8b())
+    cfg = OffloadConfig(ssd_dir="/tmp/kv", ssd_kv_bytes="64GiB")
+    plan = make_plan(geo, 131072, 4, cfg, Budgets(8 * GiB, 40 * GiB + 123, 64 * GiB))
+    assert plan.host_bytes == 40 * GiB and plan.ssd_bytes == 24 * GiB
+    assert plan.step_seconds["stream"] == pytest.approx(24 * GiB / Ceilings().disk_read)
+    assert "SSD" in plan.format()
+
+
+def test_predicted_times_follow_the_ceilings():
+    geo = KVGeometry.from_model_config(llama8b())
+    plan = make_plan(geo, 131072, 4, OffloadConfig(), Budgets(8 * GiB, 100 * GiB, 0))
+    c = Ceilings()
+    steps = plan.step_seconds
+    assert steps["stream"] == pytest.approx(plan.offloaded_bytes / c.pcie_h2d)
+    assert steps["split"] == pytest.approx(plan.offloaded_bytes / (c.pcie_h2d + c.cpu_stream))
+    assert steps["speculative"] == pytest.approx(0.1 * plan.offloaded_bytes / c.uva_gather)
+    assert steps["speculative"] < steps["split"] < steps["stream"]
+    assert "all-on-GPU" not in steps
+    fixed = make_plan(geo, 131072, 4, OffloadConfig(mode="split", split_ratio=1.0), Budgets(8 * GiB, 100 * GiB, 0))
+    assert fixed.step_seconds["split"] == pytest.approx(steps["stream"])
+
+
+def test_predicted_times_grow_with_context_and_batch():
+    geo = KVGeometry.from_model_config(llama8b())
+    budgets = Budgets(70 * GiB, 1000 * GiB, 0)
+    for mode in ("stream", "split", "speculative", "all-on-GPU"):
+        by_context = [make_plan(geo, n, 1, OffloadConfig(), budgets).step_seconds[mode] for n in (8192, 32768, 131072)]
+        assert by_context == sorted(by_context) and by_context[0] < by_context[-1]
+        by_batch = [make_plan(geo, 32768, b, OffloadConfig(), budgets).step_seconds[mode] for b in (1, 2, 4)]
+        assert by_batch == sorted(by_batch) and by_batch[0] < by_batch[-1]
+
+
+def test_all_on_gpu_when_it_fits():
+    geo = KVGeometry.from_model_config(llama8b())
+    plan = make_plan(geo, 32768, 1, OffloadConfig(), Budgets(8 * GiB, 100 * GiB, 0))
+    assert plan.step_seconds["all-on-GPU"] == pytest.approx(4 * GiB / Ceilings().hbm)
+    assert plan.step_seconds["all-on-GPU"] == plan.step_seconds["stream"]  # its window grew to hold it all
+    fixed = make_plan(geo, 32768, 1, OffloadConfig(grow_window=False), Budgets(8 * GiB, 100 * GiB, 0))
+    assert fixed.step_seconds["all-on-GPU"] < fixed.step_seconds["stream"]
+    short = make_plan(geo, 100, 1, OffloadConfig(), Budgets(8 * GiB, 100 * GiB, 0))
+    assert short.offloaded_bytes == 0 and all(s > 0 for s in short.step_seconds.values())
+
+
+def test_too_big_for_the_tiers_names_the_key():
+    geo = KVGeometry.from_model_config(llama8b())
+    with pytest.raises(ConfigError) as err:
+        make_plan(geo, 131072, 4, OffloadConfig(), Budgets(8 * GiB, 16 * GiB, 0))
+    assert err.value.key == "cpu_kv_bytes"
+    assert "needs 64.00 GiB" in str(err.value) and "raise cpu_kv_bytes by 48.00 GiB" in str(err.value)
+    ssd = OffloadConfig(ssd_dir="/tmp/kv", ssd_kv_bytes="8GiB")
+    with pytest.raises(ConfigError) as err:
+        make_plan(geo, 131072, 4, ssd, Budgets(8 * GiB, 16 * GiB, 8 * GiB))
+    assert err.value.key == "ssd_kv_bytes" and "by 40.00 GiB" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        make_plan(geo, 131072, 4, OffloadConfig(), Budgets(GiB, 100 * GiB, 0))
+    assert err.value.key == "gpu_kv_bytes" and "lower window_tokens" in str(err.value)
+
+
+def test_gpu_tier_caps_buffers_at_one_layer_and_fills_the_budget():
+    cfg = OffloadConfig(block_size=16, sink_tokens=16, window_tokens=32, prefetch_layers=2, grow_window=False)
+    tier = size_gpu_tier(cfg, num_layers=2, blocks_per_layer=10, block_bytes=100, gpu_budget=10**6)
+    assert (tier.resident_blocks, tier.ring_buffers, tier.blocks_per_buffer) == (2 * (1 + 4 + 2), 4, 10)
+    tier = size_gpu_tier(cfg, num_layers=2, blocks_per_layer=10, block_bytes=100, gpu_budget=14 * 100 + 4 * 300 + 99)
+    assert tier.blocks_per_buffer == 3 and tier.bytes <= 14 * 100 + 4 * 300 + 99
+
+
+def test_weight_estimate_and_auto_budgets_for_plan():
+    weights = estimate_weight_bytes(llama8b())
+    assert 15.5e9 < weights < 16.5e9  # Llama 3 8B: 8.03e9 parameters in bf16
+    machine = MachineMemory(gpu_free_bytes=80 * GiB, host_available_bytes=100 * GiB).after_loading(weights)
+    assert resolve_budgets(OffloadConfig(), machine).gpu_kv_bytes == (80 * GiB - weights) // 2
+
+
+def test_bad_arguments():
+    geo = KVGeometry.from_model_config(small_llama())
+    budgets = Budgets(GiB, GiB, 0)
+    with pytest.raises(ConfigError, match="context: got 0 tokens"):
+        make_plan(geo, 0, 1, OffloadConfig(), budgets)
+    with pytest.raises(ConfigError, match="speculative_share: got 2"):
+        make_plan(geo, 10, 1, OffloadConfig(), budgets, speculative_share=2)
