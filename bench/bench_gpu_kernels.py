@@ -192,8 +192,8 @@ def bench_host_overhead(rows, rounds=5):
             times[name].append(host_us(fn))
     for name, us in times.items():
         rows.append(dict(kind="host_overhead", call=name, host_us=statistics.median(us), host_us_rounds=us))
-        print(f"host time per call, B=1 32K: {name:44s} {statistics.median(us):6.1f} us (rounds {min(us):.1f}-{max(us):.1f})",
-              flush=True)
+        print(f"host time per call, B=1 32K: {name:44s} {statistics.median(us):6.1f} us "
+              f"(rounds {min(us):.1f}-{max(us):.1f})", flush=True)
 
 
 SWEEP_SHAPES = ((1, 32768), (1, 131072), (8, 32768), (8, 131072))
@@ -279,14 +279,16 @@ def bench_rounds(bs, ceiling, rows, shapes=ROUND_SHAPES, rounds=5):
             for name, fn in calls.items():
                 graphs[name].append(graph_ms(fn))
                 queued[name].append(queued_ms(fn))
-        sdpa_graph, sdpa_queued = statistics.median(graphs["torch SDPA (dense)"]), statistics.median(queued["torch SDPA (dense)"])
-        print(f"rounds B={B} {L // 1024}K ({rounds} rounds, medians; graph replay, and eager calls queued back to back):",
-              flush=True)
+        sdpa = "torch SDPA (dense)"
+        sdpa_graph, sdpa_queued = statistics.median(graphs[sdpa]), statistics.median(queued[sdpa])
+        print(f"rounds B={B} {L // 1024}K ({rounds} rounds, medians; graph replay, and eager calls queued back "
+              "to back):", flush=True)
         for name in calls:
             g, qd = statistics.median(graphs[name]), statistics.median(queued[name])
             rows.append(dict(kind="decode_rounds", B=B, L=L, call=name, graph_ms=g, graph_ms_rounds=graphs[name],
                              queued_ms=qd, queued_ms_rounds=queued[name], graph_vs_sdpa=g / sdpa_graph,
-                             queued_vs_sdpa=qd / sdpa_queued, graph_gbs=kv_bytes / g / 1e6, queued_gbs=kv_bytes / qd / 1e6,
+                             queued_vs_sdpa=qd / sdpa_queued, graph_gbs=kv_bytes / g / 1e6,
+                             queued_gbs=kv_bytes / qd / 1e6,
                              ceiling_gbs=ceiling, of_ceiling=kv_bytes / min(g, qd) / 1e6 / ceiling))
             print(f"  {name:28s} graph {1e3 * g:7.1f} us {g / sdpa_graph:.3f}x SDPA | queued {1e3 * qd:7.1f} us "
                   f"{qd / sdpa_queued:.3f}x SDPA {100 * kv_bytes / qd / 1e6 / ceiling:5.1f}% of copy "

@@ -51,8 +51,8 @@ _DOCS = {
     "window_tokens": "most recent tokens of each layer kept on the GPU (the least, with grow_window)",
     "grow_window": "stream and split: the window grows past window_tokens to hold as many recent blocks as the GPU "
                    "budget leaves beside fetch buffers of a whole layer, so that they never cross PCIe or reach the "
-                   "CPU (speculative keeps window_tokens: its selection is defined beside that window; so does an SSD tier, "
-                   "which holds only blocks that leave the GPU)",
+                   "CPU (speculative keeps window_tokens: its selection is defined beside that window; so does a "
+                   "cache with an SSD tier, which holds only blocks that leave the GPU)",
     "kv_dtype": "storage dtype of the KV: auto (the model's) | bfloat16 | float16 | float32",
     "cpu_threads": "threads for CPU attention (split, cpu_remainder; auto: all cores but one, which drives the GPU)",
     "prefetch_layers": "layers ahead of the one computing whose KV is fetched",

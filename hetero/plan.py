@@ -121,7 +121,8 @@ def size_gpu_tier(config: OffloadConfig, num_layers: int, blocks_per_layer: int,
         window = _widest_window(policy, chunk, num_layers, blocks_per_layer, block_bytes, room, ring_buffers)
         policy = ResidencyPolicy(policy.block_size, policy.sink_blocks, window)
         resident = num_layers * policy.slots_per_layer(chunk)
-        per_buffer = min(_middle_blocks(policy, blocks_per_layer), (room - resident * block_bytes) // (ring_buffers * block_bytes))
+        room_per_buffer = (room - resident * block_bytes) // (ring_buffers * block_bytes)
+        per_buffer = min(_middle_blocks(policy, blocks_per_layer), room_per_buffer)
     return GpuTier(resident, ring_buffers, per_buffer, block_bytes, window)
 
 
@@ -193,8 +194,8 @@ class Plan:
             f"KV in total:  {format_bytes(self.total_bytes)} for {self.context} tokens per sequence",
             "",
             f"{'tier':6} {'bytes':>11}  holds",
-            f"{'GPU':6} {format_bytes(self.gpu_bytes):>11}  sink, window ({self.gpu.window_blocks} blocks) and the block being filled; "
-            f"{self.gpu.ring_buffers} fetch buffers of {self.gpu.blocks_per_buffer} blocks",
+            f"{'GPU':6} {format_bytes(self.gpu_bytes):>11}  sink, window ({self.gpu.window_blocks} blocks) and the "
+            f"block being filled; {self.gpu.ring_buffers} fetch buffers of {self.gpu.blocks_per_buffer} blocks",
             f"{'host':6} {format_bytes(self.host_bytes):>11}  every token's home"
             + (" but the SSD's" if self.ssd_bytes else ""),
             f"{'SSD':6} {format_bytes(self.ssd_bytes):>11}  "

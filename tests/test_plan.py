@@ -80,7 +80,7 @@ def test_the_window_grows_no_further_than_every_block_that_would_leave():
     geo = KVGeometry.from_model_config(llama8b())
     block = 2 * 8 * 128 * 2 * 256  # one layer's 256-token block: 1 MiB
     cfg = OffloadConfig(prefill_chunk_tokens=256)
-    # 513 resident blocks a layer (sink, a 510-block window, the block being filled, one chunk's) and two 1-block buffers
+    # 513 resident blocks a layer (sink, a 510-block window, the block being filled, one chunk's), two 1-block buffers
     plan = make_plan(geo, 131072, 1, cfg, Budgets((32 * 513 + 2) * block, 100 * GiB, 0))
     assert (plan.gpu.window_blocks, plan.gpu.blocks_per_buffer) == (510, 1)
     assert make_plan(geo, 131072, 1, cfg, Budgets((32 * 513 + 1) * block, 100 * GiB, 0)).gpu.window_blocks == 509
