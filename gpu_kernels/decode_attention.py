@@ -77,10 +77,10 @@ class _Launches:
 # Tuned on an H200 (bench_gpu_kernels.py --sweep, then --sections rounds, 2026-12-01). Tiles by the
 # tensor memory accelerator are deep in flight (num_stages - 1 of them), so one program per SM fills
 # the GPU. Merging in the last program of each row saves a launch and host time; at batch 8 it is
-# as fast on the GPU as the merge kernel, or faster (1.003-1.005x SDPA, against 1.003-1.06x over
-# three runs), and at batch 1 the slower (1.02-1.07x against 0.995-1.007x, eager calls), where a
-# call is GPU-bound from about 64K tokens. The threads' own loads are not pipelined by Triton here,
-# and need more programs per SM.
+# about as fast on the GPU as the merge kernel (within 1% at 32K; at 64K and 128K level, or 1-3%
+# faster in two of three runs), and at batch 1 the slower (1.02-1.07x SDPA against 0.995-1.007x,
+# eager calls), where a call is GPU-bound from about 64K tokens. The threads' own loads are not
+# pipelined by Triton here, and need more programs per SM.
 _TMA_LAUNCHES = _Launches(
     DecodeLaunch(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1, fused_merge=True),
     DecodeLaunch(block_n=128, num_warps=8, num_stages=3, programs_per_sm=1, fused_merge=False),
