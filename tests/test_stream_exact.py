@@ -52,13 +52,14 @@ def test_batch_of_one_matches_transformers(model_dir):
     assert stats.new_tokens == 12
 
 
-@pytest.mark.parametrize("mode", ["stream", "split"])
-def test_a_grown_window_moves_less_and_generates_the_same(model_dir, mode):
+@pytest.mark.parametrize("mode,chunk", [("stream", 96), ("split", 96), ("stream", 32)])
+def test_a_grown_window_moves_less_and_generates_the_same(model_dir, mode, chunk):
     """What two fetch buffers of a whole layer leave of the GPU budget holds more of the window: the
-    same tokens come out, fewer bytes cross to the GPU or reach the CPU, and the budget holds."""
+    same tokens come out, fewer bytes cross to the GPU or reach the CPU, and the budget holds. With
+    prefill chunks of 2 blocks the window outgrows a chunk, which then reserves only its own blocks."""
     ids = torch.randint(1, 256, (1, 301), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
-    config = {**SMALL, "mode": mode}
+    config = {**SMALL, "mode": mode, "prefill_chunk_tokens": chunk}
     fixed, fixed_model = _hetero(model_dir, ids, mask, 12, {**config, "grow_window": False})
     grown, grown_model = _hetero(model_dir, ids, mask, 12, config)
     assert torch.equal(grown, fixed)
