@@ -161,7 +161,8 @@ def main():
     else:
         cases(args, copier, add)
     with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "copy_alone_gbs": copy_alone / 1e9, "copy_source_bytes": copier.src.numel(), "thp": thp, "rows": rows,
+        json.dump({"args": vars(args), "copy_alone_gbs": copy_alone / 1e9, "copy_source_bytes": copier.src.numel(),
+                   "thp": thp, "rows": rows,
                    "numba_threading_layer": numba.threading_layer(), "cpu_count": os.cpu_count()}, f, indent=1)
 
 

@@ -47,6 +47,9 @@ def merge_rows(outs, lses, out, lse, P, R, r0, n_rows,
     tl.store(lse + offs_r, lse_r, mask=mask_r)
 
 
+_BLOCK_P = 16  # partials merged per step of the merge kernel's loop
+
+
 # P and R change from call to call: specializing on them would compile a variant per value class.
 @triton.jit(do_not_specialize=["P", "R"])
 def _merge_partials_kernel(outs, lses, out, lse, P, R,
@@ -95,7 +98,7 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
         return out, lse
     outs = outs.float().contiguous()
     lses = lses.float().contiguous()
-    _merge_partials_kernel[(B * Hq,)](outs, lses, out, lse, P, B * Hq, D=D, BLOCK_D=next_pow2(D), BLOCK_P=16)
+    _merge_partials_kernel[(B * Hq,)](outs, lses, out, lse, P, B * Hq, D=D, BLOCK_D=next_pow2(D), BLOCK_P=_BLOCK_P)
     return out, lse
 
 
@@ -111,7 +114,7 @@ def merge_flat(work: torch.Tensor, P: int, B: int, Hq: int, D: int, device, stre
     out = torch.empty(B, Hq, D, dtype=torch.float32, device=work.device)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=work.device)
     lses = work[P * R * D:]
-    args = (work, lses, out, lse, P, R, D, next_pow2(D), 16)
+    args = (work, lses, out, lse, P, R, D, next_pow2(D), _BLOCK_P)
     key = (device, D, lses.data_ptr() % 16 == 0)
     kernel = _flat_kernels.get(key)
     if kernel is None:

@@ -513,9 +513,7 @@ class HeteroCache(Cache):
                         ssd_first=ssd_first)
 
     def _leaving_end(self) -> int:
-        """The end of the blocks that ever leave the GPU, [sink, end): the last window and the block
-        being filled stay there."""
-        return self.blocks_per_layer - self.policy.window_blocks - 1
+        return self.policy.leaving_end(self.blocks_per_layer)
 
     def _ssd_blocks_needed(self, layout: KVLayout, areas: int) -> int:
         """Blocks per layer that must live on the SSD for the host budget to suffice (or a clear error)."""

@@ -7,7 +7,7 @@ cannot), and the GPU holds copies of each layer's sink and window plus a ring of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import IMPLEMENTED_MODES, Budgets, OffloadConfig, format_bytes
 from .errors import ConfigError
@@ -119,7 +119,7 @@ def size_gpu_tier(config: OffloadConfig, num_layers: int, blocks_per_layer: int,
     # The SSD holds only blocks that leave the GPU: a wider window would leave it fewer.
     if config.grow_window and config.mode in GROWING_MODES and config.ssd_dir is None:
         window = _widest_window(policy, chunk, num_layers, blocks_per_layer, block_bytes, room, ring_buffers)
-        policy = ResidencyPolicy(policy.block_size, policy.sink_blocks, window)
+        policy = replace(policy, window_blocks=window)
         resident = num_layers * policy.slots_per_layer(chunk)
         room_per_buffer = (room - resident * block_bytes) // (ring_buffers * block_bytes)
         per_buffer = min(_middle_blocks(policy, blocks_per_layer), room_per_buffer)
@@ -133,7 +133,7 @@ def chunk_blocks(config: OffloadConfig) -> int:
 
 def _middle_blocks(policy: ResidencyPolicy, blocks_per_layer: int) -> int:
     """A layer's blocks that ever leave the GPU (at least 1: the ring is never empty)."""
-    return max(1, blocks_per_layer - policy.sink_blocks - policy.window_blocks - 1)
+    return max(1, policy.leaving_end(blocks_per_layer) - policy.sink_blocks)
 
 
 def _widest_window(policy: ResidencyPolicy, chunk: int, num_layers: int, blocks_per_layer: int, block_bytes: int,
@@ -142,7 +142,7 @@ def _widest_window(policy: ResidencyPolicy, chunk: int, num_layers: int, blocks_
     whole layer's middle each, fit `room` bytes."""
 
     def fits(window: int) -> bool:
-        wider = ResidencyPolicy(policy.block_size, policy.sink_blocks, window)
+        wider = replace(policy, window_blocks=window)
         blocks = num_layers * wider.slots_per_layer(chunk) + ring_buffers * _middle_blocks(wider, blocks_per_layer)
         return blocks * block_bytes <= room
 
@@ -258,7 +258,8 @@ def make_plan(
             ", or shorten the context or the batch",
         )
 
-    policy = ResidencyPolicy(bs, -(-config.sink_tokens // bs), gpu.window_blocks)
+    policy = replace(ResidencyPolicy.from_tokens(bs, config.sink_tokens, config.window_tokens),
+                     window_blocks=gpu.window_blocks)
     middle_end = max(policy.sink_blocks, context_tokens // bs - policy.window_blocks)
     offloaded = geometry.num_layers * (middle_end - policy.sink_blocks) * block_bytes
     from_disk = min(ssd, offloaded) / ceilings.disk_read  # the SSD holds the coldest, never resident, blocks

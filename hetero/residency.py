@@ -30,6 +30,11 @@ class ResidencyPolicy:
         added = held if chunk_blocks is None else min(held, chunk_blocks)
         return self.sink_blocks + held + added
 
+    def leaving_end(self, blocks_per_layer: int) -> int:
+        """The end of the blocks that ever leave the GPU, [sink, end), in a layer of
+        `blocks_per_layer` blocks: the last window and the block being filled stay there."""
+        return blocks_per_layer - self.window_blocks - 1
+
 
 @dataclass(frozen=True)
 class LayerPlan:
