@@ -236,6 +236,7 @@ def test_errors_are_value_errors_that_survive_pickling():
     ("verify_share", "0.2", r"verify_share: got '0.2' \(str\), expected a number in \[0, 1\)"),
     ("reuse_rows", "yes", r"reuse_rows: got 'yes' \(str\), expected true or false"),
     ("speculation_debug", 1, r"speculation_debug: got 1 \(int\), expected true or false"),
+    ("grow_window", "auto", r"grow_window: got 'auto' \(str\), expected true or false"),
     ("ssd_miss", "drop", r"ssd_miss: got 'drop' \(str\), expected one of 'wait', 'skip'"),
     ("cpu_part_wait", "cpu", r"cpu_part_wait: got 'cpu' \(str\), expected one of 'host', 'gpu'"),
     ("ssd_rebalance_steps", -1, r"ssd_rebalance_steps: got -1, expected an integer >= 0"),
