@@ -1,0 +1,117 @@
+"""Where the CPU decode kernel's compute goes: the kernel in cache, whole and with parts cut out.
+
+Every block of the table names one slot, so that reads hit the caches and the rate is the compute's.
+Each variant is a copy of `cpu_kernels` with one edit to `_kernel.py` (the edit must apply: a
+kernel that changed shape fails here, not silently), timed in alternating rounds in one process:
+- full: the kernel as it is;
+- no_prefetch: the same, with no prefetch of the next tile (`PREFETCH_NEXT_TILE = 0`);
+- no_scores, no_values: the hand-built bfloat16 loops' scores, or value sums, skipped;
+- bookkeeping: scores and value sums both skipped (softmax, row lists, prefetches, merge).
+The hand-built loops are forced on (`BF16_TILES = True`); where the CPU lacks AVX512-BF16 they
+run their float32 form.
+
+    python3 bench/cpu_kernel_breakdown.py --threads 1 15 --out breakdown.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numba
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SKIP_VALUES = ("    for g in range(0, G, HEADS):\n        accumulate_step(",
+                "    return\n    for g in range(0, G, HEADS):\n        accumulate_step(")
+_SKIP_SCORES = ("        for g in range(0, G, HEADS):\n            score_step(",
+                "        for g in range(0, 0, HEADS):\n            score_step(")
+VARIANTS = {
+    "full": (),
+    "no_prefetch": (),
+    "no_scores": (_SKIP_SCORES,),
+    "no_values": (_SKIP_VALUES,),
+    "bookkeeping": (_SKIP_SCORES, _SKIP_VALUES),
+}
+
+
+def variant(name: str, edits, into: str):
+    """The `attention` module of a copy of cpu_kernels with `edits` made to its `_kernel.py`."""
+    package = f"breakdown_{name}"
+    dst = os.path.join(into, package)
+    shutil.copytree(os.path.join(ROOT, "cpu_kernels"), dst, ignore=shutil.ignore_patterns("__pycache__"))
+    path = os.path.join(dst, "_kernel.py")
+    with open(path) as f:
+        src = f.read()
+    for old, new in edits:
+        if old not in src:
+            raise SystemExit(f"variant {name}: the kernel no longer has the code it cuts out:\n{old}")
+        src = src.replace(old, new)
+    with open(path, "w") as f:
+        f.write(src)
+    module = importlib.import_module(f"{package}.attention")
+    module.BF16_TILES = True
+    module.PREFETCH_NEXT_TILE = 0 if name == "no_prefetch" else module.PREFETCH_NEXT_TILE
+    return module
+
+
+def cached_case(tokens: int, batch: int = 1, hq: int = 32, hkv: int = 8, d: int = 128, bs: int = 256):
+    """A one-slot bfloat16 pool that every block names, a bfloat16-valued query, the ranges, the bytes read."""
+    g = torch.Generator().manual_seed(0)
+    slot = torch.randn(1, 2, batch, hkv, bs, d, generator=g).to(torch.bfloat16)
+    table = torch.zeros(-(-tokens // bs), dtype=torch.int32)
+    q = torch.randn(batch, hq, d, generator=g).to(torch.bfloat16).float()
+    ranges = torch.tensor([0, tokens], dtype=torch.int32).expand(batch, hkv, 1, 2).contiguous()
+    return q, slot, table, ranges, 2 * batch * hkv * tokens * d * slot.element_size()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=131072, help="tokens a head, at the largest thread count")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 15])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    most = max(args.threads)
+    if most > numba.config.NUMBA_NUM_THREADS:
+        p.error(f"--threads: at most {numba.config.NUMBA_NUM_THREADS} here")
+    results = {"tokens": args.tokens, "rounds": args.rounds, "reps": args.reps, "gbs": {}}
+    with tempfile.TemporaryDirectory() as into:
+        sys.path.insert(0, into)
+        modules = {name: variant(name, VARIANTS[name], into) for name in args.variants}
+        results["dpbf16"] = bool(modules[args.variants[0]].cpu_has_dpbf16())
+        for threads in args.threads:
+            tokens = max(1024, args.tokens * threads // most)  # the same time a call at each thread count
+            q, slot, table, ranges, kv_bytes = cached_case(tokens)
+            call = lambda m: m.host_decode_attention(q, slot, table, ranges, 0.088, threads)  # noqa: E731
+            times = {name: [] for name in modules}
+            for m in modules.values():
+                call(m)  # compiled (or loaded) and warm before any timing
+            for _ in range(args.rounds):
+                for name, m in modules.items():
+                    for _ in range(args.reps):
+                        start = time.perf_counter()
+                        call(m)
+                        times[name].append(time.perf_counter() - start)
+            row = {name: kv_bytes / statistics.median(t) / 1e9 for name, t in times.items()}
+            results["gbs"][str(threads)] = row
+            print(f"{threads:>3} threads, {tokens} tokens a head, GB/s of KV in cache: "
+                  + "  ".join(f"{name} {gbs:.1f}" for name, gbs in row.items()), flush=True)
+    print(f"AVX512-BF16 used: {results['dpbf16']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
