@@ -1,0 +1,192 @@
+"""Whether this machine's CPU runs AMX bfloat16 tile products from Numba, and how fast.
+
+The CPU kernel (issue 4) spends its time on the products of each key and value row with 4 query
+heads, 16 to 32 lanes at a time (`bench/cpu_kernel_breakdown.py`). A tile product multiplies 16
+rows of 32 bfloat16 (one 64-byte line each, which the pool's K rows are) by 32 x 16 in one
+instruction. This probe, for the GPU machine's host, prints and writes JSON:
+- what the CPU reports (`amx_tile`, `amx_bf16` in /proc/cpuinfo) and what LLVM, Numba's compiler,
+  will compile for (its host features, which also need the OS to have enabled the tile state);
+- whether Linux grants this process the tile data (arch_prctl ARCH_REQ_XCOMP_PERM; without it the
+  first tile instruction kills the process);
+- one score tile checked against a float64 reference: 16 keys x 128 dims against 16 query columns;
+- on one core, the keys scored per second that way, reading K rows at the pool's 256-byte stride.
+
+    python3 bench/amx_probe.py --out amx.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+import time
+
+import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+SYS_ARCH_PRCTL = 158  # x86-64
+ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM = 0x1022, 0x1023
+XFEATURE_XTILEDATA = 18
+TILE_ROWS, TILE_BYTES = 16, 64  # 16 rows of 64 bytes: 32 bfloat16, or 16 float32
+CHUNK = 32  # bfloat16 per tile row
+
+
+class _Amx(ir.Type):
+    """llvmlite has no tile type; the intrinsics' signatures need one."""
+
+    def _to_string(self):
+        return "x86_amx"
+
+    def __eq__(self, other):
+        return isinstance(other, _Amx)
+
+    def __hash__(self):
+        return hash("x86_amx")
+
+
+_AMX, _I16, _I64, _P8 = _Amx(), ir.IntType(16), ir.IntType(64), ir.IntType(8).as_pointer()
+
+
+def _declare(module, name, ret, args):
+    return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
+
+
+@intrinsic
+def score_tile(typingctx, keys, first_row, query_pairs, out):
+    """out[16, 16] (float32) = keys[first_row:first_row + 16, :D] . query, over D in chunks of 32.
+
+    keys: uint16 [rows, D] (bfloat16 bits, C-contiguous; D a multiple of 32); query_pairs: uint32
+    [D / 32, 16, 16] (chunk, pair of dims, query column): dims 2i and 2i + 1 of a column in one
+    word, the low half the even one (the tile layout of the second operand).
+    """
+
+    def codegen(context, builder, signature, args):
+        at = signature.args
+        k = context.make_array(at[0])(context, builder, args[0])
+        q = context.make_array(at[2])(context, builder, args[2])
+        o = context.make_array(at[3])(context, builder, args[3])
+        first = context.cast(builder, args[1], at[1], types.int64)
+        dim = cgutils.unpack_tuple(builder, k.shape)[1]
+        stride = builder.mul(dim, _I64(2))
+        rows, width = _I16(TILE_ROWS), _I16(TILE_BYTES)
+        m = builder.module
+        load = _declare(m, "llvm.x86.tileloadd64.internal", _AMX, [_I16, _I16, _P8, _I64])
+        dot = _declare(m, "llvm.x86.tdpbf16ps.internal", _AMX, [_I16, _I16, _I16, _AMX, _AMX, _AMX])
+        store = _declare(m, "llvm.x86.tilestored64.internal", ir.VoidType(), [_I16, _I16, _P8, _I64, _AMX])
+        zero = _declare(m, "llvm.x86.tilezero.internal", _AMX, [_I16, _I16])
+        acc = builder.call(zero, [rows, width])
+        key_base = builder.gep(k.data, [builder.mul(first, dim)])
+        for c in range(0, 128 // CHUNK):  # D = 128 here: the probe's shape, unrolled
+            a = builder.call(load, [rows, width, builder.bitcast(builder.gep(key_base, [_I64(c * CHUNK)]), _P8), stride])
+            b_at = builder.gep(q.data, [_I64(c * TILE_ROWS * TILE_ROWS)])
+            b = builder.call(load, [rows, width, builder.bitcast(b_at, _P8), _I64(TILE_BYTES)])
+            acc = builder.call(dot, [rows, width, width, acc, a, b])
+        builder.call(store, [rows, width, builder.bitcast(o.data, _P8), _I64(TILE_BYTES), acc])
+        return context.get_dummy_value()
+
+    return types.none(keys, first_row, query_pairs, out), codegen
+
+
+@njit(cache=False)
+def _score_all(keys, query_pairs, out):
+    """Score every 16 rows of keys; out [rows / 16, 16, 16]."""
+    for t in range(keys.shape[0] // TILE_ROWS):
+        score_tile(keys, t * TILE_ROWS, query_pairs, out[t])
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def request_tile_data() -> tuple[int, int]:
+    """(return code, errno) of asking Linux for the tile data state for this process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    return rc, ctypes.get_errno()
+
+
+def query_pairs(q: np.ndarray) -> np.ndarray:
+    """q [16, D] (bfloat16 bits, uint16) as the tile product's second operand: [D / 32, 16, 16] uint32."""
+    cols, dim = q.shape
+    pairs = q.reshape(cols, dim // CHUNK, CHUNK // 2, 2).astype(np.uint32)
+    words = pairs[..., 0] | (pairs[..., 1] << np.uint32(16))  # [col, chunk, pair]
+    return np.ascontiguousarray(words.transpose(1, 2, 0))
+
+
+def bf16_to_f64(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+
+
+def random_bf16(rng, shape) -> np.ndarray:
+    return (rng.standard_normal(shape).astype(np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=65536, help="K rows scored in the timing (multiple of 16)")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    flags = cpu_flags()
+    features = llvm.get_host_cpu_features()
+    result = {
+        "cpuinfo_amx_tile": "amx_tile" in flags, "cpuinfo_amx_bf16": "amx_bf16" in flags,
+        "cpuinfo_avx512_bf16": "avx512_bf16" in flags,
+        "llvm_amx_tile": bool(features.get("amx-tile")), "llvm_amx_bf16": bool(features.get("amx-bf16")),
+        "host_cpu": llvm.get_host_cpu_name(),
+    }
+    print(json.dumps(result))
+    if not (result["llvm_amx_tile"] and result["llvm_amx_bf16"]):
+        result["usable"] = False
+        result["why"] = "LLVM does not compile tile instructions for this CPU (no AMX, or the OS has not enabled its state)"
+    else:
+        rc, err = request_tile_data()
+        result["arch_prctl"] = {"rc": rc, "errno": err}
+        if rc != 0:
+            result["usable"] = False
+            result["why"] = f"Linux refused the tile data state (arch_prctl rc {rc}, errno {err})"
+        else:
+            result.update(_check_and_time(args.tokens, args.reps))
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(("usable", "why", "max_rel", "keys_per_s", "k_gbs"))}))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def _check_and_time(tokens: int, reps: int) -> dict:
+    rng = np.random.default_rng(0)
+    dim = 128
+    keys = random_bf16(rng, (tokens, dim))
+    q = random_bf16(rng, (TILE_ROWS, dim))
+    qp = query_pairs(q)
+    out = np.full((tokens // TILE_ROWS, TILE_ROWS, TILE_ROWS), np.nan, np.float32)
+    _score_all(keys[:TILE_ROWS * 4], qp, out[:4])
+    ref = bf16_to_f64(keys[:TILE_ROWS * 4]) @ bf16_to_f64(q).T  # [64 keys, 16 columns]
+    got = out[:4].reshape(-1, TILE_ROWS).astype(np.float64)
+    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        _score_all(keys, qp, out)
+        times.append(time.perf_counter() - start)
+    best = float(np.median(times))
+    return {"usable": bool(np.isfinite(got).all() and rel < 1e-5), "max_rel_error": rel,
+            "keys_per_s_one_core": tokens / best, "k_gbs_one_core": keys.nbytes / best / 1e9,
+            "timed_keys": tokens, "note": "16 query columns a tile; the kernel's 4 heads would use a quarter"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
