@@ -58,11 +58,11 @@ def _declare(module, name, ret, args):
 
 @intrinsic
 def score_tile(typingctx, keys, first_row, query_pairs, out):
-    """out[16, 16] (float32) = keys[first_row:first_row + 16, :D] . query, over D in chunks of 32.
+    """out[16, 16] (float32) = keys[first_row:first_row + 16] . query, over 128 dims in chunks of 32.
 
-    keys: uint16 [rows, D] (bfloat16 bits, C-contiguous; D a multiple of 32); query_pairs: uint32
-    [D / 32, 16, 16] (chunk, pair of dims, query column): dims 2i and 2i + 1 of a column in one
-    word, the low half the even one (the tile layout of the second operand).
+    keys: uint16 [rows, 128] (bfloat16 bits, C-contiguous; the probe's head_dim, unrolled below);
+    query_pairs: uint32 [4, 16, 16] (chunk, pair of dims, query column): dims 2i and 2i + 1 of a
+    column in one word, the low half the even one (the tile layout of the second operand).
     """
 
     def codegen(context, builder, signature, args):
@@ -81,7 +81,7 @@ def score_tile(typingctx, keys, first_row, query_pairs, out):
         zero = _declare(m, "llvm.x86.tilezero.internal", _AMX, [_I16, _I16])
         acc = builder.call(zero, [rows, width])
         key_base = builder.gep(k.data, [builder.mul(first, dim)])
-        for c in range(0, 128 // CHUNK):  # D = 128 here: the probe's shape, unrolled
+        for c in range(0, 128 // CHUNK):
             a = builder.call(load, [rows, width, builder.bitcast(builder.gep(key_base, [_I64(c * CHUNK)]), _P8), stride])
             b_at = builder.gep(q.data, [_I64(c * TILE_ROWS * TILE_ROWS)])
             b = builder.call(load, [rows, width, builder.bitcast(b_at, _P8), _I64(TILE_BYTES)])
