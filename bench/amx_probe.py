@@ -29,27 +29,17 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from hetero.cpu_kernels._intrinsics import NamedType
+from hetero.cpu_kernels.reference import pool_from_bits
+
 SYS_ARCH_PRCTL = 158  # x86-64
-ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM = 0x1022, 0x1023
+ARCH_REQ_XCOMP_PERM = 0x1023
 XFEATURE_XTILEDATA = 18
 TILE_ROWS, TILE_BYTES = 16, 64  # 16 rows of 64 bytes: 32 bfloat16, or 16 float32
 CHUNK = 32  # bfloat16 per tile row
 
 
-class _Amx(ir.Type):
-    """llvmlite has no tile type; the intrinsics' signatures need one."""
-
-    def _to_string(self):
-        return "x86_amx"
-
-    def __eq__(self, other):
-        return isinstance(other, _Amx)
-
-    def __hash__(self):
-        return hash("x86_amx")
-
-
-_AMX, _I16, _I64, _P8 = _Amx(), ir.IntType(16), ir.IntType(64), ir.IntType(8).as_pointer()
+_AMX, _I16, _I64, _P8 = NamedType("x86_amx"), ir.IntType(16), ir.IntType(64), ir.IntType(8).as_pointer()
 
 
 def _declare(module, name, ret, args):
@@ -126,7 +116,7 @@ def query_pairs(q: np.ndarray) -> np.ndarray:
 
 
 def bf16_to_f64(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    return pool_from_bits(bits).double().numpy()
 
 
 def random_bf16(rng, shape) -> np.ndarray:

@@ -24,7 +24,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ._intrinsics import bits_f32, emit_prefetch, f32_bits
+from ._intrinsics import NamedType, bits_f32, emit_prefetch, f32_bits
 
 _I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32 = ir.FloatType()
@@ -33,22 +33,7 @@ _V16I = ir.VectorType(_I32, 16)
 _V4F = ir.VectorType(_F32, 4)
 HEADS = 4  # query heads per call: 16 score sums, or 8 accumulator vectors, fit in registers with room to spare
 CHUNK = 32  # head_dim elements per 64-byte load
-
-
-class _BFloat(ir.Type):
-    """llvmlite has no bfloat type; the intrinsic's signature needs one."""
-
-    def _to_string(self):
-        return "bfloat"
-
-    def __eq__(self, other):
-        return isinstance(other, _BFloat)
-
-    def __hash__(self):
-        return hash("bfloat")
-
-
-_V32BF = ir.VectorType(_BFloat(), 32)
+_V32BF = ir.VectorType(NamedType("bfloat"), 32)
 
 
 def _has_dpbf16(context) -> bool:

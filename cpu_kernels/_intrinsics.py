@@ -16,6 +16,23 @@ from numba.extending import intrinsic, overload
 _I32 = ir.IntType(32)
 
 
+class NamedType(ir.Type):
+    """An LLVM type llvmlite does not model (`bfloat`, `x86_amx`), written by its name, for the
+    signatures of intrinsics that take or return it."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def _to_string(self):
+        return self.name
+
+    def __eq__(self, other):
+        return isinstance(other, NamedType) and other.name == self.name
+
+    def __hash__(self):
+        return hash(self.name)
+
+
 @intrinsic
 def bf16_bits_to_f32(typingctx, bits):
     """float32 whose upper 16 bits are `bits` (a bfloat16 pattern)."""
