@@ -158,11 +158,12 @@ def logical_kv(pool, table, tokens):
     return kv[0].contiguous(), kv[1].contiguous()
 
 
-def kernel_call(q, pool, table, tokens, threads):
-    """The kernel's call over the first `tokens` of every head, and the KV bytes it reads."""
+def kernel_call(q, pool, table, tokens, threads, attend=host_decode_attention):
+    """The kernel's call (`attend`, a `host_decode_attention`) over the first `tokens` of every head,
+    and the KV bytes it reads."""
     B, Hkv = pool.shape[2], pool.shape[3]
     ranges = torch.tensor([0, tokens], dtype=torch.int32).expand(B, Hkv, 1, 2).contiguous()
-    call = lambda: host_decode_attention(q, pool, table, ranges, q.shape[-1] ** -0.5, threads)  # noqa: E731
+    call = lambda: attend(q, pool, table, ranges, q.shape[-1] ** -0.5, threads)  # noqa: E731
     return call, 2 * B * Hkv * tokens * q.shape[-1] * pool.element_size()
 
 

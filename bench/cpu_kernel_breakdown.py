@@ -28,6 +28,8 @@ import time
 import numba
 import torch
 
+from bench_cpu_attention import cached_case, kernel_call, make_case
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SKIP_VALUES = ("    for g in range(0, G, HEADS):\n        accumulate_step(",
                 "    return\n    for g in range(0, G, HEADS):\n        accumulate_step(")
@@ -62,16 +64,6 @@ def variant(name: str, edits, into: str):
     return module
 
 
-def cached_case(tokens: int, batch: int = 1, hq: int = 32, hkv: int = 8, d: int = 128, bs: int = 256):
-    """A one-slot bfloat16 pool that every block names, a bfloat16-valued query, the ranges, the bytes read."""
-    g = torch.Generator().manual_seed(0)
-    slot = torch.randn(1, 2, batch, hkv, bs, d, generator=g).to(torch.bfloat16)
-    table = torch.zeros(-(-tokens // bs), dtype=torch.int32)
-    q = torch.randn(batch, hq, d, generator=g).to(torch.bfloat16).float()
-    ranges = torch.tensor([0, tokens], dtype=torch.int32).expand(batch, hkv, 1, 2).contiguous()
-    return q, slot, table, ranges, 2 * batch * hkv * tokens * d * slot.element_size()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=131072, help="tokens a head, at the largest thread count")
@@ -89,18 +81,21 @@ def main(argv=None) -> int:
         sys.path.insert(0, into)
         modules = {name: variant(name, VARIANTS[name], into) for name in args.variants}
         results["dpbf16"] = bool(modules[args.variants[0]].cpu_has_dpbf16())
+        q, one_block, _ = make_case(1, 256, torch.bfloat16, 32, 8, 128, 256)  # a bfloat16 query: one part
         for threads in args.threads:
             tokens = max(1024, args.tokens * threads // most)  # the same time a call at each thread count
-            q, slot, table, ranges, kv_bytes = cached_case(tokens)
-            call = lambda m: m.host_decode_attention(q, slot, table, ranges, 0.088, threads)  # noqa: E731
-            times = {name: [] for name in modules}
-            for m in modules.values():
-                call(m)  # compiled (or loaded) and warm before any timing
+            slot, table = cached_case(one_block, tokens)
+            calls = {name: kernel_call(q, slot, table, tokens, threads, m.host_decode_attention)[0]
+                     for name, m in modules.items()}
+            kv_bytes = kernel_call(q, slot, table, tokens, threads)[1]
+            times = {name: [] for name in calls}
+            for call in calls.values():
+                call()  # compiled (or loaded) and warm before any timing
             for _ in range(args.rounds):
-                for name, m in modules.items():
+                for name, call in calls.items():
                     for _ in range(args.reps):
                         start = time.perf_counter()
-                        call(m)
+                        call()
                         times[name].append(time.perf_counter() - start)
             row = {name: kv_bytes / statistics.median(t) / 1e9 for name, t in times.items()}
             results["gbs"][str(threads)] = row
