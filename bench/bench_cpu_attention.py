@@ -27,6 +27,7 @@ from hetero.bench_cli import knobs_set
 from hetero.cpu_kernels import attention as knobs
 from hetero.cpu_kernels import host_decode_attention, host_decode_attention_indexed, warmup
 from hetero.cpu_kernels._bf16_tiles import cpu_has_dpbf16
+from hetero.cpu_kernels.attention import amx_ready
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -119,12 +120,16 @@ def sweep_knobs(q, pool, table, tokens, reps, threads):
     return results
 
 
-LOOPS = ((False, "numba"), (True, "hand-built"))  # BF16_TILES, and the rows' name for it
+# The inner loops bfloat16 pools can take (the rows' names): Numba's own, the hand-built vector
+# loops of `_bf16_tiles`, and where the CPU runs them the AMX tile products of `_amx_tiles`.
+LOOPS = {"numba": dict(BF16_TILES=False, AMX_TILES=False), "hand-built": dict(BF16_TILES=True, AMX_TILES=False)}
+if amx_ready():
+    LOOPS["amx"] = dict(AMX_TILES=True)
 
 
-def loops(hand_built, fn):
-    """fn() with the bfloat16 pools on the hand-built loops of `_bf16_tiles` or on Numba's own."""
-    with knobs_set({f"{knobs.__name__}.BF16_TILES": hand_built}):
+def loops(name, fn):
+    """fn() with the bfloat16 pools on the inner loops LOOPS[name]."""
+    with knobs_set({f"{knobs.__name__}.{knob}": value for knob, value in LOOPS[name].items()}):
         return fn()
 
 
@@ -176,15 +181,15 @@ def bench_kernel(q, pool, table, tokens, reps, threads):
     return rate(_time(call, reps), kv_bytes)
 
 
-def bench_both_loops(q, pool, table, tokens, reps, threads, rounds):
-    """Numba's loops and the hand-built ones, timed in alternating rounds of `reps` calls (within a
-    run the machine's speed drifts by up to a fifth), each the median of all its calls."""
+def bench_all_loops(q, pool, table, tokens, reps, threads, rounds):
+    """Each of LOOPS, timed in alternating rounds of `reps` calls (within a run the machine's speed
+    drifts by up to a fifth), each the median of all its calls."""
     call, kv_bytes = kernel_call(q, pool, table, tokens, threads)
-    times = {False: [], True: []}
+    times = {name: [] for name in LOOPS}
     for _ in range(rounds):
-        for hand_built in times:
-            times[hand_built] += loops(hand_built, lambda: _timings(call, reps))
-    return {hand_built: {**rate(statistics.median(t), kv_bytes), "calls": len(t)} for hand_built, t in times.items()}
+        for name in times:
+            times[name] += loops(name, lambda: _timings(call, reps))
+    return {name: {**rate(statistics.median(t), kv_bytes), "calls": len(t)} for name, t in times.items()}
 
 
 def call_overhead_us(Hq, Hkv, D, bs, calls=3000):
@@ -260,7 +265,7 @@ def main():
     for B in args.batches:
         q, pool, table = make_case(B, args.tokens, torch.bfloat16, **shape)
         # The kernels first: torch's CPU threads may still spin for a while after its SDPA.
-        both = bench_both_loops(q, pool, table, args.tokens, args.reps, args.threads, args.rounds)
+        every = bench_all_loops(q, pool, table, args.tokens, args.reps, args.threads, args.rounds)
         pattern = bench_pattern(pool, table, args.tokens, args.reps, args.threads)
         k, v = logical_kv(pool, table, args.tokens)
         sdpa = {"sdpa_bf16": bench_sdpa(q, k, v, args.sdpa_reps)}
@@ -268,25 +273,25 @@ def main():
         del k, v
         sdpa["sdpa_fp32"] = bench_sdpa(q, kf, vf, args.sdpa_reps)
         del kf, vf
-        add("numba", B, "bfloat16", both[False], sdpa)
-        add("hand-built loops", B, "bfloat16", both[True], sdpa)
+        for name, r in every.items():
+            add(name if name == "numba" else f"{name} loops", B, "bfloat16", r, sdpa)
         add("same reads, no math", B, "bfloat16", pattern)
         for name, r in sdpa.items():
             add(name, B, "float32" if name.endswith("fp32") else "bfloat16", r)
         if B == 1:
             for t in sorted({min(t, numba.config.NUMBA_NUM_THREADS) for t in args.scaling}):  # a smaller machine: its cores
-                for hand_built, name in LOOPS:
+                for name in LOOPS:
                     add(f"{name} {t} thr", B, "bfloat16",
-                        loops(hand_built, lambda: bench_kernel(q, pool, table, args.tokens, max(2, args.reps // 3), t)))
+                        loops(name, lambda: bench_kernel(q, pool, table, args.tokens, max(2, args.reps // 3), t)))
             slot, aliased = cached_case(pool, args.tokens)
             for t in sorted({1, args.threads}):
-                for hand_built, name in LOOPS:
+                for name in LOOPS:
                     add(f"{name} in cache {t} thr", B, "bfloat16",
-                        loops(hand_built, lambda: bench_kernel(q, slot, aliased, args.tokens, max(2, args.reps // 3), t)))
+                        loops(name, lambda: bench_kernel(q, slot, aliased, args.tokens, max(2, args.reps // 3), t)))
             q32 = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))  # 3 bfloat16 parts
-            for hand_built, name in LOOPS:
+            for name in LOOPS:
                 add(f"{name}, fp32 query", B, "bfloat16",
-                    loops(hand_built, lambda: bench_kernel(q32, pool, table, args.tokens, args.reps, args.threads)), sdpa)
+                    loops(name, lambda: bench_kernel(q32, pool, table, args.tokens, args.reps, args.threads)), sdpa)
             numba.set_num_threads(1)
             add("same reads 1 thr", B, "bfloat16", bench_pattern(pool, table, args.tokens, max(2, args.reps // 3), 1))
             numba.set_num_threads(args.threads)
@@ -295,16 +300,16 @@ def main():
                 sweep = sweep_knobs(q, pool, table, args.tokens, args.reps, args.threads)
         del pool
     q, pool, table = make_case(1, args.resident_tokens, torch.bfloat16, **shape)
-    for hand_built, name in LOOPS:
+    for name in LOOPS:
         add(f"{name} cache-resident", 1, "bfloat16",
-            loops(hand_built, lambda: bench_kernel(q, pool, table, args.resident_tokens, args.reps * 20, args.threads)))
+            loops(name, lambda: bench_kernel(q, pool, table, args.resident_tokens, args.reps * 20, args.threads)))
     for dtype in (torch.float16, torch.float32):
         q, pool, table = make_case(1, args.tokens, dtype, **shape)
         add("numba", 1, str(dtype).split(".")[1], bench_kernel(q, pool, table, args.tokens, args.reps, args.threads))
         del pool
     print(f"threads={args.threads} tokens={args.tokens} {shape} compile+load {compile_s:.1f}s"
           f" numba features: ...{(numba.core.config.CPU_FEATURES or 'host default')[-40:]}"
-          f" vdpbf16ps: {cpu_has_dpbf16()}")
+          f" vdpbf16ps: {cpu_has_dpbf16()} amx: {amx_ready()}")
     overhead = call_overhead_us(**shape)
     print(f"a call over 16 tokens a head, one thread: {overhead:.0f} us (the front end and the kernel's launch)")
     print(f"(a) streaming-read ceiling {best:.1f} GB/s, the fastest of: uint16 {ceiling['uint16']:.1f}, float32 "
@@ -322,7 +327,7 @@ def main():
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "compile_s": compile_s, "ceiling_gbps": ceiling, "ceiling_best_gbps": best, "rows": rows, "sweep": sweep, "call_overhead_us": overhead,
                    "numba_threading_layer": numba.threading_layer(),
-                   "numba_cpu_features": numba.core.config.CPU_FEATURES, "vdpbf16ps": cpu_has_dpbf16(),
+                   "numba_cpu_features": numba.core.config.CPU_FEATURES, "vdpbf16ps": cpu_has_dpbf16(), "amx": amx_ready(),
                    "torch": torch.__version__}, f, indent=1)
 
 

@@ -6,9 +6,10 @@ kernel that changed shape fails here, not silently), timed in alternating rounds
 - full: the kernel as it is;
 - no_prefetch: the same, with no prefetch of the next tile (`PREFETCH_NEXT_TILE = 0`);
 - no_scores, no_values: the hand-built bfloat16 loops' scores, or value sums, skipped;
-- bookkeeping: scores and value sums both skipped (softmax, row lists, prefetches, merge).
-The hand-built loops are forced on (`BF16_TILES = True`); where the CPU lacks AVX512-BF16 they
-run their float32 form.
+- bookkeeping: scores and value sums both skipped (softmax, row lists, prefetches, merge);
+- amx: the kernel with the AMX tile products (`_amx_tiles`), where the CPU runs them.
+The others force the hand-built loops (`BF16_TILES = True`, `AMX_TILES = False`); where the CPU
+lacks AVX512-BF16 they run their float32 form.
 
     python3 bench/cpu_kernel_breakdown.py --threads 1 15 --out breakdown.json
 """
@@ -29,6 +30,7 @@ import numba
 import torch
 
 from bench_cpu_attention import cached_case, kernel_call, make_case
+from hetero.cpu_kernels.attention import amx_ready
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SKIP_VALUES = ("    for g in range(0, G, HEADS):\n        accumulate_step(",
@@ -41,6 +43,7 @@ VARIANTS = {
     "no_scores": (_SKIP_SCORES,),
     "no_values": (_SKIP_VALUES,),
     "bookkeeping": (_SKIP_SCORES, _SKIP_VALUES),
+    "amx": (),
 }
 
 
@@ -60,6 +63,7 @@ def variant(name: str, edits, into: str):
         f.write(src)
     module = importlib.import_module(f"{package}.attention")
     module.BF16_TILES = True
+    module.AMX_TILES = name == "amx"
     module.PREFETCH_NEXT_TILE = 0 if name == "no_prefetch" else module.PREFETCH_NEXT_TILE
     return module
 
@@ -79,8 +83,9 @@ def main(argv=None) -> int:
     results = {"tokens": args.tokens, "rounds": args.rounds, "reps": args.reps, "gbs": {}}
     with tempfile.TemporaryDirectory() as into:
         sys.path.insert(0, into)
-        modules = {name: variant(name, VARIANTS[name], into) for name in args.variants}
-        results["dpbf16"] = bool(modules[args.variants[0]].cpu_has_dpbf16())
+        names = [n for n in args.variants if n != "amx" or amx_ready()]
+        modules = {name: variant(name, VARIANTS[name], into) for name in names}
+        results["dpbf16"] = bool(modules[names[0]].cpu_has_dpbf16())
         q, one_block, _ = make_case(1, 256, torch.bfloat16, 32, 8, 128, 256)  # a bfloat16 query: one part
         for threads in args.threads:
             tokens = max(1024, args.tokens * threads // most)  # the same time a call at each thread count

@@ -20,8 +20,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._amx_tiles import add_values, amx_index, interleave_values, query_tiles, score_rows, weight_rows
 from ._bf16_tiles import HEADS, accumulate_step, query_parts, score_step, split_index
 from ._intrinsics import exponent_to_f32, prefetch_l1, prefetch_l2, to_f32
+
+# The inner loops a call runs: Numba's own, the hand-built vector loops of `_bf16_tiles`, or the AMX
+# tile products of `_amx_tiles` (the last two for bfloat16 pools; the caller checks they apply).
+LOOPS, BF16_LOOPS, AMX_TILES = 0, 1, 2
 
 # No "nnan"/"ninf": the softmax state starts at -inf and empty heads must end at lse -inf.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -163,6 +168,44 @@ def _bf16_tile(q_bf16, q_f32, parts, pool, rows, v_rows, n, n4, scale, scores, m
         accumulate_step(scores, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level if g == 0 else 0)
 
 
+@njit(fastmath=FASTMATH, cache=True, _nrt=False)
+def _amx_tile(qtiles, parts, pool, rows, v_rows, n, n4, scale, kbuf, sbuf, scores, pbuf, vbuf, m, l, acc, acc_by_head,
+              ahead, n_ahead, level):
+    """One tile through the AMX tile products of `_amx_tiles` (bfloat16 pool, head_dim a multiple
+    of 32, at most 8 query heads a kv head; rows padded to a multiple of 32). acc [16, D] holds two
+    rows a head (high and low weights), acc_by_head the same memory as [G, 2D]; prefetches the next
+    tile's K rows while scoring, its V rows while summing values."""
+    G, D = scores.shape[0], pool.shape[1]
+    n16 = (n + 15) // 16 * 16
+    for j in range(0, n16, 16):
+        if level:
+            _prefetch_rows(pool, ahead, j, min(j + 16, n_ahead), 0, level)
+        direct = True
+        for t in range(1, 16):
+            if rows[j + t] != rows[j] + t:
+                direct = False
+        if not direct:
+            for t in range(16):
+                for d in range(D):
+                    kbuf[t, d] = pool[rows[j + t], d]
+        score_rows(pool, rows[j], kbuf, direct, qtiles, parts, sbuf, j)
+    if level:
+        _prefetch_rows(pool, ahead, n16, n_ahead, 0, level)
+    for g in range(G):
+        for j in range(n):
+            scores[g, j] = sbuf[j, g] * scale
+    _softmax_tile(scores, n, n4, m, l, acc_by_head)
+    n32 = (n + 31) // 32 * 32
+    weight_rows(scores, n, n32, pbuf)
+    for j in range(0, n32, 32):
+        if level:
+            _prefetch_rows(pool, ahead, j, min(j + 32, n_ahead), v_rows, level)
+        interleave_values(pool, rows, j, v_rows, vbuf)
+        add_values(pbuf, j, vbuf, acc)
+    if level:
+        _prefetch_rows(pool, ahead, n32, n_ahead, v_rows, level)
+
+
 @njit(cache=True, _nrt=False)
 def _prefetch_step(pool, ahead, j, n4, n_ahead, offset, level):
     """At the 4-token step j of a tile of n4 tokens, prefetch the next tile's rows ahead[j:j + 4]
@@ -187,7 +230,7 @@ def _prefetch_rows(pool, ahead, start, stop, offset, level):
 def _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh, bs, slot_rows):
     """K row numbers of the tile starting at `pos` into rows; returns its token count n.
 
-    A range tile stops at its block's end. rows[n:] up to the next multiple of 4 repeat the last
+    A range tile stops at its block's end. rows[n:] up to the next multiple of 32 repeat the last
     row (read with weight 0).
     """
     if indexed:
@@ -203,14 +246,14 @@ def _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh,
         first = block_table[blk] * slot_rows + bh * bs + offset
         for j in range(n):
             rows[j] = first + j
-    for j in range(n, (n + 3) // 4 * 4):
+    for j in range(n, (n + 31) // 32 * 32):
         rows[j] = rows[n - 1]
     return n
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs,
-                 tile, prefetch_next, bf16_tiles, scale, out, lse):
+                 tile, prefetch_next, inner, scale, out, lse):
     """Decode attention of q [B, Hq, D] over the tokens that `pieces` name; writes out and lse.
 
     pool [rows, D]: the pool's rows (uint16 bits when 16-bit, `fp16` telling which kind, else
@@ -219,9 +262,10 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
     parallel task, works through pieces unit_begin[u] to unit_begin[u + 1] and leaves one partial
     (max, sum, unnormalized accumulator) per part; a head's parts are head_begin[bh] to
     head_begin[bh + 1]. `tile`: tokens per tile, a multiple of 4. `prefetch_next`: while a tile
-    is computed, prefetch the next one's rows into L1 (1), L2 (2), or not (0). `bf16_tiles`: use
-    the hand-built loops of `_bf16_tiles` (the caller checks that they apply: bfloat16 pool, D a
-    multiple of 32, G a multiple of 4); the partial accumulators are then in split order.
+    is computed, prefetch the next one's rows into L1 (1), L2 (2), or not (0). `inner`: LOOPS,
+    BF16_LOOPS (`_bf16_tiles`; the caller checks that they apply: bfloat16 pool, D a multiple of 32,
+    G a multiple of 4; the partial accumulators are then in split order) or AMX_TILES (`_amx_tiles`;
+    bfloat16 pool, D a multiple of 32 up to 256, G at most 8; accumulators in `amx_index` order).
     Releases the GIL, so that the caller's other threads (GPU launches) run meanwhile.
     """
     B, Hq, D = q.shape
@@ -231,23 +275,32 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
     part_m = np.empty((n_parts, G), np.float32)
     part_l = np.empty((n_parts, G), np.float32)
     part_acc = np.empty((n_parts, G, D), np.float32)
+    amx = inner == AMX_TILES
+    acc_rows = 16 if amx else G
     for u in prange(unit_begin.shape[0] - 1):
         qs = np.empty((G, D), np.float32)
-        rows = np.empty(tile + 3, np.int64)
-        ahead = np.empty(tile + 3, np.int64)
-        scores = np.empty((G, tile + 3), np.float32)
+        rows = np.empty(tile + 31, np.int64)
+        ahead = np.empty(tile + 31, np.int64)
+        scores = np.empty((G, tile + 31), np.float32)
         m = np.empty(G, np.float32)
         l = np.empty(G, np.float32)
-        acc = np.empty((G, D), np.float32)
+        acc = np.empty((acc_rows, D), np.float32)
+        acc_by_head = acc.reshape((acc_rows // 2, 2 * D))[:G] if amx else acc
         q_bf16 = np.empty((3, G, D // 2), np.uint32)
         q_f32 = np.empty((1, G, D), np.float32)
+        amx_n = 16 if amx else 1  # the AMX loops' buffers, of one element otherwise
+        qtiles = np.empty((3, D // 32 if amx else 1, amx_n, amx_n), np.uint32)
+        kbuf = np.empty((amx_n, D if amx else 1), np.uint16)
+        sbuf = np.empty((tile + 31 if amx else 1, amx_n), np.float32)
+        pbuf = np.zeros((amx_n, tile + 32 if amx else 1), np.uint16)
+        vbuf = np.empty((D // 16 if amx else 1, amx_n, amx_n), np.uint32)
         parts = 1
         part = -1
         b = h = bh = 0
         for i in range(unit_begin[u], unit_begin[u + 1]):
             if pieces[i, 3] != part:
                 if part >= 0:
-                    _leave_partial(part, m, l, acc, part_m, part_l, part_acc)
+                    _leave_partial(part, m, l, acc, amx, part_m, part_l, part_acc)
                 part = pieces[i, 3]
                 bh = pieces[i, 0]
                 b = bh // Hkv
@@ -257,9 +310,11 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
                     l[g] = 0.0
                     for d in range(D):
                         qs[g, d] = q[b, h * G + g, d] * scale
-                        acc[g, d] = 0.0
-                if bf16_tiles:
+                acc[:] = 0.0
+                if inner == BF16_LOOPS:
                     parts = query_parts(q, b, h * G, G, q_bf16, q_f32)
+                elif amx:
+                    parts = query_tiles(q, b, h * G, G, q_bf16, qtiles)
             pos, last = pieces[i, 1], pieces[i, 2]
             n = _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh, bs, slot_rows)
             while True:
@@ -268,9 +323,12 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
                     n_ahead = _fill_rows(ahead, pos + n, last, tile, block_table, token_idx, indexed, b, h, bh, bs,
                                          slot_rows)
                 n4 = (n + 3) // 4 * 4
-                if bf16_tiles:
+                if inner == BF16_LOOPS:
                     _bf16_tile(q_bf16, q_f32, parts, pool, rows, v_rows, n, n4, np.float32(scale), scores, m, l, acc, ahead,
                                n_ahead, prefetch_next)
+                elif amx:
+                    _amx_tile(qtiles, parts, pool, rows, v_rows, n, n4, np.float32(scale), kbuf, sbuf, scores, pbuf, vbuf, m,
+                              l, acc, acc_by_head, ahead, n_ahead, prefetch_next)
                 else:
                     _score_tile(qs, pool, fp16, rows, n4, scores, ahead, n_ahead, prefetch_next)
                     _softmax_tile(scores, n, n4, m, l, acc)
@@ -283,7 +341,7 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
                 else:
                     n = _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh, bs, slot_rows)
         if part >= 0:
-            _leave_partial(part, m, l, acc, part_m, part_l, part_acc)
+            _leave_partial(part, m, l, acc, amx, part_m, part_l, part_acc)
     for bh in prange(B * Hkv):
         b = bh // Hkv
         h = bh - b * Hkv
@@ -301,9 +359,12 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
             for t in range(first, stop):
                 w = np.exp(part_m[t, g] - top)
                 total += part_l[t, g] * w
-                if bf16_tiles:
+                if inner == BF16_LOOPS:
                     for d in range(D):
                         row[d] += w * part_acc[t, g, split_index(d)]
+                elif amx:
+                    for d in range(D):
+                        row[d] += w * part_acc[t, g, amx_index(d)]
                 else:
                     for d in range(D):
                         row[d] += w * part_acc[t, g, d]
@@ -314,13 +375,18 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
 
 
 @njit(cache=True, _nrt=False)
-def _leave_partial(part, m, l, acc, part_m, part_l, part_acc):
-    G, D = acc.shape
+def _leave_partial(part, m, l, acc, amx, part_m, part_l, part_acc):
+    """Keep a part's softmax state; under AMX a head's accumulator is the sum of its two rows."""
+    G, D = part_acc.shape[1], part_acc.shape[2]
     for g in range(G):
         part_m[part, g] = m[g]
         part_l[part, g] = l[g]
-        for d in range(D):
-            part_acc[part, g, d] = acc[g, d]
+        if amx:
+            for d in range(D):
+                part_acc[part, g, d] = acc[2 * g, d] + acc[2 * g + 1, d]
+        else:
+            for d in range(D):
+                part_acc[part, g, d] = acc[g, d]
 
 
 RANGES_OK, RANGE_OUTSIDE_TABLE, BLOCK_WITHOUT_SLOT = 0, 1, 2

@@ -11,8 +11,10 @@ import numba
 import numpy as np
 import torch
 
+from ._amx_tiles import MAX_DIM, MAX_HEADS, cpu_has_amx, request_tile_data
 from ._bf16_tiles import CHUNK, HEADS, cpu_has_dpbf16
-from ._kernel import BLOCK_WITHOUT_SLOT, RANGE_OUTSIDE_TABLE, attend_units, build_units, check_ranges
+from ._kernel import (AMX_TILES as _AMX, BF16_LOOPS, BLOCK_WITHOUT_SLOT, LOOPS, RANGE_OUTSIDE_TABLE, attend_units,
+                      build_units, check_ranges)
 
 # Tuning knobs, set from bench/bench_cpu_attention.py --sweep on the 16-core machine: units of work
 # per thread (equal shares of the tokens; more than one lets a thread that runs slow fall behind by
@@ -25,13 +27,18 @@ from ._kernel import BLOCK_WITHOUT_SLOT, RANGE_OUTSIDE_TABLE, attend_units, buil
 # 82-87 GB/s (H200 machine, 2026-12-01; they had looked slower only under a float32 query). Without
 # vdpbf16ps no run showed them clearly faster. True or False forces the choice.
 # Tiles of 128 tokens: best for those loops in three sweeps (85.9 against 82.9 GB/s for 64 in the last).
+# AMX_TILES: whether bfloat16 pools take the AMX tile products of `_amx_tiles` (head_dim a multiple of
+# 32 up to 256, at most 8 query heads per kv head); None takes them where the CPU has AMX and Linux
+# grants the tile state, before the hand-built loops; True where it cannot run is an error.
 UNITS_PER_THREAD = 2
 MIN_CHUNK = 256
 TILE_TOKENS = 128
 DYNAMIC_SCHEDULE = True
 PREFETCH_NEXT_TILE = 1
 BF16_TILES: bool | None = None
+AMX_TILES: bool | None = None
 _threads: int | None = None
+_amx_granted: bool | None = None
 
 
 def set_threads(n: int | None) -> None:
@@ -40,6 +47,15 @@ def set_threads(n: int | None) -> None:
     if n is not None and not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
         raise ValueError(f"threads: got {n}, expected 1..{numba.config.NUMBA_NUM_THREADS}")
     _threads = n
+
+
+def amx_ready() -> bool:
+    """Whether the kernels can run AMX tile products here: compiled for a CPU with AMX bfloat16,
+    and the tile state granted by Linux (asked once)."""
+    global _amx_granted
+    if _amx_granted is None:
+        _amx_granted = bool(cpu_has_amx()) and request_tile_data()
+    return _amx_granted
 
 
 def host_decode_attention(q, pool, block_table, ranges, scale, threads=None, *, chunk=None, out=None, lse=None):
@@ -171,17 +187,29 @@ def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale
     pieces, unit_begin, head_begin, n_parts = build_units(spans, chunk)
     out_np = _output(out, (B, Hq, D), "out")
     lse_np = _output(lse, (B, Hq), "lse")
-    wanted = cpu_has_dpbf16() if BF16_TILES is None else BF16_TILES
-    bf16_tiles = wanted and rows.dtype == np.uint16 and not fp16 and D % CHUNK == 0 and (Hq // Hkv) % HEADS == 0
+    inner = _inner_loops(rows, fp16, D, Hq // Hkv)
     previous = numba.set_parallel_chunksize(1 if DYNAMIC_SCHEDULE else 0)
     try:
         attend_units(qa, rows, fp16, table, idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs, TILE_TOKENS,
-                     PREFETCH_NEXT_TILE, bf16_tiles, float(scale), out_np, lse_np)
+                     PREFETCH_NEXT_TILE, inner, float(scale), out_np, lse_np)
     finally:
         numba.set_parallel_chunksize(previous)
     if isinstance(q, torch.Tensor):
         return (out if out is not None else torch.from_numpy(out_np)), (lse if lse is not None else torch.from_numpy(lse_np))
     return out_np, lse_np
+
+
+def _inner_loops(rows, fp16, D, G):
+    """LOOPS, BF16_LOOPS or AMX_TILES for a call, from the knobs and what applies."""
+    if AMX_TILES and not amx_ready():
+        raise RuntimeError("AMX_TILES is True, but this CPU or OS cannot run AMX tile products; "
+                           "set it to None (use them where they run) or False")
+    bf16 = rows.dtype == np.uint16 and not fp16 and D % CHUNK == 0
+    if bf16 and D <= MAX_DIM and G <= MAX_HEADS and (amx_ready() if AMX_TILES is None else AMX_TILES):
+        return _AMX
+    if bf16 and G % HEADS == 0 and (cpu_has_dpbf16() if BF16_TILES is None else BF16_TILES):
+        return BF16_LOOPS
+    return LOOPS
 
 
 def _output(given, shape, name):

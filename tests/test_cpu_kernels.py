@@ -300,6 +300,7 @@ def test_bfloat16_tiles_match_the_numba_loops(monkeypatch, indexed):
     chunk, with scores that grow along the sequence (online rescales), at G 4 and 8."""
     from hetero.cpu_kernels import attention
 
+    monkeypatch.setattr(attention, "AMX_TILES", False)
     rng = np.random.default_rng(14 + indexed)
     for G in (4, 8):
         q, pool, table = _case(rng, "bfloat16", 128, G, n_blocks=20)
@@ -330,6 +331,7 @@ def test_hand_built_loops_by_default_only_with_avx512_bf16(monkeypatch):
     q, pool, table = _case(np.random.default_rng(21), "bfloat16", 64, 4, n_blocks=6)
     ranges = torch.tensor([0, 90], dtype=torch.int32).expand(2, 2, 1, 2).contiguous()
     monkeypatch.setattr(attention, "TILE_TOKENS", 20)
+    monkeypatch.setattr(attention, "AMX_TILES", False)
     forced = {}
     for tiles in (True, False):
         monkeypatch.setattr(attention, "BF16_TILES", tiles)
@@ -347,11 +349,12 @@ def test_kernel_helpers_count_no_references():
     and the cores then queue on that one cache line (22 against 87 GB/s in cache on 16 cores)."""
     from numba.core.registry import CPUDispatcher
 
-    from hetero.cpu_kernels import _bf16_tiles, _kernel
+    from hetero.cpu_kernels import _amx_tiles, _bf16_tiles, _kernel
 
-    helpers = [f for module in (_kernel, _bf16_tiles) for name, f in vars(module).items()
+    helpers = [f for module in (_kernel, _bf16_tiles, _amx_tiles) for name, f in vars(module).items()
                if isinstance(f, CPUDispatcher) and f.py_func.__module__ == module.__name__
-               and name not in ("attend_units", "build_units", "check_ranges", "cpu_has_dpbf16")]  # from Python
-    assert {"_score_tile", "_accumulate_tile", "_bf16_tile", "_prefetch_rows"} <= {f.__name__ for f in helpers}
+               and name not in ("attend_units", "build_units", "check_ranges", "cpu_has_dpbf16", "cpu_has_amx")]
+    assert {"_score_tile", "_accumulate_tile", "_bf16_tile", "_amx_tile", "query_tiles", "_prefetch_rows"} <= {
+        f.__name__ for f in helpers}
     counted = [f.__name__ for f in helpers if f.targetoptions.get("_nrt", True)]
     assert counted == [], f"compile these with _nrt=False: {counted}"
