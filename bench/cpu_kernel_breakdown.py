@@ -7,7 +7,9 @@ kernel that changed shape fails here, not silently), timed in alternating rounds
 - no_prefetch: the same, with no prefetch of the next tile (`PREFETCH_NEXT_TILE = 0`);
 - no_scores, no_values: the hand-built bfloat16 loops' scores, or value sums, skipped;
 - bookkeeping: scores and value sums both skipped (softmax, row lists, prefetches, merge);
-- amx: the kernel with the AMX tile products (`_amx_tiles`), where the CPU runs them.
+- amx: the kernel with the AMX tile products (`_amx_tiles`), where the CPU runs them; amx_no_scores,
+  amx_no_values: without its score or its value tile products; amx_no_tiles: without either (no
+  tile instruction runs: the rest of its work, at the clock the vector code gets).
 The others force the hand-built loops (`BF16_TILES = True`, `AMX_TILES = False`); where the CPU
 lacks AVX512-BF16 they run their float32 form.
 
@@ -37,6 +39,8 @@ _SKIP_VALUES = ("    for g in range(0, G, HEADS):\n        accumulate_step(",
                 "    return\n    for g in range(0, G, HEADS):\n        accumulate_step(")
 _SKIP_SCORES = ("        for g in range(0, G, HEADS):\n            score_step(",
                 "        for g in range(0, 0, HEADS):\n            score_step(")
+_AMX_SKIP_SCORES = ("        score_rows(pool, starts, kbuf, groups, qtiles, parts, sbuf, j)\n", "")
+_AMX_SKIP_VALUES = ("        add_values(pbuf, j, chunks, vbuf, acc)\n", "")
 VARIANTS = {
     "full": (),
     "no_prefetch": (),
@@ -44,6 +48,9 @@ VARIANTS = {
     "no_values": (_SKIP_VALUES,),
     "bookkeeping": (_SKIP_SCORES, _SKIP_VALUES),
     "amx": (),
+    "amx_no_scores": (_AMX_SKIP_SCORES,),
+    "amx_no_values": (_AMX_SKIP_VALUES,),
+    "amx_no_tiles": (_AMX_SKIP_SCORES, _AMX_SKIP_VALUES),
 }
 
 
@@ -63,7 +70,7 @@ def variant(name: str, edits, into: str):
         f.write(src)
     module = importlib.import_module(f"{package}.attention")
     module.BF16_TILES = True
-    module.AMX_TILES = name == "amx"
+    module.AMX_TILES = name.startswith("amx")
     module.PREFETCH_NEXT_TILE = 0 if name == "no_prefetch" else module.PREFETCH_NEXT_TILE
     return module
 
@@ -83,7 +90,7 @@ def main(argv=None) -> int:
     results = {"tokens": args.tokens, "rounds": args.rounds, "reps": args.reps, "gbs": {}}
     with tempfile.TemporaryDirectory() as into:
         sys.path.insert(0, into)
-        names = [n for n in args.variants if n != "amx" or amx_ready()]
+        names = [n for n in args.variants if not n.startswith("amx") or amx_ready()]
         modules = {name: variant(name, VARIANTS[name], into) for name in names}
         results["dpbf16"] = bool(modules[names[0]].cpu_has_dpbf16())
         q, one_block, _ = make_case(1, 256, torch.bfloat16, 32, 8, 128, 256)  # a bfloat16 query: one part

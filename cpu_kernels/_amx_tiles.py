@@ -33,7 +33,11 @@ TILE_ROWS, TILE_BYTES = 16, 64
 MAX_DIM = 256  # head_dims with straight-line code: multiples of 32 up to this
 MAX_PARTS = 3
 MAX_HEADS = TILE_ROWS // 2  # query heads per kv head: two probability rows each
-KEYS_PER_VALUE_CHUNK = 2 * TILE_ROWS  # one tile row of bfloat16 probabilities
+# Independent chains of tile products in flight: 3 accumulators, 3 operands and the shared one fill
+# 7 of the 8 tile registers.
+SCORE_GROUPS = 3  # groups of 16 keys scored together
+VALUE_GROUPS = 3  # 16-element groups of head_dim summed together
+VALUE_CHUNKS = 4  # chunks of 32 keys (one tile row of weights) summed before the accumulators go back
 _AMX, _I16, _I32, _I64 = NamedType("x86_amx"), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _P8 = ir.IntType(8).as_pointer()
 _V32W = ir.VectorType(_I16, 32)
@@ -135,14 +139,17 @@ def _check(name, array_type, ndim, dtype):
 
 
 @intrinsic
-def score_rows(typingctx, pool, row, kbuf, direct, qtiles, parts, sbuf, j):
-    """sbuf[j + t, c] = sum over p < parts of K_t . column c of qtiles[p], for 16 keys t.
+def score_rows(typingctx, pool, starts, kbuf, groups, qtiles, parts, sbuf, j):
+    """sbuf[j + 16i + t, c] = sum over p < parts of K_it . column c of qtiles[p], for 16 keys t of
+    each group i < groups (at most SCORE_GROUPS).
 
-    K_t = pool[row + t] where `direct`, else kbuf[t]; pool, kbuf uint16 [*, D] (bfloat16 bits),
-    D a multiple of 32 up to MAX_DIM; qtiles uint32 [MAX_PARTS, D / 32, 16, 16] (`query_tiles`);
-    sbuf float32 [>= j + 16, 16].
+    K_it = pool[starts[i] + t] where starts[i] >= 0, else kbuf[16i + t]; pool, kbuf uint16 [*, D]
+    (bfloat16 bits), D a multiple of 32 up to MAX_DIM; qtiles uint32 [MAX_PARTS, D / 32, 16, 16]
+    (`query_tiles`); sbuf float32 [>= j + 16 groups, 16]. The groups' products interleave, in
+    tiles of their own: tile registers are not renamed, so one chain of products waits on itself.
     """
     applies = _bits_pool(pool)
+    _check("starts", starts, 1, types.int64)
     _check("kbuf", kbuf, 2, types.uint16)
     _check("qtiles", qtiles, 4, types.uint32)
     _check("sbuf", sbuf, 2, types.float32)
@@ -152,46 +159,54 @@ def score_rows(typingctx, pool, row, kbuf, direct, qtiles, parts, sbuf, j):
             return context.get_dummy_value()
         at = signature.args
         pool_data, (_, dim) = _c_array(context, builder, at[0], args[0])
+        starts_data, _ = _c_array(context, builder, at[1], args[1])
         kbuf_data, _ = _c_array(context, builder, at[2], args[2])
         q_data, _ = _c_array(context, builder, at[4], args[4])
         s_data, _ = _c_array(context, builder, at[6], args[6])
-        row = context.cast(builder, args[1], at[1], types.int64)
+        n_groups = context.cast(builder, args[3], at[3], types.int64)
         n_parts = context.cast(builder, args[5], at[5], types.int64)
         first = context.cast(builder, args[7], at[7], types.int64)
-        direct = context.cast(builder, args[3], at[3], types.boolean)
-        keys = builder.select(direct, builder.gep(pool_data, [builder.mul(row, dim)]), kbuf_data)
+        keys = []
+        for i in range(SCORE_GROUPS):
+            start = builder.load(builder.gep(starts_data, [_I64(i)]))
+            in_pool = builder.gep(pool_data, [builder.mul(start, dim)])
+            in_buffer = builder.gep(kbuf_data, [builder.mul(_I64(TILE_ROWS * i), dim)])
+            keys.append(builder.select(builder.icmp_signed(">=", start, _I64(0)), in_pool, in_buffer))
         stride = builder.mul(dim, _I64(2))
         tiles = _Tiles(builder)
 
-        def emit(chunks, used_parts):
-            acc = tiles.zero()
+        def emit(chunks, used_parts, used_groups):
+            accs = [tiles.zero() for _ in range(used_groups)]
             for c in range(chunks):
-                a = tiles.load(keys, _I64(c * CHUNK), stride)
+                ks = [tiles.load(keys[i], _I64(c * CHUNK), stride) for i in range(used_groups)]
                 for p in range(used_parts):
-                    bt = tiles.load(q_data, _I64((p * chunks + c) * TILE_ROWS * TILE_ROWS), _I64(TILE_BYTES))
-                    acc = tiles.dot(acc, a, bt)
-            tiles.store(s_data, builder.mul(first, _I64(TILE_ROWS)), _I64(TILE_BYTES), acc)
+                    query = tiles.load(q_data, _I64((p * chunks + c) * TILE_ROWS * TILE_ROWS), _I64(TILE_BYTES))
+                    accs = [tiles.dot(acc, k, query) for acc, k in zip(accs, ks)]
+            for i, acc in enumerate(accs):
+                tiles.store(s_data, builder.mul(builder.add(first, _I64(TILE_ROWS * i)), _I64(TILE_ROWS)), _I64(TILE_BYTES), acc)
 
-        key = builder.add(builder.mul(builder.udiv(dim, _I64(CHUNK)), _I64(MAX_PARTS + 1)), n_parts)
-        cases = [(c * (MAX_PARTS + 1) + p, (c, p)) for c in range(1, MAX_DIM // CHUNK + 1) for p in range(1, MAX_PARTS + 1)]
+        key = builder.add(builder.mul(builder.add(builder.mul(builder.udiv(dim, _I64(CHUNK)), _I64(MAX_PARTS + 1)), n_parts),
+                                      _I64(SCORE_GROUPS + 1)), n_groups)
+        cases = [((c * (MAX_PARTS + 1) + p) * (SCORE_GROUPS + 1) + g, (c, p, g))
+                 for c in range(1, MAX_DIM // CHUNK + 1) for p in range(1, MAX_PARTS + 1) for g in range(1, SCORE_GROUPS + 1)]
         _cases(builder, key, cases, emit)
         return context.get_dummy_value()
 
-    return types.none(pool, row, kbuf, direct, qtiles, parts, sbuf, j), codegen
+    return types.none(pool, starts, kbuf, groups, qtiles, parts, sbuf, j), codegen
 
 
 @intrinsic
-def interleave_values(typingctx, pool, rows, j, v_rows, vbuf):
-    """vbuf[2c + h, r] = the 16 element pairs (V row of key 2r, of key 2r + 1) of half h of 32-element
-    chunk c, for the 32 keys rows[j:j + 32] + v_rows: the second tile operand's layout.
+def interleave_values(typingctx, pool, rows, j, v_rows, vbuf, k):
+    """vbuf[k, 2c + h, r] = the 16 element pairs (V row of key 2r, of key 2r + 1) of half h of
+    32-element chunk c, for the 32 keys rows[j:j + 32] + v_rows: the second tile operand's layout.
 
     A pair's low half holds the even key. The halves are those of an unpack within 128-bit lanes
     (h 0: elements 8L to 8L + 3 of each lane L, h 1: 8L + 4 to 8L + 7); `amx_index` maps back.
-    vbuf uint32 [D / 16, 16, 16].
+    vbuf uint32 [VALUE_CHUNKS, D / 16, 16, 16].
     """
     applies = _bits_pool(pool)
     _check("rows", rows, 1, types.int64)
-    _check("vbuf", vbuf, 3, types.uint32)
+    _check("vbuf", vbuf, 4, types.uint32)
 
     def codegen(context, builder, signature, args):
         if not applies:
@@ -202,7 +217,9 @@ def interleave_values(typingctx, pool, rows, j, v_rows, vbuf):
         first = context.cast(builder, args[2], at[2], types.int64)
         v_rows = context.cast(builder, args[3], at[3], types.int64)
         v_data, _ = _c_array(context, builder, at[4], args[4])
-        out = builder.bitcast(v_data, _I16.as_pointer())
+        which = context.cast(builder, args[5], at[5], types.int64)
+        # chunk k of vbuf starts at k * (D / 16) * 256 words, 512 halves
+        out = builder.gep(builder.bitcast(v_data, _I16.as_pointer()), [builder.mul(which, builder.mul(dim, _I64(32)))])
         low = [8 * lane + i + 32 * second for lane in range(4) for i in range(4) for second in (0, 1)]
         high = [x + 4 for x in low]
         n_chunks = builder.udiv(dim, _I64(CHUNK))
@@ -223,18 +240,19 @@ def interleave_values(typingctx, pool, rows, j, v_rows, vbuf):
                     builder.store(paired, builder.bitcast(builder.gep(out, [at_out]), _V32W.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.none(pool, rows, j, v_rows, vbuf), codegen
+    return types.none(pool, rows, j, v_rows, vbuf, k), codegen
 
 
 @intrinsic
-def add_values(typingctx, pbuf, j, vbuf, acc):
-    """acc[r, i] += sum over the 32 keys k of pbuf[r, j + k] * V_k at position i, for r < 16.
+def add_values(typingctx, pbuf, j, chunks, vbuf, acc):
+    """acc[r, i] += sum over the 32 chunks keys k of pbuf[r, j + k] * V_k at position i, for r < 16.
 
-    pbuf uint16 [16, W] (bfloat16 weights); vbuf from `interleave_values`; acc float32 [16, D],
-    D a multiple of 32 up to MAX_DIM, in `amx_index` order.
+    pbuf uint16 [16, W] (bfloat16 weights); vbuf from `interleave_values` for chunks k < chunks (at
+    most VALUE_CHUNKS); acc float32 [16, D], D a multiple of 32 up to MAX_DIM, in `amx_index` order.
+    VALUE_GROUPS accumulators at a time stay in tiles over all the chunks, in tiles of their own.
     """
     _check("pbuf", pbuf, 2, types.uint16)
-    _check("vbuf", vbuf, 3, types.uint32)
+    _check("vbuf", vbuf, 4, types.uint32)
     _check("acc", acc, 2, types.float32)
 
     def codegen(context, builder, signature, args):
@@ -243,23 +261,33 @@ def add_values(typingctx, pbuf, j, vbuf, acc):
         at = signature.args
         p_data, (_, width) = _c_array(context, builder, at[0], args[0])
         first = context.cast(builder, args[1], at[1], types.int64)
-        v_data, _ = _c_array(context, builder, at[2], args[2])
-        acc_data, (_, dim) = _c_array(context, builder, at[3], args[3])
+        n_chunks = context.cast(builder, args[2], at[2], types.int64)
+        v_data, _ = _c_array(context, builder, at[3], args[3])
+        acc_data, (_, dim) = _c_array(context, builder, at[4], args[4])
         tiles = _Tiles(builder)
         acc_stride = builder.mul(dim, _I64(4))
+        p_stride = builder.mul(width, _I64(2))
 
-        def emit(groups):
-            weights = tiles.load(p_data, first, builder.mul(width, _I64(2)))
-            for g in range(groups):
-                c = tiles.load(acc_data, _I64(g * TILE_ROWS), acc_stride)
-                values = tiles.load(v_data, _I64(g * TILE_ROWS * TILE_ROWS), _I64(TILE_BYTES))
-                tiles.store(acc_data, _I64(g * TILE_ROWS), acc_stride, tiles.dot(c, weights, values))
+        def emit(groups, chunks):
+            for g0 in range(0, groups, VALUE_GROUPS):
+                gs = range(g0, min(g0 + VALUE_GROUPS, groups))
+                accs = [tiles.load(acc_data, _I64(g * TILE_ROWS), acc_stride) for g in gs]
+                for k in range(chunks):
+                    weights = tiles.load(p_data, builder.add(first, _I64(k * 2 * TILE_ROWS)), p_stride)
+                    values = [tiles.load(v_data, _I64((k * groups + g) * TILE_ROWS * TILE_ROWS), _I64(TILE_BYTES))
+                              for g in gs]
+                    accs = [tiles.dot(acc, weights, v) for acc, v in zip(accs, values)]
+                for g, acc in zip(gs, accs):
+                    tiles.store(acc_data, _I64(g * TILE_ROWS), acc_stride, acc)
 
         groups = builder.udiv(dim, _I64(TILE_ROWS))
-        _cases(builder, groups, [(g, (g,)) for g in range(2, MAX_DIM // TILE_ROWS + 1, 2)], emit)
+        key = builder.add(builder.mul(groups, _I64(VALUE_CHUNKS + 1)), n_chunks)
+        cases = [(g * (VALUE_CHUNKS + 1) + c, (g, c)) for g in range(2, MAX_DIM // TILE_ROWS + 1, 2)
+                 for c in range(1, VALUE_CHUNKS + 1)]
+        _cases(builder, key, cases, emit)
         return context.get_dummy_value()
 
-    return types.none(pbuf, j, vbuf, acc), codegen
+    return types.none(pbuf, j, chunks, vbuf, acc), codegen
 
 
 @njit(cache=True, _nrt=False)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._amx_tiles import add_values, amx_index, interleave_values, query_tiles, score_rows, weight_rows
+from ._amx_tiles import (SCORE_GROUPS, VALUE_CHUNKS, add_values, amx_index, interleave_values, query_tiles, score_rows,
+                         weight_rows)
 from ._bf16_tiles import HEADS, accumulate_step, query_parts, score_step, split_index
 from ._intrinsics import exponent_to_f32, prefetch_l1, prefetch_l2, to_f32
 
@@ -169,26 +170,29 @@ def _bf16_tile(q_bf16, q_f32, parts, pool, rows, v_rows, n, n4, scale, scores, m
 
 
 @njit(fastmath=FASTMATH, cache=True, _nrt=False)
-def _amx_tile(qtiles, parts, pool, rows, v_rows, n, n4, scale, kbuf, sbuf, scores, pbuf, vbuf, m, l, acc, acc_by_head,
-              ahead, n_ahead, level):
+def _amx_tile(qtiles, parts, pool, rows, v_rows, n, n4, scale, starts, kbuf, sbuf, scores, pbuf, vbuf, m, l, acc,
+              acc_by_head, ahead, n_ahead, level):
     """One tile through the AMX tile products of `_amx_tiles` (bfloat16 pool, head_dim a multiple
     of 32, at most 8 query heads a kv head; rows padded to a multiple of 32). acc [16, D] holds two
     rows a head (high and low weights), acc_by_head the same memory as [G, 2D]; prefetches the next
     tile's K rows while scoring, its V rows while summing values."""
     G, D = scores.shape[0], pool.shape[1]
     n16 = (n + 15) // 16 * 16
-    for j in range(0, n16, 16):
+    for j in range(0, n16, 16 * SCORE_GROUPS):
+        groups = min(SCORE_GROUPS, (n16 - j) // 16)
         if level:
-            _prefetch_rows(pool, ahead, j, min(j + 16, n_ahead), 0, level)
-        direct = True
-        for t in range(1, 16):
-            if rows[j + t] != rows[j] + t:
-                direct = False
-        if not direct:
-            for t in range(16):
-                for d in range(D):
-                    kbuf[t, d] = pool[rows[j + t], d]
-        score_rows(pool, rows[j], kbuf, direct, qtiles, parts, sbuf, j)
+            _prefetch_rows(pool, ahead, j, min(j + 16 * groups, n_ahead), 0, level)
+        for i in range(groups):
+            first = j + 16 * i
+            starts[i] = rows[first]
+            for t in range(1, 16):
+                if rows[first + t] != rows[first] + t:
+                    starts[i] = -1
+            if starts[i] < 0:
+                for t in range(16):
+                    for d in range(D):
+                        kbuf[16 * i + t, d] = pool[rows[first + t], d]
+        score_rows(pool, starts, kbuf, groups, qtiles, parts, sbuf, j)
     if level:
         _prefetch_rows(pool, ahead, n16, n_ahead, 0, level)
     for g in range(G):
@@ -197,11 +201,13 @@ def _amx_tile(qtiles, parts, pool, rows, v_rows, n, n4, scale, kbuf, sbuf, score
     _softmax_tile(scores, n, n4, m, l, acc_by_head)
     n32 = (n + 31) // 32 * 32
     weight_rows(scores, n, n32, pbuf)
-    for j in range(0, n32, 32):
-        if level:
-            _prefetch_rows(pool, ahead, j, min(j + 32, n_ahead), v_rows, level)
-        interleave_values(pool, rows, j, v_rows, vbuf)
-        add_values(pbuf, j, vbuf, acc)
+    for j in range(0, n32, 32 * VALUE_CHUNKS):
+        chunks = min(VALUE_CHUNKS, (n32 - j) // 32)
+        for k in range(chunks):
+            if level:
+                _prefetch_rows(pool, ahead, j + 32 * k, min(j + 32 * k + 32, n_ahead), v_rows, level)
+            interleave_values(pool, rows, j + 32 * k, v_rows, vbuf, k)
+        add_values(pbuf, j, chunks, vbuf, acc)
     if level:
         _prefetch_rows(pool, ahead, n32, n_ahead, v_rows, level)
 
@@ -290,10 +296,11 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
         q_f32 = np.empty((1, G, D), np.float32)
         amx_n = 16 if amx else 1  # the AMX loops' buffers, of one element otherwise
         qtiles = np.empty((3, D // 32 if amx else 1, amx_n, amx_n), np.uint32)
-        kbuf = np.empty((amx_n, D if amx else 1), np.uint16)
+        starts = np.empty(SCORE_GROUPS, np.int64)
+        kbuf = np.empty((SCORE_GROUPS * amx_n, D if amx else 1), np.uint16)
         sbuf = np.empty((tile + 31 if amx else 1, amx_n), np.float32)
         pbuf = np.zeros((amx_n, tile + 32 if amx else 1), np.uint16)
-        vbuf = np.empty((D // 16 if amx else 1, amx_n, amx_n), np.uint32)
+        vbuf = np.empty((VALUE_CHUNKS if amx else 1, D // 16 if amx else 1, amx_n, amx_n), np.uint32)
         parts = 1
         part = -1
         b = h = bh = 0
@@ -327,8 +334,8 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
                     _bf16_tile(q_bf16, q_f32, parts, pool, rows, v_rows, n, n4, np.float32(scale), scores, m, l, acc, ahead,
                                n_ahead, prefetch_next)
                 elif amx:
-                    _amx_tile(qtiles, parts, pool, rows, v_rows, n, n4, np.float32(scale), kbuf, sbuf, scores, pbuf, vbuf, m,
-                              l, acc, acc_by_head, ahead, n_ahead, prefetch_next)
+                    _amx_tile(qtiles, parts, pool, rows, v_rows, n, n4, np.float32(scale), starts, kbuf, sbuf, scores, pbuf,
+                              vbuf, m, l, acc, acc_by_head, ahead, n_ahead, prefetch_next)
                 else:
                     _score_tile(qs, pool, fp16, rows, n4, scores, ahead, n_ahead, prefetch_next)
                     _softmax_tile(scores, n, n4, m, l, acc)

@@ -13,8 +13,8 @@ from test_cpu_kernels import _assert_close, _case, _random_ranges
 
 
 @njit(cache=False)
-def _interleave(pool, rows, j, v_rows, vbuf):
-    interleave_values(pool, rows, j, v_rows, vbuf)
+def _interleave(pool, rows, j, v_rows, vbuf, k):
+    interleave_values(pool, rows, j, v_rows, vbuf, k)
 
 
 def _floats(bits):
@@ -41,8 +41,10 @@ def test_interleaved_values_and_weight_rows_give_weighted_sums_in_amx_order(D):
     rng = np.random.default_rng(D)
     pool = _bf16_bits(rng, (200, D))
     rows = rng.permutation(90)[:40].astype(np.int64)
-    vbuf = np.zeros((D // 16, 16, 16), np.uint32)
-    _interleave(pool, rows, 8, 100, vbuf)
+    vbuf = np.zeros((2, D // 16, 16, 16), np.uint32)
+    _interleave(pool, rows, 8, 100, vbuf, 1)
+    assert (vbuf[0] == 0).all()
+    vbuf = vbuf[1]
     G, n = 3, 29
     probs = rng.random((G, 40)).astype(np.float32)
     pbuf = np.full((16, 48), 7, np.uint16)
