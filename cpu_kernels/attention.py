@@ -28,15 +28,17 @@ from ._kernel import (AMX_TILES as _AMX, BF16_LOOPS, BLOCK_WITHOUT_SLOT, LOOPS, 
 # vdpbf16ps no run showed them clearly faster. True or False forces the choice.
 # Tiles of 128 tokens: best for those loops in three sweeps (85.9 against 82.9 GB/s for 64 in the last).
 # AMX_TILES: whether bfloat16 pools take the AMX tile products of `_amx_tiles` (head_dim a multiple of
-# 32 up to 256, at most 8 query heads per kv head); None takes them where the CPU has AMX and Linux
-# grants the tile state, before the hand-built loops; True where it cannot run is an error.
+# 32 up to 256, at most 8 query heads per kv head) before the hand-built loops: True where the CPU has
+# AMX and Linux grants the tile state (elsewhere an error), None where they can run. Off by default:
+# correct, but slower so far (in cache, 15 threads, H200 machine: 58.6 against 73.3 GB/s for the
+# hand-built loops; `bench/cpu_kernel_breakdown.py`).
 UNITS_PER_THREAD = 2
 MIN_CHUNK = 256
 TILE_TOKENS = 128
 DYNAMIC_SCHEDULE = True
 PREFETCH_NEXT_TILE = 1
 BF16_TILES: bool | None = None
-AMX_TILES: bool | None = None
+AMX_TILES: bool | None = False
 _threads: int | None = None
 _amx_granted: bool | None = None
 
