@@ -17,7 +17,6 @@ instruction. This probe, for the GPU machine's host, prints and writes JSON:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 import time
@@ -29,21 +28,11 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from hetero.cpu_kernels._intrinsics import NamedType
+from hetero.cpu_kernels._amx_tiles import TILE_BYTES, TILE_ROWS, Tiles, request_tile_data
 from hetero.cpu_kernels.reference import pool_from_bits
 
-SYS_ARCH_PRCTL = 158  # x86-64
-ARCH_REQ_XCOMP_PERM = 0x1023
-XFEATURE_XTILEDATA = 18
-TILE_ROWS, TILE_BYTES = 16, 64  # 16 rows of 64 bytes: 32 bfloat16, or 16 float32
 CHUNK = 32  # bfloat16 per tile row
-
-
-_AMX, _I16, _I64, _P8 = NamedType("x86_amx"), ir.IntType(16), ir.IntType(64), ir.IntType(8).as_pointer()
-
-
-def _declare(module, name, ret, args):
-    return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
+_I64 = ir.IntType(64)
 
 
 @intrinsic
@@ -53,6 +42,7 @@ def score_tile(typingctx, keys, first_row, query_pairs, out):
     keys: uint16 [rows, 128] (bfloat16 bits, C-contiguous; the probe's head_dim, unrolled below);
     query_pairs: uint32 [4, 16, 16] (chunk, pair of dims, query column): dims 2i and 2i + 1 of a
     column in one word, the low half the even one (the tile layout of the second operand).
+    One chain of products: each waits on the one before (the kernel's `_amx_tiles` runs several).
     """
 
     def codegen(context, builder, signature, args):
@@ -62,21 +52,14 @@ def score_tile(typingctx, keys, first_row, query_pairs, out):
         o = context.make_array(at[3])(context, builder, args[3])
         first = context.cast(builder, args[1], at[1], types.int64)
         dim = cgutils.unpack_tuple(builder, k.shape)[1]
-        stride = builder.mul(dim, _I64(2))
-        rows, width = _I16(TILE_ROWS), _I16(TILE_BYTES)
-        m = builder.module
-        load = _declare(m, "llvm.x86.tileloadd64.internal", _AMX, [_I16, _I16, _P8, _I64])
-        dot = _declare(m, "llvm.x86.tdpbf16ps.internal", _AMX, [_I16, _I16, _I16, _AMX, _AMX, _AMX])
-        store = _declare(m, "llvm.x86.tilestored64.internal", ir.VoidType(), [_I16, _I16, _P8, _I64, _AMX])
-        zero = _declare(m, "llvm.x86.tilezero.internal", _AMX, [_I16, _I16])
-        acc = builder.call(zero, [rows, width])
+        tiles = Tiles(builder)
+        acc = tiles.zero()
         key_base = builder.gep(k.data, [builder.mul(first, dim)])
         for c in range(0, 128 // CHUNK):
-            a = builder.call(load, [rows, width, builder.bitcast(builder.gep(key_base, [_I64(c * CHUNK)]), _P8), stride])
-            b_at = builder.gep(q.data, [_I64(c * TILE_ROWS * TILE_ROWS)])
-            b = builder.call(load, [rows, width, builder.bitcast(b_at, _P8), _I64(TILE_BYTES)])
-            acc = builder.call(dot, [rows, width, width, acc, a, b])
-        builder.call(store, [rows, width, builder.bitcast(o.data, _P8), _I64(TILE_BYTES), acc])
+            a = tiles.load(key_base, _I64(c * CHUNK), builder.mul(dim, _I64(2)))
+            b = tiles.load(q.data, _I64(c * TILE_ROWS * TILE_ROWS), _I64(TILE_BYTES))
+            acc = tiles.dot(acc, a, b)
+        tiles.store(o.data, _I64(0), _I64(TILE_BYTES), acc)
         return context.get_dummy_value()
 
     return types.none(keys, first_row, query_pairs, out), codegen
@@ -98,13 +81,6 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
-
-
-def request_tile_data() -> tuple[int, int]:
-    """(return code, errno) of asking Linux for the tile data state for this process."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    rc = libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
-    return rc, ctypes.get_errno()
 
 
 def query_pairs(q: np.ndarray) -> np.ndarray:
@@ -142,11 +118,10 @@ def main(argv=None) -> int:
         result["usable"] = False
         result["why"] = "LLVM does not compile tile instructions for this CPU (no AMX, or the OS has not enabled its state)"
     else:
-        rc, err = request_tile_data()
-        result["arch_prctl"] = {"rc": rc, "errno": err}
-        if rc != 0:
+        result["arch_prctl_granted"] = request_tile_data()
+        if not result["arch_prctl_granted"]:
             result["usable"] = False
-            result["why"] = f"Linux refused the tile data state (arch_prctl rc {rc}, errno {err})"
+            result["why"] = "Linux refused the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM)"
         else:
             result.update(_check_and_time(args.tokens, args.reps))
     print(json.dumps({k: v for k, v in result.items() if k.startswith(("usable", "why", "max_rel", "keys_per_s", "k_gbs"))}))

@@ -75,7 +75,7 @@ def request_tile_data() -> bool:
         return False
 
 
-class _Tiles:
+class Tiles:
     """The tile intrinsics, declared in one module, with this kernel's one tile shape."""
 
     def __init__(self, builder):
@@ -173,7 +173,7 @@ def score_rows(typingctx, pool, starts, kbuf, groups, qtiles, parts, sbuf, j):
             in_buffer = builder.gep(kbuf_data, [builder.mul(_I64(TILE_ROWS * i), dim)])
             keys.append(builder.select(builder.icmp_signed(">=", start, _I64(0)), in_pool, in_buffer))
         stride = builder.mul(dim, _I64(2))
-        tiles = _Tiles(builder)
+        tiles = Tiles(builder)
 
         def emit(chunks, used_parts, used_groups):
             accs = [tiles.zero() for _ in range(used_groups)]
@@ -264,7 +264,7 @@ def add_values(typingctx, pbuf, j, chunks, vbuf, acc):
         n_chunks = context.cast(builder, args[2], at[2], types.int64)
         v_data, _ = _c_array(context, builder, at[3], args[3])
         acc_data, (_, dim) = _c_array(context, builder, at[4], args[4])
-        tiles = _Tiles(builder)
+        tiles = Tiles(builder)
         acc_stride = builder.mul(dim, _I64(4))
         p_stride = builder.mul(width, _I64(2))
 
