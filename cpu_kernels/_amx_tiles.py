@@ -7,8 +7,8 @@ CPU kernel's vector loops (`_bf16_tiles`) spend most of their time on those prod
   query (their sum is the float32 query) accumulated into the same columns;
 - value sums: the probabilities as the first operand, 2 rows a head (a bfloat16 high part and the
   rounded rest, so the weights keep 16 significant bits), times 32 V rows interleaved in pairs
-  (the second operand's layout); the accumulators live in memory between chunks of 32 keys, in an
-  order of head_dim set by the interleave (`amx_index` maps back).
+  (the second operand's layout); the accumulators stay in tiles over up to 4 chunks of 32 keys and
+  in memory between, in an order of head_dim set by the interleave (`amx_index` maps back).
 Tile shapes are constants (16 rows of 64 bytes) and each head_dim gets straight-line code (one
 case of a switch), so that no tile value crosses a loop or a branch. Where the code is compiled
 for a CPU without AMX, the intrinsics compile to nothing and `cpu_has_amx` is False; the tile data
@@ -27,7 +27,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._bf16_tiles import CHUNK, bfloat16_parts
-from ._intrinsics import NamedType, bits_f32, f32_bits
+from ._intrinsics import NamedType, bits_f32, c_array, check_c_array, f32_bits
 
 TILE_ROWS, TILE_BYTES = 16, 64
 MAX_DIM = 256  # head_dims with straight-line code: multiples of 32 up to this
@@ -106,11 +106,6 @@ class Tiles:
         b.call(self._store, [self.rows, self.width, b.bitcast(b.gep(data, [offset]), _P8), stride_bytes, tile])
 
 
-def _c_array(context, builder, array_type, value):
-    array = context.make_array(array_type)(context, builder, value)
-    return array.data, cgutils.unpack_tuple(builder, array.shape)
-
-
 def _cases(builder, key, cases, emit):
     """switch (key) { case k: emit(*args) } for (k, args) in cases; straight-line code per case."""
     done = builder.append_basic_block("amx_done")
@@ -132,12 +127,6 @@ def _bits_pool(pool) -> bool:
     return pool.dtype == types.uint16
 
 
-def _check(name, array_type, ndim, dtype):
-    if not (isinstance(array_type, types.Array) and array_type.ndim == ndim and array_type.layout == "C"
-            and array_type.dtype == dtype):
-        raise TypeError(f"{name}: expected a C-contiguous {ndim}-d array of {dtype}, got {array_type}")
-
-
 @intrinsic
 def score_rows(typingctx, pool, starts, kbuf, groups, qtiles, parts, sbuf, j):
     """sbuf[j + 16i + t, c] = sum over p < parts of K_it . column c of qtiles[p], for 16 keys t of
@@ -149,20 +138,20 @@ def score_rows(typingctx, pool, starts, kbuf, groups, qtiles, parts, sbuf, j):
     tiles of their own: tile registers are not renamed, so one chain of products waits on itself.
     """
     applies = _bits_pool(pool)
-    _check("starts", starts, 1, types.int64)
-    _check("kbuf", kbuf, 2, types.uint16)
-    _check("qtiles", qtiles, 4, types.uint32)
-    _check("sbuf", sbuf, 2, types.float32)
+    check_c_array("starts", starts, 1, types.int64)
+    check_c_array("kbuf", kbuf, 2, types.uint16)
+    check_c_array("qtiles", qtiles, 4, types.uint32)
+    check_c_array("sbuf", sbuf, 2, types.float32)
 
     def codegen(context, builder, signature, args):
         if not (applies and _has_amx(context)):
             return context.get_dummy_value()
         at = signature.args
-        pool_data, (_, dim) = _c_array(context, builder, at[0], args[0])
-        starts_data, _ = _c_array(context, builder, at[1], args[1])
-        kbuf_data, _ = _c_array(context, builder, at[2], args[2])
-        q_data, _ = _c_array(context, builder, at[4], args[4])
-        s_data, _ = _c_array(context, builder, at[6], args[6])
+        pool_data, (_, dim) = c_array(context, builder, at[0], args[0])
+        starts_data, _ = c_array(context, builder, at[1], args[1])
+        kbuf_data, _ = c_array(context, builder, at[2], args[2])
+        q_data, _ = c_array(context, builder, at[4], args[4])
+        s_data, _ = c_array(context, builder, at[6], args[6])
         n_groups = context.cast(builder, args[3], at[3], types.int64)
         n_parts = context.cast(builder, args[5], at[5], types.int64)
         first = context.cast(builder, args[7], at[7], types.int64)
@@ -205,18 +194,18 @@ def interleave_values(typingctx, pool, rows, j, v_rows, vbuf, k):
     vbuf uint32 [VALUE_CHUNKS, D / 16, 16, 16].
     """
     applies = _bits_pool(pool)
-    _check("rows", rows, 1, types.int64)
-    _check("vbuf", vbuf, 4, types.uint32)
+    check_c_array("rows", rows, 1, types.int64)
+    check_c_array("vbuf", vbuf, 4, types.uint32)
 
     def codegen(context, builder, signature, args):
         if not applies:
             return context.get_dummy_value()
         at = signature.args
-        pool_data, (_, dim) = _c_array(context, builder, at[0], args[0])
-        rows_data, _ = _c_array(context, builder, at[1], args[1])
+        pool_data, (_, dim) = c_array(context, builder, at[0], args[0])
+        rows_data, _ = c_array(context, builder, at[1], args[1])
         first = context.cast(builder, args[2], at[2], types.int64)
         v_rows = context.cast(builder, args[3], at[3], types.int64)
-        v_data, _ = _c_array(context, builder, at[4], args[4])
+        v_data, _ = c_array(context, builder, at[4], args[4])
         which = context.cast(builder, args[5], at[5], types.int64)
         # chunk k of vbuf starts at k * (D / 16) * 256 words, 512 halves
         out = builder.gep(builder.bitcast(v_data, _I16.as_pointer()), [builder.mul(which, builder.mul(dim, _I64(32)))])
@@ -251,19 +240,19 @@ def add_values(typingctx, pbuf, j, chunks, vbuf, acc):
     most VALUE_CHUNKS); acc float32 [16, D], D a multiple of 32 up to MAX_DIM, in `amx_index` order.
     VALUE_GROUPS accumulators at a time stay in tiles over all the chunks, in tiles of their own.
     """
-    _check("pbuf", pbuf, 2, types.uint16)
-    _check("vbuf", vbuf, 4, types.uint32)
-    _check("acc", acc, 2, types.float32)
+    check_c_array("pbuf", pbuf, 2, types.uint16)
+    check_c_array("vbuf", vbuf, 4, types.uint32)
+    check_c_array("acc", acc, 2, types.float32)
 
     def codegen(context, builder, signature, args):
         if not _has_amx(context):
             return context.get_dummy_value()
         at = signature.args
-        p_data, (_, width) = _c_array(context, builder, at[0], args[0])
+        p_data, (_, width) = c_array(context, builder, at[0], args[0])
         first = context.cast(builder, args[1], at[1], types.int64)
         n_chunks = context.cast(builder, args[2], at[2], types.int64)
-        v_data, _ = _c_array(context, builder, at[3], args[3])
-        acc_data, (_, dim) = _c_array(context, builder, at[4], args[4])
+        v_data, _ = c_array(context, builder, at[3], args[3])
+        acc_data, (_, dim) = c_array(context, builder, at[4], args[4])
         tiles = Tiles(builder)
         acc_stride = builder.mul(dim, _I64(4))
         p_stride = builder.mul(width, _I64(2))

@@ -24,7 +24,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ._intrinsics import NamedType, bits_f32, emit_prefetch, f32_bits
+from ._intrinsics import NamedType, bits_f32, c_array, check_c_array, emit_prefetch, f32_bits
 
 _I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32 = ir.FloatType()
@@ -50,12 +50,6 @@ def uses_dpbf16(typingctx):
         return ir.Constant(ir.IntType(1), int(_has_dpbf16(context)))
 
     return types.boolean(), codegen
-
-
-def _c_array(context, builder, array_type, value):
-    """(data pointer, shape values) of a C-contiguous array argument."""
-    array = context.make_array(array_type)(context, builder, value)
-    return array.data, cgutils.unpack_tuple(builder, array.shape)
 
 
 def _vector_at(builder, data, offset, vector_type):
@@ -115,12 +109,6 @@ def _sum_lanes_together(builder, vectors):
     return vectors[0]
 
 
-def _check(name, array_type, ndim, dtype):
-    if not (isinstance(array_type, types.Array) and array_type.ndim == ndim and array_type.layout == "C"
-            and array_type.dtype == dtype):
-        raise TypeError(f"{name}: expected a C-contiguous {ndim}-d array of {dtype}, got {array_type}")
-
-
 @intrinsic
 def score_4x4(typingctx, q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
     """scores[g + a, j + t] = scale * (q[g + a] . pool[rows[j + t]]) for a, t < 4.
@@ -129,22 +117,22 @@ def score_4x4(typingctx, q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
     where `uses_dpbf16`, `parts` bfloat16 parts packed in pairs, q_bf16 uint32 [3, G, D / 2] (their
     sum is the query); otherwise q_f32 float32 [1, G, D] in split order, and `parts` is 1.
     """
-    _check("q_bf16", q_bf16, 3, types.uint32)
-    _check("q_f32", q_f32, 3, types.float32)
-    _check("pool", pool, 2, types.uint16)
-    _check("rows", rows, 1, types.int64)
-    _check("scores", scores, 2, types.float32)
+    check_c_array("q_bf16", q_bf16, 3, types.uint32)
+    check_c_array("q_f32", q_f32, 3, types.float32)
+    check_c_array("pool", pool, 2, types.uint16)
+    check_c_array("rows", rows, 1, types.int64)
+    check_c_array("scores", scores, 2, types.float32)
 
     def codegen(context, builder, signature, args):
         at = signature.args
-        q_bf16_data, (_, heads, half_d) = _c_array(context, builder, at[0], args[0])
-        q_f32_data, _ = _c_array(context, builder, at[1], args[1])
+        q_bf16_data, (_, heads, half_d) = c_array(context, builder, at[0], args[0])
+        q_f32_data, _ = c_array(context, builder, at[1], args[1])
         first_head = context.cast(builder, args[3], at[3], types.int64)
         first_key = context.cast(builder, args[6], at[6], types.int64)
-        pool_data, (_, dim) = _c_array(context, builder, at[4], args[4])
-        rows_data, _ = _c_array(context, builder, at[5], args[5])
+        pool_data, (_, dim) = c_array(context, builder, at[4], args[4])
+        rows_data, _ = c_array(context, builder, at[5], args[5])
         scale = context.cast(builder, args[7], at[7], types.float32)
-        scores_data, (_, width) = _c_array(context, builder, at[8], args[8])
+        scores_data, (_, width) = c_array(context, builder, at[8], args[8])
         dp = _has_dpbf16(context)
         starts = [builder.mul(builder.load(builder.gep(rows_data, [builder.add(first_key, _I64(t))])), dim)
                   for t in range(4)]
@@ -204,22 +192,22 @@ def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc, ahead, n_ah
     Meanwhile, unless `level` is 0, prefetches the V rows of ahead[:min(n, n_ahead)] (the next
     tile's K rows) into L1 (1) or L2 (2), one per key of the first 32 elements' pass.
     """
-    _check("probs", probs, 2, types.float32)
-    _check("pool", pool, 2, types.uint16)
-    _check("rows", rows, 1, types.int64)
-    _check("acc", acc, 2, types.float32)
-    _check("ahead", ahead, 1, types.int64)
+    check_c_array("probs", probs, 2, types.float32)
+    check_c_array("pool", pool, 2, types.uint16)
+    check_c_array("rows", rows, 1, types.int64)
+    check_c_array("acc", acc, 2, types.float32)
+    check_c_array("ahead", ahead, 1, types.int64)
 
     def codegen(context, builder, signature, args):
         at = signature.args
-        probs_data, (_, width) = _c_array(context, builder, at[0], args[0])
+        probs_data, (_, width) = c_array(context, builder, at[0], args[0])
         first_head = context.cast(builder, args[1], at[1], types.int64)
-        pool_data, (_, dim) = _c_array(context, builder, at[2], args[2])
-        rows_data, _ = _c_array(context, builder, at[3], args[3])
+        pool_data, (_, dim) = c_array(context, builder, at[2], args[2])
+        rows_data, _ = c_array(context, builder, at[3], args[3])
         v_rows = context.cast(builder, args[4], at[4], types.int64)
         n = context.cast(builder, args[5], at[5], types.int64)
-        acc_data, _ = _c_array(context, builder, at[6], args[6])
-        ahead_data, _ = _c_array(context, builder, at[7], args[7])
+        acc_data, _ = c_array(context, builder, at[6], args[6])
+        ahead_data, _ = c_array(context, builder, at[7], args[7])
         n_ahead = context.cast(builder, args[8], at[8], types.int64)
         level = context.cast(builder, args[9], at[9], types.int64)
         heads = [builder.add(first_head, _I64(a)) for a in range(HEADS)]

@@ -33,6 +33,19 @@ class NamedType(ir.Type):
         return hash(self.name)
 
 
+def c_array(context, builder, array_type, value):
+    """(data pointer, shape values) of a C-contiguous array argument, for hand-built LLVM."""
+    array = context.make_array(array_type)(context, builder, value)
+    return array.data, cgutils.unpack_tuple(builder, array.shape)
+
+
+def check_c_array(name, array_type, ndim, dtype):
+    """Refuse, at typing, an intrinsic's argument that is not a C-contiguous ndim-d array of dtype."""
+    if not (isinstance(array_type, types.Array) and array_type.ndim == ndim and array_type.layout == "C"
+            and array_type.dtype == dtype):
+        raise TypeError(f"{name}: expected a C-contiguous {ndim}-d array of {dtype}, got {array_type}")
+
+
 @intrinsic
 def bf16_bits_to_f32(typingctx, bits):
     """float32 whose upper 16 bits are `bits` (a bfloat16 pattern)."""
