@@ -24,6 +24,7 @@ import time
 import numpy as np
 from numba import njit
 
+from amx_probe import random_bf16
 from hetero.cpu_kernels._amx_tiles import (SCORE_GROUPS, VALUE_CHUNKS, add_values, interleave_values, query_tiles,
                                            score_rows, weight_rows)
 from hetero.cpu_kernels.attention import amx_ready
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
         print(json.dumps({"usable": False, "why": "this CPU or OS does not run AMX tile products"}))
         return 0
     rng = np.random.default_rng(0)
-    pool = (rng.standard_normal((2 * KEYS, D)).astype(np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+    pool = random_bf16(rng, (2 * KEYS, D))
     q = rng.standard_normal((1, G, D)).astype(np.float32)
     q = (q.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)  # a bfloat16 query: one part
     qtiles = np.zeros((3, D // 32, 16, 16), np.uint32)

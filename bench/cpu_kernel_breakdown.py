@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as into:
         sys.path.insert(0, into)
         names = [n for n in args.variants if not n.startswith("amx") or amx_ready()]
+        if not names:
+            p.error("--variants: only AMX variants were asked for, and this CPU or OS does not run AMX tile products")
         modules = {name: variant(name, VARIANTS[name], into) for name in names}
         results["dpbf16"] = bool(modules[names[0]].cpu_has_dpbf16())
         q, one_block, _ = make_case(1, 256, torch.bfloat16, 32, 8, 128, 256)  # a bfloat16 query: one part
