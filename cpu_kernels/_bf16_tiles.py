@@ -13,7 +13,13 @@ starts with run-time checks that the arrays do not overlap. Here, for head_dim a
   part when the model runs in bfloat16);
 - a tile's value sum keeps the 4 heads' accumulators for 32 elements in registers over all its keys.
 Accumulators are kept in "split" order: within each 32 elements, the 16 even ones, then the 16 odd
-ones (`split_index` maps back). Used by default where the CPU has AVX512-BF16 (`attention.BF16_TILES`).
+ones (`split_index` maps back).
+
+Without AVX-512 the same loops take 256-bit vectors, of which there are 16 registers, not 32: 16
+score sums of 16 lanes would spill. There a load is 16 bfloat16 (split order goes by 16 elements,
+`split_width`), a 4 x 4 step is two passes of 2 keys against the 4 heads (8 sums of 8 lanes), and
+the value sums take 16 elements of the 4 heads at a time (8 accumulators).
+Used by default where the CPU has AVX512-BF16 or lacks AVX-512 (`attention.BF16_TILES`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ _F32 = ir.FloatType()
 _V16F = ir.VectorType(_F32, 16)
 _V16I = ir.VectorType(_I32, 16)
 _V4F = ir.VectorType(_F32, 4)
+_V8F = ir.VectorType(_F32, 8)
+_V8I = ir.VectorType(_I32, 8)
+_V2F = ir.VectorType(_F32, 2)
 HEADS = 4  # query heads per call: 16 score sums, or 8 accumulator vectors, fit in registers with room to spare
 CHUNK = 32  # head_dim elements per 64-byte load
 _V32BF = ir.VectorType(NamedType("bfloat"), 32)
@@ -39,6 +48,26 @@ _V32BF = ir.VectorType(NamedType("bfloat"), 32)
 def _has_dpbf16(context) -> bool:
     """Whether the code being compiled may use AVX512-BF16 (the features Numba compiles for)."""
     return "+avx512bf16" in context.codegen()._tm_features.split(",")
+
+
+def _has_wide_vectors(context) -> bool:
+    """Whether the code being compiled has 512-bit vectors (AVX-512F); else the loops take 256-bit ones."""
+    return "+avx512f" in context.codegen()._tm_features.split(",")
+
+
+def _split_width(context) -> int:
+    """Elements of one load, and of one group of split order: 32 with 512-bit vectors, else 16."""
+    return CHUNK if _has_wide_vectors(context) else CHUNK // 2
+
+
+@intrinsic
+def split_width(typingctx):
+    """`_split_width` of the compiled code, a constant."""
+
+    def codegen(context, builder, signature, args):
+        return _I64(_split_width(context))
+
+    return types.int64(), codegen
 
 
 @intrinsic
@@ -69,14 +98,18 @@ def _splat(builder, scalar, vector_type):
 
 
 def _widen_pairs(builder, packed):
-    """float32 (even, odd) elements of 16 int32 that each hold two bfloat16 (even in the low half)."""
-    even = builder.shl(packed, ir.Constant(_V16I, [16] * 16))
-    odd = builder.and_(packed, ir.Constant(_V16I, [-65536] * 16))
-    return builder.bitcast(even, _V16F), builder.bitcast(odd, _V16F)
+    """float32 (even, odd) elements of n int32 that each hold two bfloat16 (even in the low half)."""
+    n = packed.type.count
+    even = builder.shl(packed, ir.Constant(packed.type, [16] * n))
+    odd = builder.and_(packed, ir.Constant(packed.type, [-65536] * n))
+    floats = ir.VectorType(_F32, n)
+    return builder.bitcast(even, floats), builder.bitcast(odd, floats)
 
 
 def _fma(builder, a, b, c):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+    vector = a.type
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
+                                        f"llvm.fma.v{vector.count}f32")
     return builder.call(fn, [a, b, c])
 
 
@@ -87,22 +120,23 @@ def _dpbf16(builder, acc, a, b):
 
 
 def _sum_lanes_together(builder, vectors):
-    """One vector whose lane i is the sum of the lanes of vectors[i] (16 vectors of 16 lanes).
+    """One vector whose lane i is the sum of the lanes of vectors[i] (n vectors of n lanes, n 8 or 16).
 
     Each round pairs neighbours: lane groups of width w become 2 groups of w / 2 (the halves of each
     group added), the first vector's groups first.
     """
-    width = 16
+    lanes = width = len(vectors)
+    mask = ir.VectorType(_I32, lanes)
     while len(vectors) > 1:
         half = width // 2
-        groups = 16 // width
+        groups = lanes // width
         low = [g * width + i for g in range(groups) for i in range(half)]
-        low = low + [16 + x for x in low]
+        low = low + [lanes + x for x in low]
         high = [x + half for x in low]
         paired = []
         for first, second in zip(vectors[::2], vectors[1::2]):
-            a = builder.shuffle_vector(first, second, ir.Constant(_V16I, low))
-            b = builder.shuffle_vector(first, second, ir.Constant(_V16I, high))
+            a = builder.shuffle_vector(first, second, ir.Constant(mask, low))
+            b = builder.shuffle_vector(first, second, ir.Constant(mask, high))
             paired.append(builder.fadd(a, b, flags=("reassoc", "nsz")))
         vectors = paired
         width = half
@@ -136,6 +170,11 @@ def score_4x4(typingctx, q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
         dp = _has_dpbf16(context)
         starts = [builder.mul(builder.load(builder.gep(rows_data, [builder.add(first_key, _I64(t))])), dim)
                   for t in range(4)]
+        if not dp and not _has_wide_vectors(context):
+            for pair in (0, 2):
+                _score_2x4(builder, q_f32_data, first_head, dim, pool_data, starts[pair:pair + 2], scale,
+                           scores_data, width, builder.add(first_key, _I64(pair)))
+            return context.get_dummy_value()
         sums = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(16)]
         n_chunks = builder.udiv(dim, _I64(CHUNK))
         n_parts = context.cast(builder, args[2], at[2], types.int64)
@@ -171,6 +210,28 @@ def score_4x4(typingctx, q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
         return context.get_dummy_value()
 
     return types.none(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores), codegen
+
+
+def _score_2x4(builder, q_data, first_head, dim, pool_data, starts, scale, scores_data, width, first_key):
+    """scores[first_head + a, first_key + t] = scale * (q[first_head + a] . K row t) for a < 4, t < 2,
+    with 256-bit vectors: 8 sums of 8 lanes; q float32 [G, dim] in split order by 16, starts the 2
+    rows' offsets."""
+    sums = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, None)) for _ in range(2 * HEADS)]
+    with cgutils.for_range(builder, builder.udiv(dim, _I64(16))) as step:
+        offset = builder.mul(step.index, _I64(16))
+        keys = [_widen_pairs(builder, _load(builder, pool_data, builder.add(start, offset), _V8I, 2)) for start in starts]
+        for a in range(HEADS):
+            at_q = builder.add(builder.mul(builder.add(first_head, _I64(a)), dim), offset)
+            query = (_load(builder, q_data, at_q, _V8F, 4), _load(builder, q_data, builder.add(at_q, _I64(8)), _V8F, 4))
+            for t in range(2):
+                acc = sums[2 * a + t]
+                builder.store(_fma(builder, query[1], keys[t][1], _fma(builder, query[0], keys[t][0], builder.load(acc))), acc)
+    total = _sum_lanes_together(builder, [builder.load(s) for s in sums])
+    total = builder.fmul(total, _splat(builder, scale, _V8F))
+    for a in range(HEADS):
+        row = builder.add(builder.mul(builder.add(first_head, _I64(a)), width), first_key)
+        two = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_I32, 2), [2 * a, 2 * a + 1]))
+        builder.store(two, _vector_at(builder, scores_data, row, _V2F), align=4)
 
 
 def _prefetch_row(builder, data, row, dim, level):
@@ -211,31 +272,34 @@ def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc, ahead, n_ah
         n_ahead = context.cast(builder, args[8], at[8], types.int64)
         level = context.cast(builder, args[9], at[9], types.int64)
         heads = [builder.add(first_head, _I64(a)) for a in range(HEADS)]
-        sums = [cgutils.alloca_once(builder, _V16F) for _ in range(2 * HEADS)]
-        n_chunks = builder.udiv(dim, _I64(CHUNK))
+        step = _split_width(context)  # elements a pass: one load, two float32 vectors
+        vector, packed = ir.VectorType(_F32, step // 2), ir.VectorType(_I32, step // 2)
+        half = _I64(step // 2)
+        sums = [cgutils.alloca_once(builder, vector) for _ in range(2 * HEADS)]
+        n_chunks = builder.udiv(dim, _I64(step))
         prefetching = builder.icmp_signed("!=", level, _I64(0))
         with cgutils.for_range(builder, n_chunks) as chunk:
-            offset = builder.mul(chunk.index, _I64(CHUNK))
+            offset = builder.mul(chunk.index, _I64(step))
             at_acc = [builder.add(builder.mul(h, dim), offset) for h in heads]
             for a in range(HEADS):
-                builder.store(_load(builder, acc_data, at_acc[a], _V16F, 4), sums[2 * a])
-                builder.store(_load(builder, acc_data, builder.add(at_acc[a], _I64(16)), _V16F, 4), sums[2 * a + 1])
+                builder.store(_load(builder, acc_data, at_acc[a], vector, 4), sums[2 * a])
+                builder.store(_load(builder, acc_data, builder.add(at_acc[a], half), vector, 4), sums[2 * a + 1])
             first_pass = builder.and_(prefetching, builder.icmp_signed("==", chunk.index, _I64(0)))
             with cgutils.for_range(builder, n) as key:
                 with builder.if_then(builder.and_(first_pass, builder.icmp_signed("<", key.index, n_ahead)), likely=False):
                     upcoming = builder.add(builder.load(builder.gep(ahead_data, [key.index])), v_rows)
                     _prefetch_row(builder, pool_data, upcoming, dim, level)
                 row = builder.add(builder.load(builder.gep(rows_data, [key.index])), v_rows)
-                packed = _load(builder, pool_data, builder.add(builder.mul(row, dim), offset), _V16I, 2)
-                even, odd = _widen_pairs(builder, packed)
+                first, second = _widen_pairs(builder, _load(builder, pool_data, builder.add(builder.mul(row, dim), offset),
+                                                            packed, 2))
                 for a in range(HEADS):
                     p = builder.load(builder.gep(probs_data, [builder.add(builder.mul(heads[a], width), key.index)]))
-                    weight = _splat(builder, p, _V16F)
-                    builder.store(_fma(builder, weight, even, builder.load(sums[2 * a])), sums[2 * a])
-                    builder.store(_fma(builder, weight, odd, builder.load(sums[2 * a + 1])), sums[2 * a + 1])
+                    weight = _splat(builder, p, vector)
+                    builder.store(_fma(builder, weight, first, builder.load(sums[2 * a])), sums[2 * a])
+                    builder.store(_fma(builder, weight, second, builder.load(sums[2 * a + 1])), sums[2 * a + 1])
             for a in range(HEADS):
-                for half, where in ((0, at_acc[a]), (1, builder.add(at_acc[a], _I64(16)))):
-                    builder.store(builder.load(sums[2 * a + half]), _vector_at(builder, acc_data, where, _V16F), align=4)
+                for i, where in ((0, at_acc[a]), (1, builder.add(at_acc[a], half))):
+                    builder.store(builder.load(sums[2 * a + i]), _vector_at(builder, acc_data, where, vector), align=4)
         return context.get_dummy_value()
 
     return types.none(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level), codegen
@@ -273,18 +337,27 @@ def cpu_has_dpbf16():
     return uses_dpbf16()
 
 
+@njit(cache=True)
+def hand_built_by_default():
+    """Whether bfloat16 pools take these loops when `attention.BF16_TILES` is None: where they have
+    run faster than Numba's own, with vdpbf16ps and with 256-bit vectors."""
+    return uses_dpbf16() or split_width() != CHUNK
+
+
 @njit(cache=True, _nrt=False)
 def split_index(d):
-    """Where element d of a head_dim vector sits in split order (even elements, then odd, per 32)."""
-    base = d // CHUNK * CHUNK
+    """Where element d of a head_dim vector sits in split order (even elements, then odd, per 32 or
+    16: `split_width`)."""
+    width = split_width()
+    base = d // width * width
     k = d - base
-    return base + k // 2 + (CHUNK // 2) * (k % 2)
+    return base + k // 2 + (width // 2) * (k % 2)
 
 
 @njit(cache=True, _nrt=False)
 def query_parts(q, b, first, G, q_bf16, q_f32):
     """Lay out query heads q[b, first:first + G] for `score_4x4`; returns its `parts`: bfloat16
-    parts (`bfloat16_parts`) where it uses vdpbf16ps, else the float32 query in split order."""
+    parts (`bfloat16_parts`) where it uses vdpbf16ps, else the float32 query (`split_index` order)."""
     if uses_dpbf16():
         return bfloat16_parts(q, b, first, G, q_bf16)
     for g in range(G):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._amx_tiles import MAX_DIM, MAX_HEADS, cpu_has_amx, request_tile_data
-from ._bf16_tiles import CHUNK, HEADS, cpu_has_dpbf16
+from ._bf16_tiles import CHUNK, HEADS, hand_built_by_default
 from ._kernel import (AMX_TILES as _AMX, BF16_LOOPS, BLOCK_WITHOUT_SLOT, LOOPS, RANGE_OUTSIDE_TABLE, attend_units,
                       build_units, check_ranges)
 
@@ -24,8 +24,11 @@ from ._kernel import (AMX_TILES as _AMX, BF16_LOOPS, BLOCK_WITHOUT_SLOT, LOOPS, 
 # `_bf16_tiles` where they apply (head_dim a multiple of 32, query heads per kv head a multiple of 4):
 # None (the default) takes them where the CPU has AVX512-BF16: there, in split's pipeline at 128K,
 # they ran the CPU part at 38.9 against 27.6 GB/s with Numba's loops, and in cache at 104-113 against
-# 82-87 GB/s (H200 machine, 2026-12-01; they had looked slower only under a float32 query). Without
-# vdpbf16ps no run showed them clearly faster. True or False forces the choice.
+# 82-87 GB/s (H200 machine, 2026-12-01; they had looked slower only under a float32 query); and where
+# it lacks AVX-512, in their 256-bit form: on a 2-core AMD EPYC (Zen 3) host, 8.0 against 4.9 GB/s in
+# cache on one thread, 9.4 against 8.9 (batch 1) and 8.8 (batch 4) from memory on two
+# (`bench/results/avx2/cpu_attention.json`). With AVX-512 but no vdpbf16ps no run showed them clearly
+# faster. True or False forces the choice.
 # Tiles of 128 tokens: best for those loops in three sweeps (85.9 against 82.9 GB/s for 64 in the last).
 # AMX_TILES: whether bfloat16 pools take the AMX tile products of `_amx_tiles` (head_dim a multiple of
 # 32 up to 256, at most 8 query heads per kv head) before the hand-built loops: True where the CPU has
@@ -209,7 +212,7 @@ def _inner_loops(rows, fp16, D, G):
     bf16 = rows.dtype == np.uint16 and not fp16 and D % CHUNK == 0
     if bf16 and D <= MAX_DIM and G <= MAX_HEADS and (amx_ready() if AMX_TILES is None else AMX_TILES):
         return _AMX
-    if bf16 and G % HEADS == 0 and (cpu_has_dpbf16() if BF16_TILES is None else BF16_TILES):
+    if bf16 and G % HEADS == 0 and (hand_built_by_default() if BF16_TILES is None else BF16_TILES):
         return BF16_LOOPS
     return LOOPS
 
