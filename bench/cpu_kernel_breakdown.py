@@ -7,6 +7,8 @@ kernel that changed shape fails here, not silently), timed in alternating rounds
 - no_prefetch: the same, with no prefetch of the next tile (`PREFETCH_NEXT_TILE = 0`);
 - no_scores, no_values: the hand-built bfloat16 loops' scores, or value sums, skipped;
 - bookkeeping: scores and value sums both skipped (softmax, row lists, prefetches, merge);
+- called_steps: the hand-built score step and the next tile's prefetch called as functions, as before
+  they were inlined into the tile loop (each call passed its arrays field by field on the stack);
 - amx: the kernel with the AMX tile products (`_amx_tiles`), where the CPU runs them; amx_no_scores,
   amx_no_values: without its score or its value tile products; amx_no_tiles: without either (no
   tile instruction runs: the rest of its work, at the clock the vector code gets).
@@ -32,6 +34,7 @@ import numba
 import torch
 
 from bench_cpu_attention import cached_case, kernel_call, make_case
+from hetero.cpu_kernels._bf16_tiles import cpu_has_dpbf16
 from hetero.cpu_kernels.attention import amx_ready
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +42,11 @@ _SKIP_VALUES = ("    for g in range(0, G, HEADS):\n        accumulate_step(",
                 "    return\n    for g in range(0, G, HEADS):\n        accumulate_step(")
 _SKIP_SCORES = ("        for g in range(0, G, HEADS):\n            score_step(",
                 "        for g in range(0, 0, HEADS):\n            score_step(")
+_CALLED_STEPS = (("@overload(score_step, inline='always')\n", "@overload(score_step)\n", "_bf16_tiles.py"),
+                 ("@njit(cache=True, _nrt=False, inline='always')\ndef _prefetch_step",
+                  "@njit(cache=True, _nrt=False)\ndef _prefetch_step"),
+                 ("@njit(cache=True, _nrt=False, inline='always')\ndef _prefetch_rows",
+                  "@njit(cache=True, _nrt=False)\ndef _prefetch_rows"))
 _AMX_SKIP_SCORES = ("        score_rows(pool, starts, kbuf, groups, qtiles, parts, sbuf, j)\n", "")
 _AMX_SKIP_VALUES = ("        add_values(pbuf, j, chunks, vbuf, acc)\n", "")
 VARIANTS = {
@@ -47,6 +55,7 @@ VARIANTS = {
     "no_scores": (_SKIP_SCORES,),
     "no_values": (_SKIP_VALUES,),
     "bookkeeping": (_SKIP_SCORES, _SKIP_VALUES),
+    "called_steps": _CALLED_STEPS,
     "amx": (),
     "amx_no_scores": (_AMX_SKIP_SCORES,),
     "amx_no_values": (_AMX_SKIP_VALUES,),
@@ -55,19 +64,19 @@ VARIANTS = {
 
 
 def variant(name: str, edits, into: str):
-    """The `attention` module of a copy of cpu_kernels with `edits` made to its `_kernel.py`."""
+    """The `attention` module of a copy of cpu_kernels with `edits` made: (old, new) to its
+    `_kernel.py`, (old, new, file) to another of its files."""
     package = f"breakdown_{name}"
     dst = os.path.join(into, package)
     shutil.copytree(os.path.join(ROOT, "cpu_kernels"), dst, ignore=shutil.ignore_patterns("__pycache__"))
-    path = os.path.join(dst, "_kernel.py")
-    with open(path) as f:
-        src = f.read()
-    for old, new in edits:
+    for old, new, *where in edits:
+        path = os.path.join(dst, where[0] if where else "_kernel.py")
+        with open(path) as f:
+            src = f.read()
         if old not in src:
-            raise SystemExit(f"variant {name}: the kernel no longer has the code it cuts out:\n{old}")
-        src = src.replace(old, new)
-    with open(path, "w") as f:
-        f.write(src)
+            raise SystemExit(f"variant {name}: {os.path.basename(path)} no longer has the code it changes:\n{old}")
+        with open(path, "w") as f:
+            f.write(src.replace(old, new))
     module = importlib.import_module(f"{package}.attention")
     module.BF16_TILES = True
     module.AMX_TILES = name.startswith("amx")
@@ -94,7 +103,7 @@ def main(argv=None) -> int:
         if not names:
             p.error("--variants: only AMX variants were asked for, and this CPU or OS does not run AMX tile products")
         modules = {name: variant(name, VARIANTS[name], into) for name in names}
-        results["dpbf16"] = bool(modules[names[0]].cpu_has_dpbf16())
+        results["dpbf16"] = bool(cpu_has_dpbf16())
         q, one_block, _ = make_case(1, 256, torch.bfloat16, 32, 8, 128, 256)  # a bfloat16 query: one part
         for threads in args.threads:
             tokens = max(1024, args.tokens * threads // most)  # the same time a call at each thread count

@@ -310,7 +310,7 @@ def score_step(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
     raise NotImplementedError("score_step is only callable from Numba-compiled code")
 
 
-@overload(score_step)
+@overload(score_step, inline='always')
 def _score_step_impl(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
     if pool.dtype == types.uint16:
         return lambda q_bf16, q_f32, parts, g, pool, rows, j, scale, scores: score_4x4(

@@ -12,7 +12,10 @@ While a tile is computed, the next tile's rows are prefetched: the hardware pref
 4 KiB pages, and tiles jump between blocks and between K and V.
 The helpers the parallel tasks call compile without Numba's reference counting (`_nrt=False`; they
 allocate nothing): a counted call adds and drops a reference to the pool, which every thread
-shares, with atomic instructions on one cache line.
+shares, with atomic instructions on one cache line. The hand-built score step (every 4 keys) and the
+prefetch helpers are inlined (`inline='always'`): as calls, each passed its arrays field by field on
+the stack, and the kernel ran 12-20% slower in cache on a 2-core Zen 3 host (two runs of
+`bench/cpu_kernel_breakdown.py --variants full called_steps`).
 """
 
 from __future__ import annotations
@@ -212,7 +215,7 @@ def _amx_tile(qtiles, parts, pool, rows, v_rows, n, n4, scale, starts, kbuf, sbu
         _prefetch_rows(pool, ahead, n32, n_ahead, v_rows, level)
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, inline='always')
 def _prefetch_step(pool, ahead, j, n4, n_ahead, offset, level):
     """At the 4-token step j of a tile of n4 tokens, prefetch the next tile's rows ahead[j:j + 4]
     + offset (the last step takes all that remain, when the next tile is the longer) into L1
@@ -220,7 +223,7 @@ def _prefetch_step(pool, ahead, j, n4, n_ahead, offset, level):
     _prefetch_rows(pool, ahead, j, n_ahead if j + 4 >= n4 else min(j + 4, n_ahead), offset, level)
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, inline='always')
 def _prefetch_rows(pool, ahead, start, stop, offset, level):
     """Prefetch every cache line of rows ahead[start:stop] + offset into L1 (level 1) or L2."""
     step = max(1, 64 // pool.itemsize)

@@ -381,3 +381,15 @@ def test_pcie_and_the_cpu_are_measured_side_by_side():
 
     pcie, cpu = pcie_and_cpu_at_once(64 * 2**20, seconds=0.2, copy_bytes=2**26)
     assert 1e9 < pcie < 1e12 and 1e8 < cpu < 1e12
+
+
+def test_kernel_breakdown_variants_edit_code_the_kernel_still_has():
+    """Each variant of bench/cpu_kernel_breakdown.py changes text of cpu_kernels that is still there:
+    a kernel reshaped since fails here, not on the GPU machine."""
+    import cpu_kernel_breakdown
+
+    root = BENCH_DIR.parent / "cpu_kernels"
+    assert {"full", "no_scores", "no_values", "called_steps", "amx"} <= set(cpu_kernel_breakdown.VARIANTS)
+    for name, edits in cpu_kernel_breakdown.VARIANTS.items():
+        for old, _new, *where in edits:
+            assert old in (root / (where[0] if where else "_kernel.py")).read_text(), (name, old)
