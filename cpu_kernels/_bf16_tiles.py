@@ -219,13 +219,15 @@ def _score_2x4(builder, q_data, first_head, dim, pool_data, starts, scale, score
     sums = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, None)) for _ in range(2 * HEADS)]
     with cgutils.for_range(builder, builder.udiv(dim, _I64(16))) as step:
         offset = builder.mul(step.index, _I64(16))
-        keys = [_widen_pairs(builder, _load(builder, pool_data, builder.add(start, offset), _V8I, 2)) for start in starts]
+        keys = [_widen_pairs(builder, _load(builder, pool_data, builder.add(start, offset), _V8I, 2))
+                for start in starts]
         for a in range(HEADS):
             at_q = builder.add(builder.mul(builder.add(first_head, _I64(a)), dim), offset)
-            query = (_load(builder, q_data, at_q, _V8F, 4), _load(builder, q_data, builder.add(at_q, _I64(8)), _V8F, 4))
+            even = _load(builder, q_data, at_q, _V8F, 4)
+            odd = _load(builder, q_data, builder.add(at_q, _I64(8)), _V8F, 4)
             for t in range(2):
                 acc = sums[2 * a + t]
-                builder.store(_fma(builder, query[1], keys[t][1], _fma(builder, query[0], keys[t][0], builder.load(acc))), acc)
+                builder.store(_fma(builder, odd, keys[t][1], _fma(builder, even, keys[t][0], builder.load(acc))), acc)
     total = _sum_lanes_together(builder, [builder.load(s) for s in sums])
     total = builder.fmul(total, _splat(builder, scale, _V8F))
     for a in range(HEADS):
@@ -290,8 +292,8 @@ def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc, ahead, n_ah
                     upcoming = builder.add(builder.load(builder.gep(ahead_data, [key.index])), v_rows)
                     _prefetch_row(builder, pool_data, upcoming, dim, level)
                 row = builder.add(builder.load(builder.gep(rows_data, [key.index])), v_rows)
-                first, second = _widen_pairs(builder, _load(builder, pool_data, builder.add(builder.mul(row, dim), offset),
-                                                            packed, 2))
+                at_row = builder.add(builder.mul(row, dim), offset)
+                first, second = _widen_pairs(builder, _load(builder, pool_data, at_row, packed, 2))
                 for a in range(HEADS):
                     p = builder.load(builder.gep(probs_data, [builder.add(builder.mul(heads[a], width), key.index)]))
                     weight = _splat(builder, p, vector)

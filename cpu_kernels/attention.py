@@ -26,7 +26,7 @@ from ._kernel import (AMX_TILES as _AMX, BF16_LOOPS, BLOCK_WITHOUT_SLOT, LOOPS, 
 # they ran the CPU part at 38.9 against 27.6 GB/s with Numba's loops, and in cache at 104-113 against
 # 82-87 GB/s (H200 machine, 2026-12-01; they had looked slower only under a float32 query); and where
 # it lacks AVX-512, in their 256-bit form: on a 2-core AMD EPYC (Zen 3) host, 8.0 against 4.9 GB/s in
-# cache on one thread, 9.4 against 8.9 (batch 1) and 8.8 (batch 4) from memory on two
+# cache on one thread; from memory on two, 9.4 against 8.9 at batch 1 and 9.4 against 8.8 at batch 4
 # (`bench/results/avx2/cpu_attention.json`). With AVX-512 but no vdpbf16ps no run showed them clearly
 # faster. True or False forces the choice.
 # Tiles of 128 tokens: best for those loops in three sweeps (85.9 against 82.9 GB/s for 64 in the last).
