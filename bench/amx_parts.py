@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import numpy as np
 from numba import njit
 
 from amx_probe import random_bf16
+from bench_cpu_attention import median_seconds
 from hetero.cpu_kernels._amx_tiles import (SCORE_GROUPS, VALUE_CHUNKS, add_values, interleave_values, query_tiles,
                                            score_rows, weight_rows)
 from hetero.cpu_kernels.attention import amx_ready
@@ -60,16 +60,6 @@ def _values(pool, rows, pbuf, probs, vbuf, acc, rounds, interleave, values, weig
                     interleave_values(pool, rows, j + 32 * k, KEYS, vbuf, k)
             if values:
                 add_values(pbuf, 0, VALUE_CHUNKS, vbuf, acc)
-
-
-def _ns_per_key(fn, keys, reps):
-    fn()  # compiled and warm
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) / keys * 1e9
 
 
 def main(argv=None) -> int:
@@ -112,7 +102,7 @@ def main(argv=None) -> int:
     }
     result = {"usable": True, "ns_per_key": {}, "keys_per_timing": keys, "head_dim": D, "heads": G}
     for name, fn in cases.items():
-        result["ns_per_key"][name] = _ns_per_key(fn, keys, args.reps)
+        result["ns_per_key"][name] = median_seconds(fn, args.reps) / keys * 1e9
         print(f"{name:<22}{result['ns_per_key'][name]:8.2f} ns a key", flush=True)
     if args.out:
         with open(args.out, "w") as f:

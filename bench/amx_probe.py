@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import numpy as np
 from llvmlite import binding as llvm
@@ -28,6 +27,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from bench_cpu_attention import median_seconds
 from hetero.cpu_kernels._amx_tiles import TILE_BYTES, TILE_ROWS, Tiles, request_tile_data
 from hetero.cpu_kernels.reference import pool_from_bits
 
@@ -142,12 +142,7 @@ def _check_and_time(tokens: int, reps: int) -> dict:
     ref = bf16_to_f64(keys[:TILE_ROWS * 4]) @ bf16_to_f64(q).T  # [64 keys, 16 columns]
     got = out[:4].reshape(-1, TILE_ROWS).astype(np.float64)
     rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        _score_all(keys, qp, out)
-        times.append(time.perf_counter() - start)
-    best = float(np.median(times))
+    best = median_seconds(lambda: _score_all(keys, qp, out), reps)
     return {"usable": bool(np.isfinite(got).all() and rel < 1e-5), "max_rel_error": rel,
             "keys_per_s_one_core": tokens / best, "k_gbs_one_core": keys.nbytes / best / 1e9,
             "timed_keys": tokens, "note": "16 query columns a tile; the kernel's 4 heads would use a quarter"}

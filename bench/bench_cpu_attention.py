@@ -86,7 +86,8 @@ def _timings(fn, reps):
     return times
 
 
-def _time(fn, reps):
+def median_seconds(fn, reps):
+    """The median of `reps` timed calls of fn, after one untimed call (compiled and warm)."""
     return statistics.median(_timings(fn, reps))
 
 
@@ -95,11 +96,11 @@ def streaming_ceiling(gib, reps, threads):
     result = {}
     for dtype in (np.uint16, np.float32):
         a = np.ones(int(gib * 2**30) // np.dtype(dtype).itemsize, dtype)
-        sec = _time(lambda: _stream_sum(a, threads * 8), reps)
+        sec = median_seconds(lambda: _stream_sum(a, threads * 8), reps)
         result[np.dtype(dtype).name] = a.nbytes / sec / 1e9
         del a
     a = np.ones(int(gib * 2**30) // 8)
-    result["float64_probe"] = a.nbytes / _time(lambda: _probe_sum(a), reps) / 1e9
+    result["float64_probe"] = a.nbytes / median_seconds(lambda: _probe_sum(a), reps) / 1e9
     return result
 
 
@@ -178,7 +179,7 @@ def rate(sec, kv_bytes):
 
 def bench_kernel(q, pool, table, tokens, reps, threads):
     call, kv_bytes = kernel_call(q, pool, table, tokens, threads)
-    return rate(_time(call, reps), kv_bytes)
+    return rate(median_seconds(call, reps), kv_bytes)
 
 
 def bench_all_loops(q, pool, table, tokens, reps, threads, rounds):
@@ -197,14 +198,15 @@ def call_overhead_us(Hq, Hkv, D, bs, calls=3000):
     end's checks and the kernel's launch, paid once per layer in split's pipeline."""
     q, pool, table = make_case(1, 2 * bs, torch.bfloat16, Hq, Hkv, D, bs)
     ranges = torch.tensor([0, 16], dtype=torch.int32).expand(1, Hkv, 1, 2).contiguous()
-    return _time(lambda: [host_decode_attention(q, pool, table, ranges, 0.1, 1) for _ in range(calls)], 3) / calls * 1e6
+    calls_in_a_row = lambda: [host_decode_attention(q, pool, table, ranges, 0.1, 1) for _ in range(calls)]  # noqa: E731
+    return median_seconds(calls_in_a_row, 3) / calls * 1e6
 
 
 def bench_pattern(pool, table, tokens, reps, threads):
     B, Hkv, D = pool.shape[2], pool.shape[3], pool.shape[5]
     rows = pool.view(torch.int16).numpy().reshape(-1, D).view(np.uint16)
     chunk = max(256, -(-tokens * B * Hkv // (threads * 8)))
-    sec = _time(lambda: _pattern_sum(rows, table.numpy(), B * Hkv, pool.shape[4], tokens, chunk), reps)
+    sec = median_seconds(lambda: _pattern_sum(rows, table.numpy(), B * Hkv, pool.shape[4], tokens, chunk), reps)
     kv_bytes = 2 * B * Hkv * tokens * D * 2
     return {"ms": sec * 1e3, "gbps": kv_bytes / sec / 1e9, "kv_bytes": kv_bytes}
 
@@ -215,7 +217,7 @@ def bench_indexed(q, pool, table, tokens, share, reps, threads):
     rng = np.random.default_rng(0)
     idx = np.stack([np.sort(rng.choice(tokens, n, replace=False)) for _ in range(B * Hkv)]).reshape(B, Hkv, n)
     idx, count = torch.from_numpy(idx.astype(np.int32)), torch.full((B, Hkv), n, dtype=torch.int32)
-    sec = _time(lambda: host_decode_attention_indexed(q, pool, table, idx, count, D**-0.5, threads), reps)
+    sec = median_seconds(lambda: host_decode_attention_indexed(q, pool, table, idx, count, D**-0.5, threads), reps)
     kv_bytes = 2 * B * Hkv * n * D * pool.element_size()
     return {"ms": sec * 1e3, "gbps": kv_bytes / sec / 1e9, "kv_bytes": kv_bytes, "share": share}
 
@@ -223,7 +225,7 @@ def bench_indexed(q, pool, table, tokens, share, reps, threads):
 def bench_sdpa(q, k, v, reps):
     qq = q.to(k.dtype)[:, :, None, :]
     fn = lambda: torch.nn.functional.scaled_dot_product_attention(qq, k, v, enable_gqa=True)  # noqa: E731
-    sec = _time(fn, reps)
+    sec = median_seconds(fn, reps)
     kv_bytes = k.numel() * k.element_size() * 2
     return {"ms": sec * 1e3, "gbps": kv_bytes / sec / 1e9, "kv_bytes": kv_bytes}
 
