@@ -9,11 +9,15 @@ kernel that changed shape fails here, not silently), timed in alternating rounds
 - bookkeeping: scores and value sums both skipped (softmax, row lists, prefetches, merge);
 - called_steps: the hand-built score step and the next tile's prefetch called as functions, as before
   they were inlined into the tile loop (each call passed its arrays field by field on the stack);
+- dpbf16_scores: scores by vdpbf16ps on bfloat16 parts of the query where the CPU has AVX512-BF16
+  (`SCORES_BY_DPBF16`), not by widening and vfmadd231ps;
+- serial_max: a tile's softmax takes each head's max in one chain of compares, as it did;
+- one_load_values: value sums go by one load (32 elements of the 4 heads) a pass over the keys, as
+  they did, not two;
 - amx: the kernel with the AMX tile products (`_amx_tiles`), where the CPU runs them; amx_no_scores,
   amx_no_values: without its score or its value tile products; amx_no_tiles: without either (no
   tile instruction runs: the rest of its work, at the clock the vector code gets).
-The others force the hand-built loops (`BF16_TILES = True`, `AMX_TILES = False`); where the CPU
-lacks AVX512-BF16 they run their float32 form.
+The others force the hand-built loops (`BF16_TILES = True`, `AMX_TILES = False`).
 
     python3 bench/cpu_kernel_breakdown.py --threads 1 15 --out breakdown.json
 """
@@ -47,6 +51,11 @@ _CALLED_STEPS = (("@overload(score_step, inline='always')\n", "@overload(score_s
                   "@njit(cache=True, _nrt=False)\ndef _prefetch_step"),
                  ("@njit(cache=True, _nrt=False, inline='always')\ndef _prefetch_rows",
                   "@njit(cache=True, _nrt=False)\ndef _prefetch_rows"))
+_DPBF16_SCORES = ("SCORES_BY_DPBF16 = False\n", "SCORES_BY_DPBF16 = True\n", "_bf16_tiles.py")
+_SERIAL_MAX = ("        m_new = max(m[g], _row_max(scores[g], n))",
+               "        top = scores[g, 0]\n        for j in range(1, n):\n            top = max(top, scores[g, j])\n"
+               "        m_new = max(m[g], top)")
+_ONE_LOAD_VALUES = ("        loads = 2 if _has_wide_vectors(context) else 1", "        loads = 1", "_bf16_tiles.py")
 _AMX_SKIP_SCORES = ("        score_rows(pool, starts, kbuf, groups, qtiles, parts, sbuf, j)\n", "")
 _AMX_SKIP_VALUES = ("        add_values(pbuf, j, chunks, vbuf, acc)\n", "")
 VARIANTS = {
@@ -56,6 +65,9 @@ VARIANTS = {
     "no_values": (_SKIP_VALUES,),
     "bookkeeping": (_SKIP_SCORES, _SKIP_VALUES),
     "called_steps": _CALLED_STEPS,
+    "dpbf16_scores": (_DPBF16_SCORES,),
+    "serial_max": (_SERIAL_MAX,),
+    "one_load_values": (_ONE_LOAD_VALUES,),
     "amx": (),
     "amx_no_scores": (_AMX_SKIP_SCORES,),
     "amx_no_values": (_AMX_SKIP_VALUES,),

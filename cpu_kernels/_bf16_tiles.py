@@ -8,10 +8,11 @@ starts with run-time checks that the arrays do not overlap. Here, for head_dim a
 - 32 bfloat16 values are one 64-byte load seen as 16 int32, each holding an even and an odd
   element: a shift widens the even ones to float32, a mask the odd ones;
 - the 16 dot products are summed together by a tree of shuffles (45 instructions, not 128);
-- on CPUs with AVX512-BF16, `vdpbf16ps` multiplies and adds the pairs of 16 int32 in one
-  instruction; the query is then given as bfloat16 parts whose sum is exactly the float32 query (one
-  part when the model runs in bfloat16);
-- a tile's value sum keeps the 4 heads' accumulators for 32 elements in registers over all its keys.
+- where `SCORES_BY_DPBF16` (off: it ran slower) and the CPU has AVX512-BF16, `vdpbf16ps` multiplies
+  and adds the pairs of 16 int32 in one instruction; the query is then given as bfloat16 parts whose
+  sum is exactly the float32 query (one part when the model runs in bfloat16);
+- a tile's value sum keeps the 4 heads' accumulators for 64 elements (32 with 256-bit vectors) in
+  registers over all its keys.
 Accumulators are kept in "split" order: within each 32 elements, the 16 even ones, then the 16 odd
 ones (`split_index` maps back).
 
@@ -19,7 +20,7 @@ Without AVX-512 the same loops take 256-bit vectors, of which there are 16 regis
 score sums of 16 lanes would spill. There a load is 16 bfloat16 (split order goes by 16 elements,
 `split_width`), a 4 x 4 step is two passes of 2 keys against the 4 heads (8 sums of 8 lanes), and
 the value sums take 16 elements of the 4 heads at a time (8 accumulators).
-Used by default where the CPU has AVX512-BF16 or lacks AVX-512 (`attention.BF16_TILES`).
+Used by default wherever they apply (`attention.BF16_TILES`).
 """
 
 from __future__ import annotations
@@ -45,9 +46,22 @@ CHUNK = 32  # head_dim elements per 64-byte load
 _V32BF = ir.VectorType(NamedType("bfloat"), 32)
 
 
+# Scores by vdpbf16ps on bfloat16 parts of the query, where the CPU has AVX512-BF16: off. On the
+# GPU machine's Emerald Rapids host it ran 0.49 a cycle against 1.96 for vfmadd231ps (4 times fewer
+# for 2 times the products: half the rate), and the kernel in cache ran 113 against 135 GB/s on 16
+# cores with it (bench/vector_parts.py, bench/cpu_kernel_breakdown.py --variants dpbf16_scores; a
+# rerun on a disturbed host said nothing either way).
+SCORES_BY_DPBF16 = False
+
+
 def _has_dpbf16(context) -> bool:
     """Whether the code being compiled may use AVX512-BF16 (the features Numba compiles for)."""
     return "+avx512bf16" in context.codegen()._tm_features.split(",")
+
+
+def _scores_by_dpbf16(context) -> bool:
+    """Whether `score_4x4` takes vdpbf16ps in the code being compiled."""
+    return SCORES_BY_DPBF16 and _has_dpbf16(context)
 
 
 def _has_wide_vectors(context) -> bool:
@@ -76,7 +90,7 @@ def uses_dpbf16(typingctx):
     the compiled code."""
 
     def codegen(context, builder, signature, args):
-        return ir.Constant(ir.IntType(1), int(_has_dpbf16(context)))
+        return ir.Constant(ir.IntType(1), int(_scores_by_dpbf16(context)))
 
     return types.boolean(), codegen
 
@@ -167,7 +181,7 @@ def score_4x4(typingctx, q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
         rows_data, _ = c_array(context, builder, at[5], args[5])
         scale = context.cast(builder, args[7], at[7], types.float32)
         scores_data, (_, width) = c_array(context, builder, at[8], args[8])
-        dp = _has_dpbf16(context)
+        dp = _scores_by_dpbf16(context)
         starts = [builder.mul(builder.load(builder.gep(rows_data, [builder.add(first_key, _I64(t))])), dim)
                   for t in range(4)]
         if not dp and not _has_wide_vectors(context):
@@ -253,7 +267,7 @@ def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc, ahead, n_ah
 
     probs float32 [G, >= n]; pool [rows, D] uint16 (bfloat16 bits), D a multiple of 32; acc float32 [G, D].
     Meanwhile, unless `level` is 0, prefetches the V rows of ahead[:min(n, n_ahead)] (the next
-    tile's K rows) into L1 (1) or L2 (2), one per key of the first 32 elements' pass.
+    tile's K rows) into L1 (1) or L2 (2), one a key of the first pass over the keys.
     """
     check_c_array("probs", probs, 2, types.float32)
     check_c_array("pool", pool, 2, types.uint16)
@@ -274,37 +288,62 @@ def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc, ahead, n_ah
         n_ahead = context.cast(builder, args[8], at[8], types.int64)
         level = context.cast(builder, args[9], at[9], types.int64)
         heads = [builder.add(first_head, _I64(a)) for a in range(HEADS)]
-        step = _split_width(context)  # elements a pass: one load, two float32 vectors
-        vector, packed = ir.VectorType(_F32, step // 2), ir.VectorType(_I32, step // 2)
-        half = _I64(step // 2)
-        sums = [cgutils.alloca_once(builder, vector) for _ in range(2 * HEADS)]
-        n_chunks = builder.udiv(dim, _I64(step))
+        step = _split_width(context)  # elements a load: two float32 vectors
+        # Loads a pass over the keys: with 32 registers, two (16 accumulators), so that each key's
+        # row index, weights and loop count serve 16 multiply-adds, not 8.
+        loads = 2 if _has_wide_vectors(context) else 1
+        sums = [cgutils.alloca_once(builder, ir.VectorType(_F32, step // 2)) for _ in range(2 * HEADS * loads)]
         prefetching = builder.icmp_signed("!=", level, _I64(0))
-        with cgutils.for_range(builder, n_chunks) as chunk:
-            offset = builder.mul(chunk.index, _I64(step))
-            at_acc = [builder.add(builder.mul(h, dim), offset) for h in heads]
-            for a in range(HEADS):
-                builder.store(_load(builder, acc_data, at_acc[a], vector, 4), sums[2 * a])
-                builder.store(_load(builder, acc_data, builder.add(at_acc[a], half), vector, 4), sums[2 * a + 1])
-            first_pass = builder.and_(prefetching, builder.icmp_signed("==", chunk.index, _I64(0)))
-            with cgutils.for_range(builder, n) as key:
-                with builder.if_then(builder.and_(first_pass, builder.icmp_signed("<", key.index, n_ahead)), likely=False):
-                    upcoming = builder.add(builder.load(builder.gep(ahead_data, [key.index])), v_rows)
-                    _prefetch_row(builder, pool_data, upcoming, dim, level)
-                row = builder.add(builder.load(builder.gep(rows_data, [key.index])), v_rows)
-                at_row = builder.add(builder.mul(row, dim), offset)
-                first, second = _widen_pairs(builder, _load(builder, pool_data, at_row, packed, 2))
-                for a in range(HEADS):
-                    p = builder.load(builder.gep(probs_data, [builder.add(builder.mul(heads[a], width), key.index)]))
-                    weight = _splat(builder, p, vector)
-                    builder.store(_fma(builder, weight, first, builder.load(sums[2 * a])), sums[2 * a])
-                    builder.store(_fma(builder, weight, second, builder.load(sums[2 * a + 1])), sums[2 * a + 1])
-            for a in range(HEADS):
-                for i, where in ((0, at_acc[a]), (1, builder.add(at_acc[a], half))):
-                    builder.store(builder.load(sums[2 * a + i]), _vector_at(builder, acc_data, where, vector), align=4)
+        wide_passes = builder.udiv(dim, _I64(step * loads))
+        with cgutils.for_range(builder, wide_passes) as each:
+            first_pass = builder.and_(prefetching, builder.icmp_signed("==", each.index, _I64(0)))
+            _value_pass(builder, builder.mul(each.index, _I64(step * loads)), loads, step, sums, first_pass,
+                        heads, probs_data, width, pool_data, dim, rows_data, v_rows, n, acc_data, ahead_data,
+                        n_ahead, level)
+        if loads > 1:  # head_dim an odd number of loads: the last one alone
+            rest = builder.urem(dim, _I64(step * loads))
+            with builder.if_then(builder.icmp_signed("!=", rest, _I64(0))):
+                first_pass = builder.and_(prefetching, builder.icmp_signed("==", wide_passes, _I64(0)))
+                _value_pass(builder, builder.sub(dim, rest), 1, step, sums, first_pass, heads, probs_data, width,
+                            pool_data, dim, rows_data, v_rows, n, acc_data, ahead_data, n_ahead, level)
         return context.get_dummy_value()
 
     return types.none(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level), codegen
+
+
+def _value_pass(builder, offset, loads, step, sums, first_pass, heads, probs_data, width, pool_data, dim, rows_data,
+                v_rows, n, acc_data, ahead_data, n_ahead, level):
+    """One pass of `accumulate_tile` over its n keys, for elements offset to offset + loads * step of
+    the 4 heads: their accumulators held in registers (sums) from the first key to the last; on the
+    first pass, the next tile's V rows prefetched one a key."""
+    vector, packed = ir.VectorType(_F32, step // 2), ir.VectorType(_I32, step // 2)
+    half = _I64(step // 2)
+    at_acc = [[builder.add(builder.add(builder.mul(h, dim), offset), _I64(i * step)) for i in range(loads)]
+              for h in heads]
+    for a in range(len(heads)):
+        for i in range(loads):
+            builder.store(_load(builder, acc_data, at_acc[a][i], vector, 4), sums[2 * (a * loads + i)])
+            builder.store(_load(builder, acc_data, builder.add(at_acc[a][i], half), vector, 4),
+                          sums[2 * (a * loads + i) + 1])
+    with cgutils.for_range(builder, n) as key:
+        with builder.if_then(builder.and_(first_pass, builder.icmp_signed("<", key.index, n_ahead)), likely=False):
+            upcoming = builder.add(builder.load(builder.gep(ahead_data, [key.index])), v_rows)
+            _prefetch_row(builder, pool_data, upcoming, dim, level)
+        row = builder.add(builder.load(builder.gep(rows_data, [key.index])), v_rows)
+        at_row = builder.add(builder.mul(row, dim), offset)
+        halves = [_widen_pairs(builder, _load(builder, pool_data, builder.add(at_row, _I64(i * step)), packed, 2))
+                  for i in range(loads)]
+        for a, h in enumerate(heads):
+            p = builder.load(builder.gep(probs_data, [builder.add(builder.mul(h, width), key.index)]))
+            weight = _splat(builder, p, vector)
+            for i, (first, second) in enumerate(halves):
+                for value, acc in ((first, sums[2 * (a * loads + i)]), (second, sums[2 * (a * loads + i) + 1])):
+                    builder.store(_fma(builder, weight, value, builder.load(acc)), acc)
+    for a in range(len(heads)):
+        for i in range(loads):
+            for k, where in ((0, at_acc[a][i]), (1, builder.add(at_acc[a][i], half))):
+                builder.store(builder.load(sums[2 * (a * loads + i) + k]), _vector_at(builder, acc_data, where, vector),
+                              align=4)
 
 
 def score_step(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
@@ -335,15 +374,17 @@ def _accumulate_step_impl(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, 
 
 @njit(cache=True)
 def cpu_has_dpbf16():
-    """Whether the kernels compiled for this CPU use vdpbf16ps (it has AVX512-BF16)."""
+    """Whether the kernels compiled for this CPU use vdpbf16ps (`SCORES_BY_DPBF16`, and the CPU has
+    AVX512-BF16)."""
     return uses_dpbf16()
 
 
 @njit(cache=True)
 def hand_built_by_default():
-    """Whether bfloat16 pools take these loops when `attention.BF16_TILES` is None: where they have
-    run faster than Numba's own, with vdpbf16ps and with 256-bit vectors."""
-    return uses_dpbf16() or split_width() != CHUNK
+    """Whether bfloat16 pools take these loops when `attention.BF16_TILES` is None: everywhere they
+    apply, as they ran faster than Numba's own on every CPU measured (512-bit on the GPU machine's
+    Emerald Rapids host, 256-bit on an AMD Zen 3)."""
+    return True
 
 
 @njit(cache=True, _nrt=False)

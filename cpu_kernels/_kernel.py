@@ -100,14 +100,25 @@ def _score_tile(qs, pool, fp16, rows, n4, scores, ahead, n_ahead, level):
 
 
 @njit(fastmath=FASTMATH, cache=True, _nrt=False)
+def _row_max(row, n):
+    """max(row[:n]), n >= 1, by 8 running maxima: LLVM leaves a float max reduction serial (it may not
+    reorder one without "nnan"), one compare after another, each waiting out the last one's latency."""
+    t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = row[0]
+    n8 = n // 8 * 8
+    for j in range(0, n8, 8):
+        t0, t1, t2, t3 = max(t0, row[j]), max(t1, row[j + 1]), max(t2, row[j + 2]), max(t3, row[j + 3])
+        t4, t5, t6, t7 = max(t4, row[j + 4]), max(t5, row[j + 5]), max(t6, row[j + 6]), max(t7, row[j + 7])
+    for j in range(n8, n):
+        t0 = max(t0, row[j])
+    return max(max(max(t0, t1), max(t2, t3)), max(max(t4, t5), max(t6, t7)))
+
+
+@njit(fastmath=FASTMATH, cache=True, _nrt=False)
 def _softmax_tile(scores, n, n4, m, l, acc):
     """Turn scores[:, :n] into exp(score - running max), 0 up to n4; update m, l; rescale acc."""
     G, D = acc.shape
     for g in range(G):
-        top = scores[g, 0]
-        for j in range(1, n):
-            top = max(top, scores[g, j])
-        m_new = max(m[g], top)
+        m_new = max(m[g], _row_max(scores[g], n))
         total = np.float32(0.0)
         for j in range(n):
             p = _exp_nonpositive(scores[g, j] - m_new)

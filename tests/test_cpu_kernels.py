@@ -325,8 +325,7 @@ def test_bfloat16_tiles_match_the_numba_loops(monkeypatch, indexed):
 
 
 def test_hand_built_loops_by_default_where_they_ran_faster(monkeypatch):
-    """BF16_TILES None takes the hand-built loops exactly where `hand_built_by_default` says: with
-    vdpbf16ps, or with 256-bit vectors (no AVX-512)."""
+    """BF16_TILES None takes the hand-built loops exactly where `hand_built_by_default` says."""
     from hetero.cpu_kernels import attention
 
     q, pool, table = _case(np.random.default_rng(21), "bfloat16", 64, 4, n_blocks=6)
@@ -360,3 +359,18 @@ def test_kernel_helpers_count_no_references():
         f.__name__ for f in helpers}
     counted = [f.__name__ for f in helpers if f.targetoptions.get("_nrt", True)]
     assert counted == [], f"compile these with _nrt=False: {counted}"
+
+
+def test_row_max_takes_every_element_at_any_length():
+    """The softmax's max by 8 running maxima: every length from 1 (the tail alone) past two rounds
+    of 8, the largest element anywhere, negative rows too."""
+    from hetero.cpu_kernels._kernel import _row_max
+
+    rng = np.random.default_rng(31)
+    for n in range(1, 27):
+        row = (rng.standard_normal(n + 5) - 3).astype(np.float32)
+        for top in range(n):
+            row[:n] = -np.abs(row[:n])
+            row[top] = 1.5
+            assert _row_max(row, n) == np.float32(1.5)
+        assert _row_max(row, n) == row[:n].max()
