@@ -27,7 +27,9 @@ from hetero.bench_cli import knobs_set
 from hetero.cpu_kernels import attention as knobs
 from hetero.cpu_kernels import host_decode_attention, host_decode_attention_indexed, warmup
 from hetero.cpu_kernels._bf16_tiles import cpu_has_dpbf16
+from hetero.cpu_kernels._intrinsics import prefetch_l1, prefetch_l2
 from hetero.cpu_kernels.attention import amx_ready
+from hetero.storage.host_pool import HostPool
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -57,16 +59,30 @@ def _probe_sum(x):
 
 
 @njit(parallel=True, cache=True)
-def _pattern_sum(rows, block_table, n_heads, bs, tokens, chunk):
+def _pattern_sum(rows, block_table, n_heads, bs, tokens, chunk, distance, level):
     """Read K and V rows of every (head, token) as the kernel does (block table, per-head chunks)
-    and only sum them: the access pattern's own ceiling, to tell memory stalls from compute."""
+    and only sum them: the access pattern's own ceiling, to tell memory stalls from compute. With
+    `distance` > 0, each line of the rows that many tokens ahead is prefetched into L1 (level 1) or
+    L2 (level 2) first."""
     per_head = (tokens + chunk - 1) // chunk
     v_rows = n_heads * bs
     partial = np.zeros(n_heads * per_head, np.uint16)
     for t in prange(n_heads * per_head):
         bh, first = t // per_head, (t % per_head) * chunk
+        last = min(tokens, first + chunk)
         s = np.uint16(0)
-        for pos in range(first, min(tokens, first + chunk)):
+        for pos in range(first, last):
+            if distance > 0 and pos + distance < last:
+                later = pos + distance
+                blk = later // bs
+                r = block_table[blk] * 2 * v_rows + bh * bs + later - blk * bs
+                for d in range(0, rows.shape[1], 32):
+                    if level == 1:
+                        prefetch_l1(rows, r, d)
+                        prefetch_l1(rows, r + v_rows, d)
+                    else:
+                        prefetch_l2(rows, r, d)
+                        prefetch_l2(rows, r + v_rows, d)
             blk = pos // bs
             r = block_table[blk] * 2 * v_rows + bh * bs + pos - blk * bs
             k, v = rows[r], rows[r + v_rows]
@@ -134,14 +150,15 @@ def loops(name, fn):
         return fn()
 
 
-def make_case(B, tokens, dtype, Hq, Hkv, D, bs, seed=0, query_dtype=None):
+def make_case(B, tokens, dtype, Hq, Hkv, D, bs, seed=0, query_dtype=None, huge_pages=True):
     """A pool holding `tokens` tokens under a shuffled block table, and q; random values.
 
-    q is float32 holding values of `query_dtype` (default: the pool's dtype), as the query of a
-    model that runs in that dtype is: the hand-built bfloat16 loops then take it in one part."""
+    The pool is a host tier's slab (`HostPool`, unpinned), on transparent huge pages as the host
+    tier's is unless `huge_pages` is False. q is float32 holding values of `query_dtype` (default: the
+    pool's dtype), as the query of a model that runs in that dtype is."""
     g = torch.Generator().manual_seed(seed)
     n_blocks = -(-tokens // bs)
-    pool = torch.empty(n_blocks, 2, B, Hkv, bs, D, dtype=dtype)
+    pool = HostPool(n_blocks, (2, B, Hkv, bs, D), dtype, pin=False, slot_align=1, huge_pages=huge_pages).slab
     for s in range(n_blocks):  # slot by slot: no float32 copy of the whole pool
         pool[s] = torch.randn(2, B, Hkv, bs, D, generator=g).to(dtype)
     table = torch.randperm(n_blocks, generator=g).int()
@@ -206,7 +223,7 @@ def bench_pattern(pool, table, tokens, reps, threads):
     B, Hkv, D = pool.shape[2], pool.shape[3], pool.shape[5]
     rows = pool.view(torch.int16).numpy().reshape(-1, D).view(np.uint16)
     chunk = max(256, -(-tokens * B * Hkv // (threads * 8)))
-    sec = median_seconds(lambda: _pattern_sum(rows, table.numpy(), B * Hkv, pool.shape[4], tokens, chunk), reps)
+    sec = median_seconds(lambda: _pattern_sum(rows, table.numpy(), B * Hkv, pool.shape[4], tokens, chunk, 0, 0), reps)
     kv_bytes = 2 * B * Hkv * tokens * D * 2
     return {"ms": sec * 1e3, "gbps": kv_bytes / sec / 1e9, "kv_bytes": kv_bytes}
 
@@ -297,6 +314,12 @@ def main():
             numba.set_num_threads(1)
             add("same reads 1 thr", B, "bfloat16", bench_pattern(pool, table, args.tokens, max(2, args.reps // 3), 1))
             numba.set_num_threads(args.threads)
+            _, small_pages, _ = make_case(B, args.tokens, torch.bfloat16, **shape, huge_pages=False)
+            add("hand-built, 4 KiB pages", B, "bfloat16",
+                loops("hand-built", lambda: bench_kernel(q, small_pages, table, args.tokens, args.reps, args.threads)), sdpa)
+            add("same reads, 4 KiB pages", B, "bfloat16", bench_pattern(small_pages, table, args.tokens, args.reps,
+                                                                          args.threads))
+            del small_pages
             add("numba indexed 1/8", B, "bfloat16", bench_indexed(q, pool, table, args.tokens, 0.125, args.reps, args.threads))
             if args.sweep:
                 sweep = sweep_knobs(q, pool, table, args.tokens, args.reps, args.threads)

@@ -236,7 +236,7 @@ def cases(args, copier, add) -> None:
             rows_np = pool.slab.view(torch.int16).numpy().reshape(-1, 128).view(np.uint16)
             chunk = max(256, -(-args.tokens * batch * 8 // (n_all * 8)))
             numba.set_num_threads(n_all)
-            pattern = lambda: _pattern_sum(rows_np, table.numpy(), batch * 8, 256, args.tokens, chunk)  # noqa: E731
+            pattern = lambda: _pattern_sum(rows_np, table.numpy(), batch * 8, 256, args.tokens, chunk, 0, 0)  # noqa: E731
             pattern()  # compiled before the copies start
             copy_gbs, durations = copier.beside(pattern, args.seconds)
             add("same reads, no math", batch, pages, n_all, nbytes, repeated(pattern, args.seconds), durations, copy_gbs)

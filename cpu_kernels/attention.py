@@ -22,13 +22,15 @@ from ._kernel import (AMX_TILES as _AMX, BF16_LOOPS, BLOCK_WITHOUT_SLOT, LOOPS, 
 # at a time as they finish (dynamic), and into which cache a tile's computation prefetches the next
 # tile's rows (1: L1, 2: L2, 0: none), and whether bfloat16 pools take the hand-built loops of
 # `_bf16_tiles` where they apply (head_dim a multiple of 32, query heads per kv head a multiple of 4):
-# None (the default) takes them where the CPU has AVX512-BF16: there, in split's pipeline at 128K,
-# they ran the CPU part at 38.9 against 27.6 GB/s with Numba's loops, and in cache at 104-113 against
-# 82-87 GB/s (H200 machine, 2026-12-01; they had looked slower only under a float32 query); and where
-# it lacks AVX-512, in their 256-bit form: on a 2-core AMD EPYC (Zen 3) host, 8.0 against 4.9 GB/s in
-# cache on one thread; from memory on two, 9.4 against 8.9 at batch 1 and 9.4 against 8.8 at batch 4
-# (`bench/results/avx2/cpu_attention.json`). With AVX-512 but no vdpbf16ps no run showed them clearly
-# faster. True or False forces the choice.
+# None (the default) takes them wherever they apply, as they ran faster than Numba's own on every CPU
+# measured: the H200 machine's Emerald Rapids host, scores by vfmadd231ps (2026-12-02,
+# bench/results/split/cpu_attention_fma_scores.json), and a 2-core AMD EPYC (Zen 3) in their 256-bit
+# form: 8.0 against 4.9 GB/s in cache on one thread; from memory on two, 9.4 against 8.9 at batch 1
+# and 9.4 against 8.8 at batch 4 (`bench/results/avx2/cpu_attention.json`). True or False forces it.
+# The next tile's rows go into L2: the kernel's read pattern alone, prefetching ahead, read 100-102
+# GB/s into L2 against 87-98 into L1 on 4 KiB pages, and 117-125 against 82-88 on huge pages (H200
+# machine, 2026-12-02, bench/results/split/read_pattern.json); the one sweep of the kernel since ran
+# on a disturbed host and neither confirms nor refutes it (cpu_attention_fma_scores.json).
 # Tiles of 128 tokens: best for those loops in three sweeps (85.9 against 82.9 GB/s for 64 in the last).
 # AMX_TILES: whether bfloat16 pools take the AMX tile products of `_amx_tiles` (head_dim a multiple of
 # 32 up to 256, at most 8 query heads per kv head) before the hand-built loops: True where the CPU has
@@ -39,7 +41,7 @@ UNITS_PER_THREAD = 2
 MIN_CHUNK = 256
 TILE_TOKENS = 128
 DYNAMIC_SCHEDULE = True
-PREFETCH_NEXT_TILE = 1
+PREFETCH_NEXT_TILE = 2
 BF16_TILES: bool | None = None
 AMX_TILES: bool | None = False
 _threads: int | None = None

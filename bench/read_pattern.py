@@ -1,0 +1,56 @@
+"""The CPU kernel's read pattern without its math: how fast can it read, and with what help?
+
+Reads the K and V rows of every (head, token) as `host_decode_attention` does (block table, units
+of tokens of a head, a K row then its V row), summing them, on 4 KiB pages and on transparent huge
+pages, with no software prefetch and with every line of the rows `distance` tokens ahead
+prefetched into L1 or into L2; beside the streaming-read ceiling of the same run.
+
+    python3 bench/read_pattern.py --out read_pattern.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numba
+import numpy as np
+import torch
+
+from bench_cpu_attention import _pattern_sum, make_case, median_seconds, streaming_ceiling
+
+SETTINGS = ((0, 0), (16, 1), (32, 1), (64, 1), (16, 2), (32, 2), (64, 2), (128, 2))  # (distance, level)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=131072)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    threads = numba.config.NUMBA_NUM_THREADS
+    ceiling = streaming_ceiling(2.0, args.reps, threads)
+    result = {"tokens": args.tokens, "threads": threads, "ceiling_gbps": ceiling, "gbps": {}}
+    print(f"streaming-read ceiling {max(ceiling.values()):.1f} GB/s ({threads} threads)", flush=True)
+    shape = dict(Hq=32, Hkv=8, D=128, bs=256)
+    chunk = max(256, -(-args.tokens * shape["Hkv"] // (threads * 8)))
+    kv_bytes = 2 * shape["Hkv"] * args.tokens * shape["D"] * 2
+    for pages, huge in (("4 KiB pages", False), ("huge pages", True)):
+        _, pool, table = make_case(1, args.tokens, torch.bfloat16, **shape, huge_pages=huge)
+        rows = pool.view(torch.int16).numpy().reshape(-1, shape["D"]).view(np.uint16)
+        for distance, level in SETTINGS:
+            sec = median_seconds(lambda: _pattern_sum(rows, table.numpy(), shape["Hkv"], shape["bs"], args.tokens,
+                                                      chunk, distance, level), args.reps)
+            name = f"{pages}, prefetch {distance} tokens ahead into L{level}" if distance else f"{pages}, no prefetch"
+            result["gbps"][name] = kv_bytes / sec / 1e9
+            print(f"{name:<46}{kv_bytes / sec / 1e9:7.1f} GB/s", flush=True)
+        del pool, rows
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
