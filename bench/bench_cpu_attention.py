@@ -1,9 +1,9 @@
 """CPU decode attention over host KV blocks: the Numba kernel beside its ceiling and its peer.
 
-In one run: (a) the Numba streaming-read ceiling (a prange sum over a large uint16, float32 and
-float64 array, LIMITS.md's probe the last; the fastest of the three is the ceiling every row is
-measured against: a read's bytes are bytes, and the uint16 sum, which widens each element, ran
-slower than the kernel's own reads without math), (b) `host_decode_attention`'s GB/s of KV scanned, (c) torch's CPU
+In one run: (a) the Numba streaming-read ceiling (prange sums over a large uint16, float32 and
+float64 array, LIMITS.md's probe the last, and over the float32 one with L2 prefetches ahead, as the
+kernel prefetches; the fastest is the ceiling every row is measured against: a read's bytes are
+bytes, and no read pattern of ours should run faster than the ceiling), (b) `host_decode_attention`'s GB/s of KV scanned, (c) torch's CPU
 scaled_dot_product_attention on the same tokens (fp32 and bf16, K/V already contiguous).
 Prints a table and writes JSON (--out).
 
@@ -45,6 +45,26 @@ def _stream_sum(a, n_chunks):
         s = a.dtype.type(0)
         for i in range(part.size):
             s += part[i]
+        partial[c] = s
+    return partial.sum()
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _stream_sum_prefetched(lines, n_chunks, distance):
+    """`_stream_sum` of a float32 array seen as lines [n, 16] (64 bytes each), every line first
+    prefetched into L2 `distance` lines ahead, a 4 KiB page at a time: the kernel's reads gain from
+    that, and the ceiling must not be slower than any read pattern of ours."""
+    per = (lines.shape[0] + n_chunks - 1) // n_chunks
+    partial = np.zeros(n_chunks, np.float32)
+    for c in prange(n_chunks):
+        first, stop = c * per, min(lines.shape[0], (c + 1) * per)
+        s = np.float32(0.0)
+        for page in range(first, stop, 64):
+            for k in range(page + distance, min(page + 64 + distance, stop)):
+                prefetch_l2(lines, k, 0)
+            part = lines[page:min(page + 64, stop)].ravel()
+            for i in range(part.size):
+                s += part[i]
         partial[c] = s
     return partial.sum()
 
@@ -108,12 +128,19 @@ def median_seconds(fn, reps):
 
 
 def streaming_ceiling(gib, reps, threads):
-    """GB/s of the Numba prange streaming read, for uint16 and float32 arrays of `gib` GiB."""
+    """GB/s of the Numba prange streaming read, for uint16 and float32 arrays of `gib` GiB (NumPy
+    puts arrays that large on transparent huge pages where it can), and for float32 with each line
+    prefetched into L2 256 lines (16 KiB) ahead."""
     result = {}
     for dtype in (np.uint16, np.float32):
         a = np.ones(int(gib * 2**30) // np.dtype(dtype).itemsize, dtype)
         sec = median_seconds(lambda: _stream_sum(a, threads * 8), reps)
         result[np.dtype(dtype).name] = a.nbytes / sec / 1e9
+        if dtype is np.float32:
+            lines = a.reshape(-1, 16)
+            sec = median_seconds(lambda: _stream_sum_prefetched(lines, threads * 8, 256), reps)
+            result["float32_prefetched"] = a.nbytes / sec / 1e9
+            del lines
         del a
     a = np.ones(int(gib * 2**30) // 8)
     result["float64_probe"] = a.nbytes / median_seconds(lambda: _probe_sum(a), reps) / 1e9
@@ -220,10 +247,15 @@ def call_overhead_us(Hq, Hkv, D, bs, calls=3000):
 
 
 def bench_pattern(pool, table, tokens, reps, threads):
+    """The kernel's reads without its math (`_pattern_sum`), prefetching as the kernel does: a tile
+    ahead, into the cache `PREFETCH_NEXT_TILE` names."""
     B, Hkv, D = pool.shape[2], pool.shape[3], pool.shape[5]
     rows = pool.view(torch.int16).numpy().reshape(-1, D).view(np.uint16)
     chunk = max(256, -(-tokens * B * Hkv // (threads * 8)))
-    sec = median_seconds(lambda: _pattern_sum(rows, table.numpy(), B * Hkv, pool.shape[4], tokens, chunk, 0, 0), reps)
+    level = knobs.PREFETCH_NEXT_TILE
+    distance = knobs.TILE_TOKENS if level else 0
+    sec = median_seconds(lambda: _pattern_sum(rows, table.numpy(), B * Hkv, pool.shape[4], tokens, chunk, distance,
+                                              level), reps)
     kv_bytes = 2 * B * Hkv * tokens * D * 2
     return {"ms": sec * 1e3, "gbps": kv_bytes / sec / 1e9, "kv_bytes": kv_bytes}
 
@@ -338,7 +370,8 @@ def main():
     overhead = call_overhead_us(**shape)
     print(f"a call over 16 tokens a head, one thread: {overhead:.0f} us (the front end and the kernel's launch)")
     print(f"(a) streaming-read ceiling {best:.1f} GB/s, the fastest of: uint16 {ceiling['uint16']:.1f}, float32 "
-          f"{ceiling['float32']:.1f}, float64 (LIMITS.md's probe) {ceiling['float64_probe']:.1f}")
+          f"{ceiling['float32']:.1f}, float32 prefetched into L2 {ceiling['float32_prefetched']:.1f}, float64 "
+          f"(LIMITS.md's probe) {ceiling['float64_probe']:.1f}")
     print(f"{'case':<28}{'B':>3} {'dtype':<9}{'ms':>9}{'GB/s':>8}{'of ceil':>9}{'vs sdpa bf16':>14}{'vs sdpa fp32':>14}")
     for r in rows:
         sb, sf = r.get("speedup_vs_sdpa_bf16"), r.get("speedup_vs_sdpa_fp32")
