@@ -3,8 +3,9 @@
 In one run: (a) the Numba streaming-read ceiling (prange sums over a large uint16, float32 and
 float64 array, LIMITS.md's probe the last, and over the float32 one with L2 prefetches ahead, as the
 kernel prefetches; the fastest is the ceiling every row is measured against: a read's bytes are
-bytes, and no read pattern of ours should run faster than the ceiling), (b) `host_decode_attention`'s GB/s of KV scanned, (c) torch's CPU
-scaled_dot_product_attention on the same tokens (fp32 and bf16, K/V already contiguous).
+bytes, and no read pattern of ours should run faster than the ceiling), (b) `host_decode_attention`'s
+GB/s of KV scanned, (c) torch's CPU scaled_dot_product_attention on the same tokens (fp32 and bf16,
+K/V already contiguous).
 Prints a table and writes JSON (--out).
 
     python bench/bench_cpu_attention.py --tokens 131072 --out cpu_attention.json
@@ -347,8 +348,8 @@ def main():
             add("same reads 1 thr", B, "bfloat16", bench_pattern(pool, table, args.tokens, max(2, args.reps // 3), 1))
             numba.set_num_threads(args.threads)
             _, small_pages, _ = make_case(B, args.tokens, torch.bfloat16, **shape, huge_pages=False)
-            add("hand-built, 4 KiB pages", B, "bfloat16",
-                loops("hand-built", lambda: bench_kernel(q, small_pages, table, args.tokens, args.reps, args.threads)), sdpa)
+            on_small_pages = lambda: bench_kernel(q, small_pages, table, args.tokens, args.reps, args.threads)  # noqa: E731
+            add("hand-built, 4 KiB pages", B, "bfloat16", loops("hand-built", on_small_pages), sdpa)
             add("same reads, 4 KiB pages", B, "bfloat16", bench_pattern(small_pages, table, args.tokens, args.reps,
                                                                           args.threads))
             del small_pages

@@ -9,7 +9,7 @@ vector units' rate. This puts numbers on each piece in the same run:
 - per key (4 query heads, head_dim 128): the scores of `score_4x4` over K rows in L1, a tile's
   value sums (`accumulate_tile`, 128 keys, V rows in L1), the online softmax of a tile
   (`_softmax_tile`), the next tile's prefetch (`_prefetch_rows` of lines already in cache), and a
-  whole tile (`_bf16_tile`, K and V rows in L2), with and without that prefetch.
+  whole tile (`_bf16_tile`, K and V rows in L2), without that prefetch and with it into L1 or L2.
 Each in nanoseconds and in cycles of the measured clock, beside the fewest the multiply-adds need.
 
     python3 bench/vector_parts.py --out vector_parts.json
@@ -192,11 +192,11 @@ def main(argv=None) -> int:
         "values": lambda: _values(x["probs"], x["pool"], x["rows"], x["acc"], x["ahead"], n),
         "softmax": lambda: _softmax(x["scores"], x["m"], x["l"], x["acc"], n),
         "prefetch (lines in cache)": lambda: _prefetch(x["pool"], x["ahead"], n),
-        "whole tile, no prefetch": lambda: _tiles(x["q_bf16"], x["q_f32"], x["parts"], x["pool"], x["rows"], x["scores"],
-                                                  x["m"], x["l"], x["acc"], x["ahead"], 0, n),
-        "whole tile, prefetch to L1": lambda: _tiles(x["q_bf16"], x["q_f32"], x["parts"], x["pool"], x["rows"],
-                                                     x["scores"], x["m"], x["l"], x["acc"], x["ahead"], 1, n),
     }
+    for level, name in ((0, "whole tile, no prefetch"), (1, "whole tile, prefetch to L1"),
+                        (2, "whole tile, prefetch to L2")):
+        cases[name] = lambda level=level: _tiles(x["q_bf16"], x["q_f32"], x["parts"], x["pool"], x["rows"], x["scores"],
+                                                 x["m"], x["l"], x["acc"], x["ahead"], level, n)
     wide = _split_width() == 32
     lanes = 16 if wide else 8
     # The fewest cycles a key's multiply-adds take at the measured rates (4 heads x D each for
@@ -204,8 +204,9 @@ def main(argv=None) -> int:
     floor = {"scores": G * D / (2 * lanes) / dp_rate if cpu_has_dpbf16() else G * D / lanes / fma_rate,
              "values": G * D / lanes / fma_rate}
     result = {"clock_ghz_one_core": ghz, "clock_ghz_every_core": ghz_all, "threads": threads,
-              "vfmadd231ps_per_cycle": fma_rate, "vfmadd231ps_per_cycle_every_core": fma_rate_all, "vdpbf16ps_per_cycle": dp_rate, "vector_bits": 32 * lanes,
-              "head_dim": D, "heads": G, "keys_per_timing": keys, "ns_per_key": {}, "cycles_per_key": {},
+              "vfmadd231ps_per_cycle": fma_rate, "vfmadd231ps_per_cycle_every_core": fma_rate_all,
+              "vdpbf16ps_per_cycle": dp_rate, "vector_bits": 32 * lanes, "head_dim": D, "heads": G,
+              "keys_per_timing": keys, "ns_per_key": {}, "cycles_per_key": {},
               "fewest_cycles_per_key": floor}
     print(f"clock {ghz:.2f} GHz on one core, {ghz_all:.2f} on {threads} at once; per cycle: vfmadd231ps {fma_rate:.2f},"
           f" vdpbf16ps {'none' if dp_rate is None else f'{dp_rate:.2f}'} ({32 * lanes}-bit); vfmadd231ps on"
