@@ -393,3 +393,13 @@ def test_kernel_breakdown_variants_edit_code_the_kernel_still_has():
     for name, edits in cpu_kernel_breakdown.VARIANTS.items():
         for old, _new, *where in edits:
             assert old in (root / (where[0] if where else "_kernel.py")).read_text(), (name, old)
+
+
+def test_the_cpu_ceiling_reads_every_way_at_any_size():
+    """The CPU kernel's ceiling takes each of its streaming reads, the prefetched one included, at a
+    size that is not a whole number of its 64-byte lines."""
+    from bench_cpu_attention import streaming_ceiling
+
+    ceiling = streaming_ceiling(0.003, 1, 1)
+    assert set(ceiling) == {"uint16", "float32", "float32_prefetched", "float64_probe"}
+    assert all(0 < gbps < 1e4 for gbps in ceiling.values())
