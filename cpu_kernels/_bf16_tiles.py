@@ -379,14 +379,6 @@ def cpu_has_dpbf16():
     return uses_dpbf16()
 
 
-@njit(cache=True)
-def hand_built_by_default():
-    """Whether bfloat16 pools take these loops when `attention.BF16_TILES` is None: everywhere they
-    apply, as they ran faster than Numba's own on every CPU measured (512-bit on the GPU machine's
-    Emerald Rapids host, 256-bit on an AMD Zen 3)."""
-    return True
-
-
 @njit(cache=True, _nrt=False)
 def split_index(d):
     """Where element d of a head_dim vector sits in split order (even elements, then odd, per 32 or

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._amx_tiles import MAX_DIM, MAX_HEADS, cpu_has_amx, request_tile_data
-from ._bf16_tiles import CHUNK, HEADS, hand_built_by_default
+from ._bf16_tiles import CHUNK, HEADS
 from ._kernel import (AMX_TILES as _AMX, BF16_LOOPS, BLOCK_WITHOUT_SLOT, LOOPS, RANGE_OUTSIDE_TABLE, attend_units,
                       build_units, check_ranges)
 
@@ -214,7 +214,7 @@ def _inner_loops(rows, fp16, D, G):
     bf16 = rows.dtype == np.uint16 and not fp16 and D % CHUNK == 0
     if bf16 and D <= MAX_DIM and G <= MAX_HEADS and (amx_ready() if AMX_TILES is None else AMX_TILES):
         return _AMX
-    if bf16 and G % HEADS == 0 and (hand_built_by_default() if BF16_TILES is None else BF16_TILES):
+    if bf16 and G % HEADS == 0 and BF16_TILES is not False:  # None: wherever they apply
         return BF16_LOOPS
     return LOOPS
 
