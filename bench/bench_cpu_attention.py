@@ -247,14 +247,17 @@ def call_overhead_us(Hq, Hkv, D, bs, calls=3000):
     return median_seconds(calls_in_a_row, 3) / calls * 1e6
 
 
-def bench_pattern(pool, table, tokens, reps, threads):
-    """The kernel's reads without its math (`_pattern_sum`), prefetching as the kernel does: a tile
-    ahead, into the cache `PREFETCH_NEXT_TILE` names."""
+def bench_pattern(pool, table, tokens, reps, threads, distance=None, level=None):
+    """The kernel's reads without its math (`_pattern_sum`), prefetching `distance` tokens ahead into
+    L1 or L2 (`level`); by default as the kernel does: a tile ahead, into the cache
+    `PREFETCH_NEXT_TILE` names."""
     B, Hkv, D = pool.shape[2], pool.shape[3], pool.shape[5]
     rows = pool.view(torch.int16).numpy().reshape(-1, D).view(np.uint16)
     chunk = max(256, -(-tokens * B * Hkv // (threads * 8)))
-    level = knobs.PREFETCH_NEXT_TILE
-    distance = knobs.TILE_TOKENS if level else 0
+    if level is None:
+        level = knobs.PREFETCH_NEXT_TILE
+    if distance is None:
+        distance = knobs.TILE_TOKENS if level else 0
     sec = median_seconds(lambda: _pattern_sum(rows, table.numpy(), B * Hkv, pool.shape[4], tokens, chunk, distance,
                                               level), reps)
     kv_bytes = 2 * B * Hkv * tokens * D * 2

@@ -15,10 +15,9 @@ import json
 import sys
 
 import numba
-import numpy as np
 import torch
 
-from bench_cpu_attention import _pattern_sum, make_case, median_seconds, streaming_ceiling
+from bench_cpu_attention import bench_pattern, make_case, streaming_ceiling
 
 SETTINGS = ((0, 0), (16, 1), (32, 1), (64, 1), (16, 2), (32, 2), (64, 2), (128, 2))  # (distance, level)
 
@@ -33,19 +32,14 @@ def main(argv=None) -> int:
     ceiling = streaming_ceiling(2.0, args.reps, threads)
     result = {"tokens": args.tokens, "threads": threads, "ceiling_gbps": ceiling, "gbps": {}}
     print(f"streaming-read ceiling {max(ceiling.values()):.1f} GB/s ({threads} threads)", flush=True)
-    shape = dict(Hq=32, Hkv=8, D=128, bs=256)
-    chunk = max(256, -(-args.tokens * shape["Hkv"] // (threads * 8)))
-    kv_bytes = 2 * shape["Hkv"] * args.tokens * shape["D"] * 2
     for pages, huge in (("4 KiB pages", False), ("huge pages", True)):
-        _, pool, table = make_case(1, args.tokens, torch.bfloat16, **shape, huge_pages=huge)
-        rows = pool.view(torch.int16).numpy().reshape(-1, shape["D"]).view(np.uint16)
+        _, pool, table = make_case(1, args.tokens, torch.bfloat16, Hq=32, Hkv=8, D=128, bs=256, huge_pages=huge)
         for distance, level in SETTINGS:
-            sec = median_seconds(lambda: _pattern_sum(rows, table.numpy(), shape["Hkv"], shape["bs"], args.tokens,
-                                                      chunk, distance, level), args.reps)
+            gbps = bench_pattern(pool, table, args.tokens, args.reps, threads, distance, level)["gbps"]
             name = f"{pages}, prefetch {distance} tokens ahead into L{level}" if distance else f"{pages}, no prefetch"
-            result["gbps"][name] = kv_bytes / sec / 1e9
-            print(f"{name:<46}{kv_bytes / sec / 1e9:7.1f} GB/s", flush=True)
-        del pool, rows
+            result["gbps"][name] = gbps
+            print(f"{name:<46}{gbps:7.1f} GB/s", flush=True)
+        del pool
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
