@@ -104,6 +104,19 @@ def test_host_pool_slots_are_page_aligned_zero_copy_views():
     assert not pool.pinned and pool.fits(4, ODD, torch.bfloat16, pin=False)
 
 
+def test_host_pool_asks_for_huge_pages_unless_told_not_to(monkeypatch):
+    """The host slab is advised onto transparent huge pages by default: the CPU attention's
+    prefetched reads ran faster on them (bench/read_pattern.py)."""
+    from hetero.storage import host_pool
+
+    asked = []
+    real = host_pool._page_aligned_bytes
+    monkeypatch.setattr(host_pool, "_page_aligned_bytes", lambda n, huge: asked.append(huge) or real(n, huge))
+    HostPool(2, ALIGNED, torch.bfloat16, pin=False)
+    HostPool(2, ALIGNED, torch.bfloat16, pin=False, huge_pages=False)
+    assert asked == [True, False]
+
+
 # ---- checksums ----
 
 @pytest.mark.parametrize("aligned_dst", [True, False])
