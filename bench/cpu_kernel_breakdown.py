@@ -18,6 +18,9 @@ kernel that changed shape fails here, not silently), timed in alternating rounds
   amx_no_values: without its score or its value tile products; amx_no_tiles: without either (no
   tile instruction runs: the rest of its work, at the clock the vector code gets).
 The others force the hand-built loops (`BF16_TILES = True`, `AMX_TILES = False`).
+With `--from-memory B` the variants read a pool of B sequences of `--tokens` tokens from host memory
+at every thread count instead (B 4 at 128K: 2 GiB, past the last-level cache): set beside the rates
+in cache, they show how much of the compute each core hides behind its reads.
 
     python3 bench/cpu_kernel_breakdown.py --threads 1 15 --out breakdown.json
 """
@@ -103,12 +106,14 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--from-memory", type=int, metavar="B", help="read B sequences from host memory, not the caches")
     p.add_argument("--out")
     args = p.parse_args(argv)
     most = max(args.threads)
     if most > numba.config.NUMBA_NUM_THREADS:
         p.error(f"--threads: at most {numba.config.NUMBA_NUM_THREADS} here")
-    results = {"tokens": args.tokens, "rounds": args.rounds, "reps": args.reps, "gbs": {}}
+    results = {"tokens": args.tokens, "rounds": args.rounds, "reps": args.reps, "from_memory": args.from_memory,
+               "gbs": {}}
     with tempfile.TemporaryDirectory() as into:
         sys.path.insert(0, into)
         names = [n for n in args.variants if not n.startswith("amx") or amx_ready()]
@@ -116,10 +121,17 @@ def main(argv=None) -> int:
             p.error("--variants: only AMX variants were asked for, and this CPU or OS does not run AMX tile products")
         modules = {name: variant(name, VARIANTS[name], into) for name in names}
         results["dpbf16"] = bool(cpu_has_dpbf16())
-        q, one_block, _ = make_case(1, 256, torch.bfloat16, 32, 8, 128, 256)  # a bfloat16 query: one part
+        if args.from_memory:
+            q, pool, table = make_case(args.from_memory, args.tokens, torch.bfloat16, 32, 8, 128, 256)
+        else:
+            q, one_block, _ = make_case(1, 256, torch.bfloat16, 32, 8, 128, 256)  # a bfloat16 query: one part
+        where = "from memory" if args.from_memory else "in cache"
         for threads in args.threads:
-            tokens = max(1024, args.tokens * threads // most)  # the same time a call at each thread count
-            slot, table = cached_case(one_block, tokens)
+            if args.from_memory:
+                tokens, slot = args.tokens, pool
+            else:
+                tokens = max(1024, args.tokens * threads // most)  # the same time a call at each thread count
+                slot, table = cached_case(one_block, tokens)
             calls = {name: kernel_call(q, slot, table, tokens, threads, m.host_decode_attention)[0]
                      for name, m in modules.items()}
             kv_bytes = kernel_call(q, slot, table, tokens, threads)[1]
@@ -134,7 +146,7 @@ def main(argv=None) -> int:
                         times[name].append(time.perf_counter() - start)
             row = {name: kv_bytes / statistics.median(t) / 1e9 for name, t in times.items()}
             results["gbs"][str(threads)] = row
-            print(f"{threads:>3} threads, {tokens} tokens a head, GB/s of KV in cache: "
+            print(f"{threads:>3} threads, {tokens} tokens a head, GB/s of KV {where}: "
                   + "  ".join(f"{name} {gbs:.1f}" for name, gbs in row.items()), flush=True)
     print(f"AVX512-BF16 used: {results['dpbf16']}")
     if args.out:

@@ -1,0 +1,84 @@
+"""The CPU kernel against its ceiling and its peer, round by round.
+
+Each round times, back to back, the streaming-read ceiling (`bench_cpu_attention.streaming_ceiling`,
+the fastest of its reads), the kernel (default knobs), its read pattern without math, and torch's CPU
+SDPA in bfloat16 on the same tokens; each round's ratios compare reads made seconds apart. On the GPU
+machine's host, memory speed moved by a fifth within one run and by a half between calls, so a
+ceiling measured once at a run's start is a poor divisor. Reports each round and the median ratios.
+
+    python3 bench/kernel_rounds.py --batches 1 4 --rounds 5 --out kernel_rounds.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numba
+import torch
+
+from bench_cpu_attention import bench_kernel, bench_pattern, bench_sdpa, logical_kv, make_case, streaming_ceiling
+from hetero.cpu_kernels import warmup
+
+SPIN_DOWN_S = 0.5  # torch's CPU threads spin a while after its SDPA; the next round's reads wait that out
+
+
+def one_round(q, pool, table, k, v, tokens, reps, sdpa_reps, ceiling_gib, threads):
+    ceiling = streaming_ceiling(ceiling_gib, reps, threads)
+    kernel = bench_kernel(q, pool, table, tokens, reps, threads)
+    pattern = bench_pattern(pool, table, tokens, reps, threads)
+    sdpa = bench_sdpa(q, k, v, sdpa_reps)
+    time.sleep(SPIN_DOWN_S)
+    best = max(ceiling.values())
+    return {"ceiling_gbps": ceiling, "ceiling_best_gbps": best, "kernel_gbps": kernel["gbps"],
+            "same_reads_gbps": pattern["gbps"], "sdpa_bf16_gbps": sdpa["gbps"], "of_ceiling": kernel["gbps"] / best,
+            "of_same_reads": kernel["gbps"] / pattern["gbps"], "vs_sdpa_bf16": sdpa["ms"] / kernel["ms"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=131072)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--sdpa-reps", type=int, default=2)
+    p.add_argument("--ceiling-gib", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    numba.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    warmup(("bfloat16",))
+    result = {"args": vars(args), "batches": {}}
+    for B in args.batches:
+        q, pool, table = make_case(B, args.tokens, torch.bfloat16, Hq=32, Hkv=8, D=128, bs=256)
+        k, v = logical_kv(pool, table, args.tokens)
+        rounds = []
+        print(f"batch {B}, {args.tokens} tokens, bfloat16, {args.threads} threads")
+        print(f"{'round':>5}{'ceiling':>9}{'kernel':>8}{'reads':>8}{'sdpa':>7}{'of ceil':>9}{'of reads':>9}{'vs sdpa':>9}")
+        for i in range(args.rounds):
+            r = one_round(q, pool, table, k, v, args.tokens, args.reps, args.sdpa_reps, args.ceiling_gib, args.threads)
+            rounds.append(r)
+            print(f"{i:>5}{r['ceiling_best_gbps']:>9.1f}{r['kernel_gbps']:>8.1f}{r['same_reads_gbps']:>8.1f}"
+                  f"{r['sdpa_bf16_gbps']:>7.1f}{r['of_ceiling']:>9.0%}{r['of_same_reads']:>9.0%}{r['vs_sdpa_bf16']:>8.1f}x",
+                  flush=True)
+        median = {key: statistics.median(r[key] for r in rounds)
+                  for key in ("ceiling_best_gbps", "kernel_gbps", "same_reads_gbps", "sdpa_bf16_gbps", "of_ceiling",
+                              "of_same_reads", "vs_sdpa_bf16")}
+        print(f"median: kernel {median['kernel_gbps']:.1f} GB/s, {median['of_ceiling']:.0%} of the ceiling "
+              f"({median['ceiling_best_gbps']:.1f}), {median['of_same_reads']:.0%} of its reads without math, "
+              f"{median['vs_sdpa_bf16']:.1f}x torch's SDPA bf16", flush=True)
+        result["batches"][str(B)] = {"rounds": rounds, "median": median}
+        del pool, k, v
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
