@@ -30,7 +30,7 @@ from hetero.cpu_kernels import host_decode_attention, host_decode_attention_inde
 from hetero.cpu_kernels._bf16_tiles import cpu_has_dpbf16
 from hetero.cpu_kernels._intrinsics import prefetch_l1, prefetch_l2
 from hetero.cpu_kernels.attention import amx_ready
-from hetero.storage.host_pool import HostPool
+from hetero.storage.host_pool import HostPool, huge_page_share
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -310,6 +310,7 @@ def main():
     ceiling = streaming_ceiling(args.ceiling_gib, args.reps, args.threads)
     best = max(ceiling.values())
     rows, sweep = [], []
+    on_huge_pages = {}  # each pool's share on transparent huge pages (asked for, not always granted)
 
     def add(name, B, dtype, r, peer=None):
         r.update(case=name, batch=B, dtype=dtype, of_ceiling=r["gbps"] / best)
@@ -319,6 +320,7 @@ def main():
 
     for B in args.batches:
         q, pool, table = make_case(B, args.tokens, torch.bfloat16, **shape)
+        on_huge_pages[f"batch {B}"] = huge_page_share(pool)
         # The kernels first: torch's CPU threads may still spin for a while after its SDPA.
         every = bench_all_loops(q, pool, table, args.tokens, args.reps, args.threads, args.rounds)
         pattern = bench_pattern(pool, table, args.tokens, args.reps, args.threads)
@@ -351,6 +353,7 @@ def main():
             add("same reads 1 thr", B, "bfloat16", bench_pattern(pool, table, args.tokens, max(2, args.reps // 3), 1))
             numba.set_num_threads(args.threads)
             _, small_pages, _ = make_case(B, args.tokens, torch.bfloat16, **shape, huge_pages=False)
+            on_huge_pages[f"batch {B}, 4 KiB pages"] = huge_page_share(small_pages)
             on_small_pages = lambda: bench_kernel(q, small_pages, table, args.tokens, args.reps, args.threads)  # noqa: E731
             add("hand-built, 4 KiB pages", B, "bfloat16", loops("hand-built", on_small_pages), sdpa)
             add("same reads, 4 KiB pages", B, "bfloat16", bench_pattern(small_pages, table, args.tokens, args.reps,
@@ -376,6 +379,8 @@ def main():
     print(f"(a) streaming-read ceiling {best:.1f} GB/s, the fastest of: uint16 {ceiling['uint16']:.1f}, float32 "
           f"{ceiling['float32']:.1f}, float32 prefetched into L2 {ceiling['float32_prefetched']:.1f}, float64 "
           f"(LIMITS.md's probe) {ceiling['float64_probe']:.1f}")
+    print("pools on huge pages: " + ", ".join(f"{k} {'unknown' if v is None else f'{v:.0%}'}"
+                                              for k, v in on_huge_pages.items()))
     print(f"{'case':<28}{'B':>3} {'dtype':<9}{'ms':>9}{'GB/s':>8}{'of ceil':>9}{'vs sdpa bf16':>14}{'vs sdpa fp32':>14}")
     for r in rows:
         sb, sf = r.get("speedup_vs_sdpa_bf16"), r.get("speedup_vs_sdpa_fp32")
@@ -388,6 +393,7 @@ def main():
               f"prefetch={k['prefetch']!s:<5} bf16_tiles={k['bf16_tiles']!s:<5} {k['gbps']:6.1f} GB/s {k['gbps'] / best:5.0%} of ceiling")
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "compile_s": compile_s, "ceiling_gbps": ceiling, "ceiling_best_gbps": best, "rows": rows, "sweep": sweep, "call_overhead_us": overhead,
+                   "pool_huge_page_share": on_huge_pages,
                    "numba_threading_layer": numba.threading_layer(),
                    "numba_cpu_features": numba.core.config.CPU_FEATURES, "vdpbf16ps": cpu_has_dpbf16(), "amx": amx_ready(),
                    "torch": torch.__version__}, f, indent=1)

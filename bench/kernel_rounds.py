@@ -23,6 +23,7 @@ import torch
 
 from bench_cpu_attention import bench_kernel, bench_pattern, bench_sdpa, logical_kv, make_case, streaming_ceiling
 from hetero.cpu_kernels import warmup
+from hetero.storage.host_pool import huge_page_share
 
 SPIN_DOWN_S = 0.5  # torch's CPU threads spin a while after its SDPA; the next round's reads wait that out
 
@@ -58,7 +59,9 @@ def main(argv=None) -> int:
         q, pool, table = make_case(B, args.tokens, torch.bfloat16, Hq=32, Hkv=8, D=128, bs=256)
         k, v = logical_kv(pool, table, args.tokens)
         rounds = []
-        print(f"batch {B}, {args.tokens} tokens, bfloat16, {args.threads} threads")
+        huge = huge_page_share(pool)
+        print(f"batch {B}, {args.tokens} tokens, bfloat16, {args.threads} threads, pool on huge pages: "
+              f"{'unknown' if huge is None else f'{huge:.0%}'}")
         print(f"{'round':>5}{'ceiling':>9}{'kernel':>8}{'reads':>8}{'sdpa':>7}{'of ceil':>9}{'of reads':>9}{'vs sdpa':>9}")
         for i in range(args.rounds):
             r = one_round(q, pool, table, k, v, args.tokens, args.reps, args.sdpa_reps, args.ceiling_gib, args.threads)
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
         print(f"median: kernel {median['kernel_gbps']:.1f} GB/s, {median['of_ceiling']:.0%} of the ceiling "
               f"({median['ceiling_best_gbps']:.1f}), {median['of_same_reads']:.0%} of its reads without math, "
               f"{median['vs_sdpa_bf16']:.1f}x torch's SDPA bf16", flush=True)
-        result["batches"][str(B)] = {"rounds": rounds, "median": median}
+        result["batches"][str(B)] = {"rounds": rounds, "median": median, "pool_huge_page_share": huge}
         del pool, k, v
     if args.out:
         with open(args.out, "w") as f:

@@ -18,6 +18,7 @@ import numba
 import torch
 
 from bench_cpu_attention import bench_pattern, make_case, streaming_ceiling
+from hetero.storage.host_pool import huge_page_share
 
 SETTINGS = ((0, 0), (16, 1), (32, 1), (64, 1), (16, 2), (32, 2), (64, 2), (128, 2))  # (distance, level)
 
@@ -30,10 +31,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     threads = numba.config.NUMBA_NUM_THREADS
     ceiling = streaming_ceiling(2.0, args.reps, threads)
-    result = {"tokens": args.tokens, "threads": threads, "ceiling_gbps": ceiling, "gbps": {}}
+    result = {"tokens": args.tokens, "threads": threads, "ceiling_gbps": ceiling, "gbps": {}, "pool_huge_page_share": {}}
     print(f"streaming-read ceiling {max(ceiling.values()):.1f} GB/s ({threads} threads)", flush=True)
     for pages, huge in (("4 KiB pages", False), ("huge pages", True)):
         _, pool, table = make_case(1, args.tokens, torch.bfloat16, Hq=32, Hkv=8, D=128, bs=256, huge_pages=huge)
+        result["pool_huge_page_share"][pages] = share = huge_page_share(pool)
+        print(f"{pages}: the pool's share on huge pages {'unknown' if share is None else f'{share:.0%}'}")
         for distance, level in SETTINGS:
             gbps = bench_pattern(pool, table, args.tokens, args.reps, threads, distance, level)["gbps"]
             name = f"{pages}, prefetch {distance} tokens ahead into L{level}" if distance else f"{pages}, no prefetch"

@@ -27,10 +27,11 @@ from ._kernel import (AMX_TILES as _AMX, BF16_LOOPS, BLOCK_WITHOUT_SLOT, LOOPS, 
 # bench/results/split/cpu_attention_fma_scores.json), and a 2-core AMD EPYC (Zen 3) in their 256-bit
 # form: 8.0 against 4.9 GB/s in cache on one thread; from memory on two, 9.4 against 8.9 at batch 1
 # and 9.4 against 8.8 at batch 4 (`bench/results/avx2/cpu_attention.json`). True or False forces it.
-# The next tile's rows go into L2: the kernel's read pattern alone, prefetching ahead, read 100-102
-# GB/s into L2 against 87-98 into L1 on 4 KiB pages, and 117-125 against 82-88 on huge pages (H200
-# machine, 2026-12-02, bench/results/split/read_pattern.json); the one sweep of the kernel since ran
-# on a disturbed host and neither confirms nor refutes it (cpu_attention_fma_scores.json).
+# The next tile's rows go into L2: the kernel's read pattern alone, prefetching ahead, read 100-125
+# GB/s into L2 against 82-98 into L1 (H200 machine, 2026-12-02, bench/results/split/read_pattern.json;
+# its two pools were likely both on 4 KiB pages: see storage/host_pool.py's huge_pages), and from
+# memory at 16 threads the kernel ran at 71.4 GB/s with it against 51.0 without any prefetch
+# (split/breakdown_from_memory.json).
 # Tiles of 128 tokens: best for those loops in three sweeps (85.9 against 82.9 GB/s for 64 in the last).
 # AMX_TILES: whether bfloat16 pools take the AMX tile products of `_amx_tiles` (head_dim a multiple of
 # 32 up to 256, at most 8 query heads per kv head) before the hand-built loops: True where the CPU has

@@ -35,9 +35,13 @@ class HostPool(SlabTier):
         block_shape: [2, B, Hkv, bs, D].
         dtype: KV dtype.
         pin: pin the slab (page-locked, registered with CUDA); None: pin when CUDA is available.
-        huge_pages: advise transparent huge pages for the slab: the CPU attention's reads, prefetched
-            into L2, ran 117-125 GB/s on them against 100-102 on 4 KiB pages (H200 machine,
-            bench/read_pattern.py); copies to the GPU ran the same.
+        huge_pages: advise transparent huge pages for the slab, as NumPy does for large arrays (the
+            CPU attention's streaming-read ceiling ran on them all along); Linux grants them while it
+            finds free 2 MiB runs (`huge_page_share` tells). What they change for the CPU attention
+            on the GPU machine is not measured yet: the slab used to be a shared mapping, which
+            Linux backs with huge pages only where `shmem_enabled` allows ("never" by default; the
+            GPU machine's was not read), so the runs meant to compare them likely compared 4 KiB
+            pages with 4 KiB pages.
         slot_align: each slot's stride in bytes is a multiple of this (4096: O_DIRECT straight into a
             slot). When a block's bytes are not a multiple of it, slots are padded and `slab` is a
             strided view (each block contiguous); pass 1 for a packed, C-contiguous slab.
@@ -97,7 +101,9 @@ def _page_aligned_bytes(nbytes: int, huge_pages: bool) -> torch.Tensor:
     keeps the mapping alive; untouched pages take no memory."""
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
-    area = mmap.mmap(-1, nbytes + HUGE_PAGE)
+    # Private: Python's anonymous mmap is shared by default, and Linux backs shared anonymous memory
+    # (shmem) with huge pages only where shmem_enabled allows (never, by default), whatever madvise asks.
+    area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
     start = -ctypes.addressof(ctypes.c_char.from_buffer(area)) % HUGE_PAGE
     if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
@@ -106,6 +112,27 @@ def _page_aligned_bytes(nbytes: int, huge_pages: bool) -> torch.Tensor:
             pass  # a kernel without transparent huge pages: 4 KiB pages then
     window = (ctypes.c_char * nbytes).from_buffer(area, start)  # holds `area` alive
     return torch.frombuffer(window, dtype=torch.uint8)
+
+
+def huge_page_share(tensor: torch.Tensor, smaps: str = "/proc/self/smaps") -> float | None:
+    """The share of a CPU tensor's bytes that Linux backs with transparent huge pages: the
+    AnonHugePages of the mappings its bytes lie in, over its size (madvise asks; Linux grants only
+    while it finds free 2 MiB runs). None where the file cannot be read (not Linux)."""
+    first = tensor.data_ptr()
+    last = first + tensor.untyped_storage().nbytes()
+    huge, inside = 0, False
+    try:
+        with open(smaps) as f:
+            for line in f:
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):
+                    start, end = (int(x, 16) for x in head.split("-"))
+                    inside = start < last and end > first
+                elif inside and head == "AnonHugePages:":
+                    huge += int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return min(1.0, huge / max(1, last - first))
 
 
 def _release(raw: torch.Tensor, registered_ptr: int | None) -> None:
