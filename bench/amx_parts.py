@@ -25,6 +25,7 @@ from numba import njit
 
 from amx_probe import random_bf16
 from bench_cpu_attention import median_seconds
+from json_out import write_json
 from hetero.cpu_kernels._amx_tiles import (SCORE_GROUPS, VALUE_CHUNKS, add_values, interleave_values, query_tiles,
                                            score_rows, weight_rows)
 from hetero.cpu_kernels.attention import amx_ready
@@ -104,9 +105,7 @@ def main(argv=None) -> int:
     for name, fn in cases.items():
         result["ns_per_key"][name] = median_seconds(fn, args.reps) / keys * 1e9
         print(f"{name:<22}{result['ns_per_key'][name]:8.2f} ns a key", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     return 0
 
 

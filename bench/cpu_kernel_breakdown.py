@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import shutil
 import statistics
@@ -41,6 +40,7 @@ import numba
 import torch
 
 from bench_cpu_attention import cached_case, kernel_call, make_case
+from json_out import write_json
 from hetero.cpu_kernels._bf16_tiles import cpu_has_dpbf16
 from hetero.cpu_kernels.attention import amx_ready
 
@@ -149,9 +149,7 @@ def main(argv=None) -> int:
             print(f"{threads:>3} threads, {tokens} tokens a head, GB/s of KV {where}: "
                   + "  ".join(f"{name} {gbs:.1f}" for name, gbs in row.items()), flush=True)
     print(f"AVX512-BF16 used: {results['dpbf16']}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.out, results)
     return 0
 
 

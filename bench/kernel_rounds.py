@@ -12,7 +12,6 @@ ceiling measured once at a run's start is a poor divisor. Reports each round and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,7 @@ import numba
 import torch
 
 from bench_cpu_attention import bench_kernel, bench_pattern, bench_sdpa, logical_kv, make_case, streaming_ceiling
+from json_out import write_json
 from hetero.cpu_kernels import warmup
 from hetero.storage.host_pool import huge_page_share
 
@@ -77,9 +77,7 @@ def main(argv=None) -> int:
               f"{median['vs_sdpa_bf16']:.1f}x torch's SDPA bf16", flush=True)
         result["batches"][str(B)] = {"rounds": rounds, "median": median, "pool_huge_page_share": huge}
         del pool, k, v
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     return 0
 
 

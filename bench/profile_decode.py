@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import math
 import os
 import pstats
@@ -28,6 +27,7 @@ import hetero
 from hetero.bench_cli import parse_overrides
 
 sys.path.insert(0, os.path.dirname(__file__))
+from json_out import write_json  # noqa: E402
 from suite.model import build_random_model, llama_8b_config, random_prompt, tiny_llama_config  # noqa: E402
 
 
@@ -154,9 +154,7 @@ def main(argv=None) -> int:
     else:
         result = profile_decode(model, ids, config, args.steps, args.skip, args.rows)
         print_operators(result, args.steps, device)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     return 0
 
 

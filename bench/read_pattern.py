@@ -11,13 +11,13 @@ prefetched into L1 or into L2; beside the streaming-read ceiling of the same run
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numba
 import torch
 
 from bench_cpu_attention import bench_pattern, make_case, streaming_ceiling
+from json_out import write_json
 from hetero.storage.host_pool import huge_page_share
 
 SETTINGS = ((0, 0), (16, 1), (32, 1), (64, 1), (16, 2), (32, 2), (64, 2), (128, 2))  # (distance, level)
@@ -43,9 +43,7 @@ def main(argv=None) -> int:
             result["gbps"][name] = gbps
             print(f"{name:<46}{gbps:7.1f} GB/s", flush=True)
         del pool
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     return 0
 
 

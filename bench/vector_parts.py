@@ -18,7 +18,6 @@ Each in nanoseconds and in cycles of the measured clock, beside the fewest the m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numba
@@ -30,6 +29,7 @@ from numba.extending import intrinsic
 
 from amx_probe import cpu_flags, random_bf16
 from bench_cpu_attention import median_seconds
+from json_out import write_json
 from hetero.cpu_kernels._bf16_tiles import (_has_dpbf16, _has_wide_vectors, accumulate_tile, cpu_has_dpbf16,
                                             query_parts, score_4x4, split_width)
 from hetero.cpu_kernels._kernel import _bf16_tile, _prefetch_rows, _softmax_tile
@@ -217,9 +217,7 @@ def main(argv=None) -> int:
         result["cycles_per_key"][name] = ns * ghz
         least = f"   (multiply-adds alone {floor[name]:.1f})" if name in floor else ""
         print(f"{name:<28}{ns:8.2f} ns {ns * ghz:7.1f} cycles a key{least}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     return 0
 
 

@@ -115,16 +115,17 @@ def _page_aligned_bytes(nbytes: int, huge_pages: bool) -> torch.Tensor:
 
 
 def huge_page_share(tensor: torch.Tensor, smaps: str = "/proc/self/smaps") -> float | None:
-    """The share of a CPU tensor's bytes that Linux backs with transparent huge pages: the
+    """The share of a CPU tensor's storage that Linux backs with transparent huge pages: the
     AnonHugePages of the mappings its bytes lie in, over its size (madvise asks; Linux grants only
     while it finds free 2 MiB runs). None where the file cannot be read (not Linux)."""
-    first = tensor.data_ptr()
-    last = first + tensor.untyped_storage().nbytes()
+    storage = tensor.untyped_storage()
+    first = storage.data_ptr()
+    last = first + storage.nbytes()
     huge, inside = 0, False
     try:
         with open(smaps) as f:
             for line in f:
-                head = line.split(maxsplit=1)[0]
+                head = line.split(maxsplit=1)[0] if line.strip() else ""
                 if "-" in head and not head.endswith(":"):
                     start, end = (int(x, 16) for x in head.split("-"))
                     inside = start < last and end > first

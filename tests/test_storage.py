@@ -150,6 +150,7 @@ def test_huge_page_share_reads_the_mappings_a_tensor_lies_in(tmp_path):
         f"{first + (1 << 20):x}-{first + (8 << 20):x} rw-p 00000000 00:00 0\nAnonHugePages: 2048 kB\n"
         f"{first + (8 << 20):x}-{first + (9 << 20):x} rw-p 00000000 00:00 0\nAnonHugePages: 1024 kB\n")
     assert huge_page_share(x, str(smaps)) == 0.5
+    assert huge_page_share(x[1:].view(-1, 3), str(smaps)) == 0.5  # a view: its whole storage
     assert huge_page_share(x, str(tmp_path / "missing")) is None
 
 
