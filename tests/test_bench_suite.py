@@ -403,3 +403,22 @@ def test_the_cpu_ceiling_reads_every_way_at_any_size():
     ceiling = streaming_ceiling(0.003, 1, 1)
     assert set(ceiling) == {"uint16", "float32", "float32_prefetched", "float64_probe"}
     assert all(0 < gbps < 1e4 for gbps in ceiling.values())
+
+
+def test_kernel_rounds_sets_each_variant_beside_the_default_kernel_of_its_round(tmp_path):
+    import kernel_rounds
+    from hetero.cpu_kernels import attention
+
+    out = tmp_path / "rounds.json"
+    defaults = attention.UNITS_PER_THREAD, attention.TILE_TOKENS
+    assert kernel_rounds.main(["--tokens", "512", "--batches", "1", "--rounds", "1", "--reps", "1", "--sdpa-reps", "1",
+                               "--ceiling-gib", "0.003", "--threads", "1", "--small-pages",
+                               "--knobs", "UNITS_PER_THREAD=3,TILE_TOKENS=64", "--out", str(out)]) == 0
+    batch = json.loads(out.read_text())["batches"]["1"]
+    assert set(batch["variants_against_default"]) == {"kernel, 4 KiB pages", "reads, 4 KiB pages",
+                                                      "UNITS_PER_THREAD=3,TILE_TOKENS=64"}
+    assert all(r > 0 for r in batch["variants_against_default"].values())
+    assert batch["small_pages_huge_page_share"] is None or 0 <= batch["small_pages_huge_page_share"] <= 1
+    assert (attention.UNITS_PER_THREAD, attention.TILE_TOKENS) == defaults  # the knobs were put back
+    with pytest.raises(SystemExit):
+        kernel_rounds.main(["--knobs", "NO_SUCH_KNOB=1"])
