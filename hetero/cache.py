@@ -97,6 +97,7 @@ class CacheStats:
     split_pcie_bytes_per_s: float | None = None
     split_cpu_bytes_per_s: float | None = None
     split_cpu_gap_s: float | None = None
+    split_cpu_idle_s: float | None = None  # the CPU side's idle time per step between parts (SplitTuner.idle_seconds)
 
 
 class HeteroLayer(CacheLayerMixin):
@@ -776,6 +777,7 @@ class HeteroCache(Cache):
         stats.reused_token_share = reused
         rates = self.split_tuner.rates() if self.split_tuner is not None else None
         stats.split_pcie_bytes_per_s, stats.split_cpu_bytes_per_s, stats.split_cpu_gap_s = rates or (None, None, None)
+        stats.split_cpu_idle_s = self.split_tuner.idle_seconds() if self.split_tuner is not None else None
         if self._placement is not None:
             stats.ssd_skipped_share = self._placement.skipped_share
             stats.ssd_swaps = self._placement.swaps

@@ -38,13 +38,19 @@ class WorkTimes:
     engine on the ring's host-to-GPU fetches, the host worker on its attention jobs. `host_gap_seconds`:
     how long the worker went without a job between two jobs of the window, from one job's end to the
     next one's queueing: the host thread's own work between layers (it queues a layer's job only after
-    taking the last one's result), which the CPU side spends every step whatever its share."""
+    taking the last one's result), which the CPU side spends every step whatever its share.
+    `host_idle_seconds`: how long it went without working between two jobs of the window, from one
+    job's end to the next one's start: the gap, and the wait for the next query to land. With GPU-side
+    waits the host thread queues jobs ahead (no gap), and all of it is that wait: the GPU's work from
+    one layer's result to the next layer's query, and, where the fetches set the pace, the fetches.
+    Reported, not balanced by the share (which would then chase the fetches' own delays)."""
 
     copy_bytes: int = 0
     copy_seconds: float = 0.0
     host_bytes: int = 0
     host_seconds: float = 0.0
     host_gap_seconds: float = 0.0
+    host_idle_seconds: float = 0.0
 
 
 class _HostJobTimes:
@@ -52,23 +58,25 @@ class _HostJobTimes:
     holds it until done, so the worker may be the one to free it (see HostJob)."""
 
     def __init__(self):
-        self.jobs: list[tuple[int, float, float]] = []  # (bytes, seconds, gap before) of finished host jobs
+        self.jobs: list[tuple[int, float, float, float]] = []  # (bytes, seconds, gap, idle before) of finished jobs
         self.last_end: float | None = None  # when the window's last host job ended
         self.lock = threading.Lock()
 
     def add(self, nbytes: int, queued: float, started: float, ended: float) -> None:
         with self.lock:
             gap = 0.0 if self.last_end is None else max(0.0, queued - self.last_end)
-            self.jobs.append((nbytes, ended - started, gap))
+            idle = 0.0 if self.last_end is None else max(0.0, started - self.last_end)
+            self.jobs.append((nbytes, ended - started, gap, idle))
             self.last_end = ended
 
     def take(self, times: WorkTimes) -> None:
         with self.lock:
             jobs, self.jobs = self.jobs, []
             self.last_end = None  # a window's first job has no gap: the step boundary lies before it
-        times.host_bytes = sum(b for b, _, _ in jobs)
-        times.host_seconds = sum(s for _, s, _ in jobs)
-        times.host_gap_seconds = sum(g for _, _, g in jobs)
+        times.host_bytes = sum(job[0] for job in jobs)
+        times.host_seconds = sum(job[1] for job in jobs)
+        times.host_gap_seconds = sum(job[2] for job in jobs)
+        times.host_idle_seconds = sum(job[3] for job in jobs)
 
 
 class _WorkClock:

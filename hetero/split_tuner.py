@@ -94,6 +94,12 @@ class SplitTuner:
                 statistics.median(w.host_bytes / w.host_seconds for w in told),
                 statistics.median(w.host_gap_seconds for w in told))
 
+    def idle_seconds(self) -> float | None:
+        """The host worker's idle time per window between its jobs (`WorkTimes.host_idle_seconds`), the
+        median over the counted windows; None before any window told. Reported beside `rates`."""
+        told = self._told()
+        return statistics.median(w.host_idle_seconds for w in told) if told else None
+
     def observe(self, times: WorkTimes) -> float:
         """Fold one step's measured work in; returns the share for the next step."""
         if self._skip:

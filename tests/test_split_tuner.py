@@ -121,7 +121,37 @@ def test_pipeline_times_the_host_workers_wait_for_the_next_job():
         time.sleep(0.05)
     times = pipeline.take_work_times()
     assert times.host_bytes == 3 and 0.1 <= times.host_gap_seconds < 0.5, "two gaps of about 50 ms"
+    assert times.host_idle_seconds >= times.host_gap_seconds, "idle from one job's end to the next one's start"
     pipeline.close()
+
+
+class _LandsLate:
+    """A fence whose synchronize waits 50 ms: a query still on its way when the worker takes the job."""
+
+    def synchronize(self):
+        import time
+
+        time.sleep(0.05)
+
+
+def test_pipeline_times_the_workers_idle_wait_for_queries_queued_ahead():
+    pipeline = Pipeline("cpu")
+    pipeline.time_work()
+    jobs = [pipeline.run_on_host(_LandsLate(), lambda: (torch.ones(1),), work_bytes=1) for _ in range(3)]
+    for job in jobs:  # all queued ahead, as with GPU-side waits: no gap, only the waits for the queries
+        pipeline.host_result(job)
+    times = pipeline.take_work_times()
+    assert times.host_gap_seconds == 0
+    assert 0.1 <= times.host_idle_seconds < 0.5, "two waits of about 50 ms after the first job"
+    pipeline.close()
+
+
+def test_tuner_reports_the_workers_median_idle_time_over_the_windows_that_told():
+    tuner = SplitTuner(0.5, skip=0, steps=3)
+    assert tuner.idle_seconds() is None
+    for idle in (0.3, 0.1, 0.2):
+        tuner.observe(WorkTimes(copy_bytes=1, copy_seconds=1.0, host_bytes=1, host_seconds=1.0, host_idle_seconds=idle))
+    assert tuner.idle_seconds() == pytest.approx(0.2)
 
 
 def _split_config(ratio):
@@ -177,6 +207,8 @@ def test_refined_split_matches_transformers_and_is_remembered(model_dir):
         assert runtime.split_share_refined == stats.split_share, "the next generation starts from it"
         if run == 0:  # the second starts refined and measures no more
             assert stats.split_pcie_bytes_per_s > 0 and stats.split_cpu_bytes_per_s > 0
+            assert stats.split_cpu_idle_s >= stats.split_cpu_gap_s >= 0
+            assert "idle" in stats.summary()
     assert "GPU share" in stats.summary()
 
 
@@ -192,6 +224,9 @@ class _ScriptedTuner:
         self.seen = []
 
     def rates(self):
+        return None
+
+    def idle_seconds(self):
         return None
 
     def observe(self, times):

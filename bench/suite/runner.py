@@ -133,7 +133,8 @@ def run_system(system, model, original_generate, ids, workload, ceilings, device
     if stats.get("split_cpu_bytes_per_s"):  # inside the pipeline, beside the ceilings probed alone
         print(f"  {system}: measured in decode: PCIe {stats['split_pcie_bytes_per_s'] / 1e9:.1f} GB/s, CPU attention "
               f"{stats['split_cpu_bytes_per_s'] / 1e9:.1f} GB/s, the CPU side waiting {1e3 * (stats.get('split_cpu_gap_s') or 0):.0f} "
-              f"ms a step between parts; GPU share {stats['split_share']:.2f}", flush=True)
+              f"ms a step between parts for the host thread and idle {1e3 * (stats.get('split_cpu_idle_s') or 0):.0f} ms in "
+              f"all (queries included); GPU share {stats['split_share']:.2f}", flush=True)
     return row
 
 
