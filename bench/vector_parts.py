@@ -123,7 +123,7 @@ def _scores(q_bf16, q_f32, parts, pool, rows, scores, rounds):
 @njit(cache=False)
 def _values(probs, pool, rows, acc, ahead, rounds):
     for _ in range(rounds):
-        accumulate_tile(probs, 0, pool, rows, TILE, TILE, acc, ahead, 0, 0)
+        accumulate_tile(probs, 0, pool, rows, TILE, TILE, acc, ahead, 0, 0, False)
 
 
 @njit(cache=False)
@@ -145,7 +145,7 @@ def _tiles(q_bf16, q_f32, parts, pool, rows, scores, m, l, acc, ahead, level, ro
         # The two halves of the pool take turns, each prefetching the other, as tiles do.
         first, second = (rows, ahead) if r % 2 == 0 else (ahead, rows)
         _bf16_tile(q_bf16, q_f32, parts, pool, first, 2 * TILE, TILE, TILE, np.float32(0.1), scores, m, l, acc, second,
-                   TILE, level)
+                   TILE, level, False)
 
 
 @njit(cache=False)

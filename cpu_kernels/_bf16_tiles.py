@@ -250,10 +250,17 @@ def _score_2x4(builder, q_data, first_head, dim, pool_data, starts, scale, score
         builder.store(two, _vector_at(builder, scores_data, row, _V2F), align=4)
 
 
-def _prefetch_row(builder, data, row, dim, level):
-    """Prefetch every 64-byte line of row `row` (dim uint16) into L1 (level 1) or L2 (level 2)."""
-    with cgutils.for_range(builder, builder.udiv(dim, _I64(CHUNK))) as line:
-        address = builder.gep(data, [builder.add(builder.mul(row, dim), builder.mul(line.index, _I64(CHUNK)))])
+def _prefetch_row(builder, data, row, dim, level, first=None, count=None):
+    """Prefetch the 64-byte lines of row `row` (dim uint16) into L1 (level 1) or L2 (level 2): all of
+    them, or those that begin among elements first to first + count (so that passes over
+    consecutive element ranges, of 16 elements with 256-bit vectors, ask for each line once)."""
+    first = _I64(0) if first is None else first
+    count = dim if count is None else count
+    line_up = lambda x: builder.udiv(builder.add(x, _I64(CHUNK - 1)), _I64(CHUNK))  # noqa: E731
+    first_line = line_up(first)
+    with cgutils.for_range(builder, builder.sub(line_up(builder.add(first, count)), first_line)) as line:
+        at = builder.add(builder.mul(row, dim), builder.mul(builder.add(first_line, line.index), _I64(CHUNK)))
+        address = builder.gep(data, [at])
         with builder.if_else(builder.icmp_signed("==", level, _I64(1))) as (into_l1, into_l2):
             with into_l1:
                 emit_prefetch(builder, address, 3)
@@ -262,12 +269,14 @@ def _prefetch_row(builder, data, row, dim, level):
 
 
 @intrinsic
-def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level):
+def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level, spread):
     """acc[g + a] += sum over t < n of probs[g + a, t] * pool[rows[t] + v_rows], for a < 4, in split order.
 
     probs float32 [G, >= n]; pool [rows, D] uint16 (bfloat16 bits), D a multiple of 32; acc float32 [G, D].
     Meanwhile, unless `level` is 0, prefetches the V rows of ahead[:min(n, n_ahead)] (the next
-    tile's K rows) into L1 (1) or L2 (2), one a key of the first pass over the keys.
+    tile's K rows) into L1 (1) or L2 (2), one a key: each whole in the first pass over the keys, or
+    where `spread`, each pass the lines of the elements it sums (the same requests, spread over
+    every pass instead of crowding into the first).
     """
     check_c_array("probs", probs, 2, types.float32)
     check_c_array("pool", pool, 2, types.uint16)
@@ -287,6 +296,7 @@ def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc, ahead, n_ah
         ahead_data, _ = c_array(context, builder, at[7], args[7])
         n_ahead = context.cast(builder, args[8], at[8], types.int64)
         level = context.cast(builder, args[9], at[9], types.int64)
+        spread = context.cast(builder, args[10], at[10], types.boolean)
         heads = [builder.add(first_head, _I64(a)) for a in range(HEADS)]
         step = _split_width(context)  # elements a load: two float32 vectors
         # Loads a pass over the keys: with 32 registers, two (16 accumulators), so that each key's
@@ -298,24 +308,26 @@ def accumulate_tile(typingctx, probs, g, pool, rows, v_rows, n, acc, ahead, n_ah
         with cgutils.for_range(builder, wide_passes) as each:
             first_pass = builder.and_(prefetching, builder.icmp_signed("==", each.index, _I64(0)))
             _value_pass(builder, builder.mul(each.index, _I64(step * loads)), loads, step, sums, first_pass,
-                        heads, probs_data, width, pool_data, dim, rows_data, v_rows, n, acc_data, ahead_data,
-                        n_ahead, level)
+                        builder.and_(prefetching, spread), heads, probs_data, width, pool_data, dim, rows_data,
+                        v_rows, n, acc_data, ahead_data, n_ahead, level)
         if loads > 1:  # head_dim an odd number of loads: the last one alone
             rest = builder.urem(dim, _I64(step * loads))
             with builder.if_then(builder.icmp_signed("!=", rest, _I64(0))):
                 first_pass = builder.and_(prefetching, builder.icmp_signed("==", wide_passes, _I64(0)))
-                _value_pass(builder, builder.sub(dim, rest), 1, step, sums, first_pass, heads, probs_data, width,
-                            pool_data, dim, rows_data, v_rows, n, acc_data, ahead_data, n_ahead, level)
+                _value_pass(builder, builder.sub(dim, rest), 1, step, sums, first_pass, builder.and_(prefetching, spread),
+                            heads, probs_data, width, pool_data, dim, rows_data, v_rows, n, acc_data, ahead_data,
+                            n_ahead, level)
         return context.get_dummy_value()
 
-    return types.none(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level), codegen
+    return types.none(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level, spread), codegen
 
 
-def _value_pass(builder, offset, loads, step, sums, first_pass, heads, probs_data, width, pool_data, dim, rows_data,
-                v_rows, n, acc_data, ahead_data, n_ahead, level):
+def _value_pass(builder, offset, loads, step, sums, first_pass, spread, heads, probs_data, width, pool_data, dim,
+                rows_data, v_rows, n, acc_data, ahead_data, n_ahead, level):
     """One pass of `accumulate_tile` over its n keys, for elements offset to offset + loads * step of
-    the 4 heads: their accumulators held in registers (sums) from the first key to the last; on the
-    first pass, the next tile's V rows prefetched one a key."""
+    the 4 heads: their accumulators held in registers (sums) from the first key to the last;
+    meanwhile the next tile's V rows prefetched one a key, whole on the first pass or, where `spread`,
+    the lines of this pass's elements on every pass."""
     vector, packed = ir.VectorType(_F32, step // 2), ir.VectorType(_I32, step // 2)
     half = _I64(step // 2)
     at_acc = [[builder.add(builder.add(builder.mul(h, dim), offset), _I64(i * step)) for i in range(loads)]
@@ -326,9 +338,13 @@ def _value_pass(builder, offset, loads, step, sums, first_pass, heads, probs_dat
             builder.store(_load(builder, acc_data, builder.add(at_acc[a][i], half), vector, 4),
                           sums[2 * (a * loads + i) + 1])
     with cgutils.for_range(builder, n) as key:
-        with builder.if_then(builder.and_(first_pass, builder.icmp_signed("<", key.index, n_ahead)), likely=False):
+        ahead_here = builder.icmp_signed("<", key.index, n_ahead)
+        with builder.if_then(builder.and_(builder.and_(first_pass, builder.not_(spread)), ahead_here), likely=False):
             upcoming = builder.add(builder.load(builder.gep(ahead_data, [key.index])), v_rows)
             _prefetch_row(builder, pool_data, upcoming, dim, level)
+        with builder.if_then(builder.and_(spread, ahead_here), likely=False):
+            upcoming = builder.add(builder.load(builder.gep(ahead_data, [key.index])), v_rows)
+            _prefetch_row(builder, pool_data, upcoming, dim, level, offset, _I64(loads * step))
         row = builder.add(builder.load(builder.gep(rows_data, [key.index])), v_rows)
         at_row = builder.add(builder.mul(row, dim), offset)
         halves = [_widen_pairs(builder, _load(builder, pool_data, builder.add(at_row, _I64(i * step)), packed, 2))
@@ -359,17 +375,17 @@ def _score_step_impl(q_bf16, q_f32, parts, g, pool, rows, j, scale, scores):
     return lambda q_bf16, q_f32, parts, g, pool, rows, j, scale, scores: None
 
 
-def accumulate_step(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level):
+def accumulate_step(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level, spread):
     """`accumulate_tile` where the pool is bfloat16 bits; never called otherwise (Numba-only)."""
     raise NotImplementedError("accumulate_step is only callable from Numba-compiled code")
 
 
 @overload(accumulate_step)
-def _accumulate_step_impl(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level):
+def _accumulate_step_impl(probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level, spread):
     if pool.dtype == types.uint16:
-        return lambda probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level: accumulate_tile(
-            probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level)
-    return lambda probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level: None
+        return lambda probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level, spread: accumulate_tile(
+            probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level, spread)
+    return lambda probs, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level, spread: None
 
 
 @njit(cache=True)

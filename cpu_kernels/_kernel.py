@@ -167,10 +167,12 @@ def _accumulate_tile(p, pool, fp16, rows, v_rows, n4, acc, ahead, n_ahead, level
 
 
 @njit(fastmath=FASTMATH, cache=True, _nrt=False)
-def _bf16_tile(q_bf16, q_f32, parts, pool, rows, v_rows, n, n4, scale, scores, m, l, acc, ahead, n_ahead, level):
+def _bf16_tile(q_bf16, q_f32, parts, pool, rows, v_rows, n, n4, scale, scores, m, l, acc, ahead, n_ahead, level,
+               spread):
     """One tile through the hand-built loops of `_bf16_tiles` (bfloat16 pool, head_dim a multiple
     of 32, query heads a multiple of 4); prefetches the next tile's K rows while computing scores,
-    its V rows while summing values, as `_score_tile` and `_accumulate_tile` do."""
+    its V rows while summing values, as `_score_tile` and `_accumulate_tile` do (`spread`: over
+    every pass of the value sums, see `accumulate_tile`)."""
     G = acc.shape[0]
     for j in range(0, n4, 4):
         _prefetch_step(pool, ahead, j, n4, n_ahead, 0, level)
@@ -180,7 +182,7 @@ def _bf16_tile(q_bf16, q_f32, parts, pool, rows, v_rows, n, n4, scale, scores, m
     if level:  # the V rows past this tile's length; accumulate_step prefetches the others
         _prefetch_rows(pool, ahead, n, n_ahead, v_rows, level)
     for g in range(0, G, HEADS):
-        accumulate_step(scores, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level if g == 0 else 0)
+        accumulate_step(scores, g, pool, rows, v_rows, n, acc, ahead, n_ahead, level if g == 0 else 0, spread)
 
 
 @njit(fastmath=FASTMATH, cache=True, _nrt=False)
@@ -273,7 +275,7 @@ def _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh,
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs,
-                 tile, prefetch_next, inner, scale, out, lse):
+                 tile, prefetch_next, prefetch_spread, inner, scale, out, lse):
     """Decode attention of q [B, Hq, D] over the tokens that `pieces` name; writes out and lse.
 
     pool [rows, D]: the pool's rows (uint16 bits when 16-bit, `fp16` telling which kind, else
@@ -282,7 +284,8 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
     parallel task, works through pieces unit_begin[u] to unit_begin[u + 1] and leaves one partial
     (max, sum, unnormalized accumulator) per part; a head's parts are head_begin[bh] to
     head_begin[bh + 1]. `tile`: tokens per tile, a multiple of 4. `prefetch_next`: while a tile
-    is computed, prefetch the next one's rows into L1 (1), L2 (2), or not (0). `inner`: LOOPS,
+    is computed, prefetch the next one's rows into L1 (1), L2 (2), or not (0); `prefetch_spread`: the
+    hand-built loops spread the V rows' prefetches over every pass of their value sums. `inner`: LOOPS,
     BF16_LOOPS (`_bf16_tiles`; the caller checks that they apply: bfloat16 pool, D a multiple of 32,
     G a multiple of 4; the partial accumulators are then in split order) or AMX_TILES (`_amx_tiles`;
     bfloat16 pool, D a multiple of 32 up to 256, G at most 8; accumulators in `amx_index` order).
@@ -346,7 +349,7 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
                 n4 = (n + 3) // 4 * 4
                 if inner == BF16_LOOPS:
                     _bf16_tile(q_bf16, q_f32, parts, pool, rows, v_rows, n, n4, np.float32(scale), scores, m, l, acc, ahead,
-                               n_ahead, prefetch_next)
+                               n_ahead, prefetch_next, prefetch_spread)
                 elif amx:
                     _amx_tile(qtiles, parts, pool, rows, v_rows, n, n4, np.float32(scale), starts, kbuf, sbuf, scores, pbuf,
                               vbuf, m, l, acc, acc_by_head, ahead, n_ahead, prefetch_next)

@@ -32,6 +32,10 @@ from ._kernel import (AMX_TILES as _AMX, BF16_LOOPS, BLOCK_WITHOUT_SLOT, LOOPS, 
 # its two pools were likely both on 4 KiB pages: see storage/host_pool.py's huge_pages), and from
 # memory at 16 threads the kernel ran at 71.4 GB/s with it against 51.0 without any prefetch
 # (split/breakdown_from_memory.json).
+# SPREAD_V_PREFETCH: the hand-built loops issue the next tile's V prefetches over every pass of their
+# value sums (each pass the lines of its elements) instead of all in the first, which takes a fifth
+# of a tile's time or so: a guess at why the kernel reads at 82-86% of its own reads without math
+# (bench/kernel_rounds.py), not yet measured; `kernel_rounds.py --knobs SPREAD_V_PREFETCH=true` is the test.
 # Tiles of 128 tokens: best for those loops in three sweeps (85.9 against 82.9 GB/s for 64 in the last).
 # AMX_TILES: whether bfloat16 pools take the AMX tile products of `_amx_tiles` (head_dim a multiple of
 # 32 up to 256, at most 8 query heads per kv head) before the hand-built loops: True where the CPU has
@@ -43,6 +47,7 @@ MIN_CHUNK = 256
 TILE_TOKENS = 128
 DYNAMIC_SCHEDULE = True
 PREFETCH_NEXT_TILE = 2
+SPREAD_V_PREFETCH = False
 BF16_TILES: bool | None = None
 AMX_TILES: bool | None = False
 _threads: int | None = None
@@ -199,7 +204,7 @@ def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale
     previous = numba.set_parallel_chunksize(1 if DYNAMIC_SCHEDULE else 0)
     try:
         attend_units(qa, rows, fp16, table, idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs, TILE_TOKENS,
-                     PREFETCH_NEXT_TILE, inner, float(scale), out_np, lse_np)
+                     PREFETCH_NEXT_TILE, bool(SPREAD_V_PREFETCH), inner, float(scale), out_np, lse_np)
     finally:
         numba.set_parallel_chunksize(previous)
     if isinstance(q, torch.Tensor):

@@ -81,15 +81,17 @@ def test_ranges_match_reference(dtype, D, G, chunk):
 
 
 def test_prefetching_the_next_tile_changes_nothing(monkeypatch):
-    """The prefetch is only a hint: the results are the same bits with it off, at odd tiles."""
+    """The prefetch is only a hint: the results are the same bits with it off or spread over the value
+    passes (head_dim 96: a pass of two loads and one of one), at odd tiles."""
     from hetero.cpu_kernels import attention
 
     rng = np.random.default_rng(11)
     q, pool, table = _case(rng, "bfloat16", 96, 4, bs=24)
     ranges = torch.from_numpy(_random_ranges(rng, 2, 2, 3, table.numel() * 24 - 5))
     results = []
-    for prefetch in (1, 2, 0):
+    for prefetch, spread in ((1, False), (2, False), (0, False), (2, True), (1, True)):
         monkeypatch.setattr(attention, "PREFETCH_NEXT_TILE", prefetch)
+        monkeypatch.setattr(attention, "SPREAD_V_PREFETCH", spread)
         monkeypatch.setattr(attention, "TILE_TOKENS", 20)
         results.append(host_decode_attention(q, pool, table, ranges, 0.1, chunk=45))
     for other in results[1:]:
