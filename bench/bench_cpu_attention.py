@@ -14,7 +14,6 @@ Prints a table and writes JSON (--out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from json_out import write_json
 from hetero.bench_cli import knobs_set
 from hetero.cpu_kernels import attention as knobs
 from hetero.cpu_kernels import host_decode_attention, host_decode_attention_indexed, warmup
@@ -79,6 +79,13 @@ def _probe_sum(x):
     return s
 
 
+@njit(cache=True, inline="always")
+def _k_row(block_table, pos, bs, bh, v_rows):
+    """The pool row (of [rows, D]) of head bh's K at logical position pos; its V row is v_rows on."""
+    blk = pos // bs
+    return block_table[blk] * 2 * v_rows + bh * bs + pos - blk * bs
+
+
 @njit(parallel=True, cache=True)
 def _pattern_sum(rows, block_table, n_heads, bs, tokens, chunk, distance, level):
     """Read K and V rows of every (head, token) as the kernel does (block table, per-head chunks)
@@ -94,9 +101,7 @@ def _pattern_sum(rows, block_table, n_heads, bs, tokens, chunk, distance, level)
         s = np.uint16(0)
         for pos in range(first, last):
             if distance > 0 and pos + distance < last:
-                later = pos + distance
-                blk = later // bs
-                r = block_table[blk] * 2 * v_rows + bh * bs + later - blk * bs
+                r = _k_row(block_table, pos + distance, bs, bh, v_rows)
                 for d in range(0, rows.shape[1], 32):
                     if level == 1:
                         prefetch_l1(rows, r, d)
@@ -104,8 +109,7 @@ def _pattern_sum(rows, block_table, n_heads, bs, tokens, chunk, distance, level)
                     else:
                         prefetch_l2(rows, r, d)
                         prefetch_l2(rows, r + v_rows, d)
-            blk = pos // bs
-            r = block_table[blk] * 2 * v_rows + bh * bs + pos - blk * bs
+            r = _k_row(block_table, pos, bs, bh, v_rows)
             k, v = rows[r], rows[r + v_rows]
             for d in range(k.size):
                 s += k[d] + v[d]
@@ -391,12 +395,11 @@ def main():
     for k in sweep:
         print(f"knobs tile={k['tile']:<3} units/thread={k['units_per_thread']:<3} dynamic={k['dynamic']!s:<5} "
               f"prefetch={k['prefetch']!s:<5} bf16_tiles={k['bf16_tiles']!s:<5} {k['gbps']:6.1f} GB/s {k['gbps'] / best:5.0%} of ceiling")
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "compile_s": compile_s, "ceiling_gbps": ceiling, "ceiling_best_gbps": best, "rows": rows, "sweep": sweep, "call_overhead_us": overhead,
-                   "pool_huge_page_share": on_huge_pages,
-                   "numba_threading_layer": numba.threading_layer(),
-                   "numba_cpu_features": numba.core.config.CPU_FEATURES, "vdpbf16ps": cpu_has_dpbf16(), "amx": amx_ready(),
-                   "torch": torch.__version__}, f, indent=1)
+    write_json(args.out, {"args": vars(args), "compile_s": compile_s, "ceiling_gbps": ceiling, "ceiling_best_gbps": best,
+                          "rows": rows, "sweep": sweep, "call_overhead_us": overhead,
+                          "pool_huge_page_share": on_huge_pages, "numba_threading_layer": numba.threading_layer(),
+                          "numba_cpu_features": numba.core.config.CPU_FEATURES, "vdpbf16ps": cpu_has_dpbf16(),
+                          "amx": amx_ready(), "torch": torch.__version__})
 
 
 if __name__ == "__main__":
