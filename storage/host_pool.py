@@ -114,26 +114,38 @@ def _page_aligned_bytes(nbytes: int, huge_pages: bool) -> torch.Tensor:
     return torch.frombuffer(window, dtype=torch.uint8)
 
 
+def mapping_fields(tensor: torch.Tensor, field: str, smaps: str = "/proc/self/smaps") -> list[str] | None:
+    """The values of `field` (e.g. "AnonHugePages", "THPeligible") of each mapping in `smaps` that a
+    CPU tensor's storage lies in, in address order; None where the file cannot be read (not Linux)."""
+    storage = tensor.untyped_storage()
+    first = storage.data_ptr()
+    last = first + storage.nbytes()
+    values, inside = [], False
+    try:
+        with open(smaps) as f:
+            for line in f:
+                words = line.split()
+                if not words:
+                    continue
+                if "-" in words[0] and not words[0].endswith(":"):  # a mapping's header: start-end perms ...
+                    start, end = (int(x, 16) for x in words[0].split("-"))
+                    inside = start < last and end > first
+                elif inside and words[0] == field + ":":
+                    values.append(" ".join(words[1:]))
+    except OSError:
+        return None
+    return values
+
+
 def huge_page_share(tensor: torch.Tensor, smaps: str = "/proc/self/smaps") -> float | None:
     """The share of a CPU tensor's storage that Linux backs with transparent huge pages: the
     AnonHugePages of the mappings its bytes lie in, over its size (madvise asks; Linux grants only
     while it finds free 2 MiB runs). None where the file cannot be read (not Linux)."""
-    storage = tensor.untyped_storage()
-    first = storage.data_ptr()
-    last = first + storage.nbytes()
-    huge, inside = 0, False
-    try:
-        with open(smaps) as f:
-            for line in f:
-                head = line.split(maxsplit=1)[0] if line.strip() else ""
-                if "-" in head and not head.endswith(":"):
-                    start, end = (int(x, 16) for x in head.split("-"))
-                    inside = start < last and end > first
-                elif inside and head == "AnonHugePages:":
-                    huge += int(line.split()[1]) * 1024
-    except OSError:
+    sizes = mapping_fields(tensor, "AnonHugePages", smaps)
+    if sizes is None:
         return None
-    return min(1.0, huge / max(1, last - first))
+    huge = sum(int(size.split()[0]) * 1024 for size in sizes)
+    return min(1.0, huge / max(1, tensor.untyped_storage().nbytes()))
 
 
 def _release(raw: torch.Tensor, registered_ptr: int | None) -> None:

@@ -113,17 +113,11 @@ def _thp_mode():
 
 
 def _thp_eligible(tensor):
-    """THPeligible of the mapping holding the tensor's first byte (/proc/self/smaps), or None."""
-    at, inside = tensor.data_ptr(), False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(maxsplit=1)[0]
-            if "-" in head and not head.endswith(":"):
-                start, end = (int(x, 16) for x in head.split("-"))
-                inside = start <= at < end
-            elif inside and head == "THPeligible:":
-                return line.split()[1] == "1"
-    return None
+    """THPeligible of the mapping the tensor lies in (/proc/self/smaps), or None where not reported."""
+    from hetero.storage.host_pool import mapping_fields
+
+    values = mapping_fields(tensor, "THPeligible")
+    return values[0] == "1" if values else None
 
 
 @pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="Linux with transparent huge pages")
