@@ -405,7 +405,7 @@ def test_the_cpu_ceiling_reads_every_way_at_any_size():
     assert all(0 < gbps < 1e4 for gbps in ceiling.values())
 
 
-def test_kernel_rounds_sets_each_variant_beside_the_default_kernel_of_its_round(tmp_path):
+def test_kernel_rounds_sets_each_variant_beside_the_default_kernel_of_its_round(tmp_path, capsys):
     import kernel_rounds
     from hetero.cpu_kernels import attention
 
@@ -422,3 +422,4 @@ def test_kernel_rounds_sets_each_variant_beside_the_default_kernel_of_its_round(
     assert (attention.UNITS_PER_THREAD, attention.TILE_TOKENS) == defaults  # the knobs were put back
     with pytest.raises(SystemExit):
         kernel_rounds.main(["--knobs", "NO_SUCH_KNOB=1"])
+    assert "cpu_kernels.attention has no knob NO_SUCH_KNOB" in capsys.readouterr().err
