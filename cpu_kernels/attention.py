@@ -36,8 +36,9 @@ from ._kernel import (AMX_TILES as _AMX, BF16_LOOPS, BLOCK_WITHOUT_SLOT, LOOPS, 
 # value sums (each pass the lines of its elements) instead of all in the first, which took about an
 # eighth of a tile's time on one core (bench/vector_parts.py: value sums 7.9 ns a key of a ~30 ns
 # tile, in two passes at head_dim 128). A guess at why the kernel reads at 82-86% of its own reads
-# without math (bench/kernel_rounds.py); not yet measured: `kernel_rounds.py --knobs
-# SPREAD_V_PREFETCH=true` is the test.
+# without math (bench/kernel_rounds.py). Off: against the default in the same rounds it ran at 1.02x
+# (batch 1, rounds 0.82-1.12x) and 1.09x (batch 4), and split's decode steps were no shorter with it
+# (bench/results/split/kernel_rounds_knobs_b*_2026-12-02b.json, steps_knobs_2026-12-02b.json).
 # Tiles of 128 tokens: best for those loops in three sweeps (85.9 against 82.9 GB/s for 64 in the last).
 # AMX_TILES: whether bfloat16 pools take the AMX tile products of `_amx_tiles` (head_dim a multiple of
 # 32 up to 256, at most 8 query heads per kv head) before the hand-built loops: True where the CPU has

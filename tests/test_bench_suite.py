@@ -405,6 +405,21 @@ def test_the_cpu_ceiling_reads_every_way_at_any_size():
     assert all(0 < gbps < 1e4 for gbps in ceiling.values())
 
 
+def test_probe_repeat_records_each_probe_and_the_one_after_a_pause(tmp_path):
+    import probe_repeat
+
+    out = tmp_path / "probe.json"
+    from hetero import cpu_kernels
+
+    try:
+        assert probe_repeat.main(["--repeats", "2", "--pause-s", "0", "--scan-mib", "1", "--out", str(out)]) == 0
+    finally:
+        cpu_kernels.set_threads(None)  # as split sets them at load: every later test's default again
+    record = json.loads(out.read_text())
+    assert len(record["back_to_back_gbs"]) == 2 and all(g > 0 for g in record["back_to_back_gbs"])
+    assert record["after_pause_gbs"] > 0 and record["scan_bytes"] == 1 << 20
+
+
 def test_kernel_rounds_sets_each_variant_beside_the_default_kernel_of_its_round(tmp_path, capsys):
     import kernel_rounds
     from hetero.cpu_kernels import attention
