@@ -98,16 +98,22 @@ def parse_key_values(items, source: str, example: str) -> dict:
     return settings
 
 
+def knob_target(path: str):
+    """(module, attribute name) of a tuning knob "package.module.NAME"; a clear error where it has none."""
+    module_name, _, name = path.rpartition(".")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, name):
+        raise ValueError(f"knob {path}: {module_name} has no attribute {name}")
+    return module, name
+
+
 @contextlib.contextmanager
 def knobs_set(knobs: dict):
     """Set module attributes ("package.module.NAME": value) for the block, then restore them."""
     saved = []
     try:
         for path, value in knobs.items():
-            module_name, _, name = path.rpartition(".")
-            module = importlib.import_module(module_name)
-            if not hasattr(module, name):
-                raise ValueError(f"knob {path}: {module_name} has no attribute {name}")
+            module, name = knob_target(path)
             saved.append((module, name, getattr(module, name)))
             setattr(module, name, value)
         yield

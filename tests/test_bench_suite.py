@@ -420,6 +420,24 @@ def test_probe_repeat_records_each_probe_and_the_one_after_a_pause(tmp_path):
     assert record["after_pause_gbs"] > 0 and record["scan_bytes"] == 1 << 20
 
 
+def test_split_ab_takes_turns_between_settings_and_puts_the_knobs_back(tmp_path):
+    import split_ab
+    from hetero.cpu_kernels import attention
+
+    out = tmp_path / "ab.json"
+    knob, default = "hetero.cpu_kernels.attention.UNITS_PER_THREAD", attention.UNITS_PER_THREAD
+    assert split_ab.main(["--tiny", "--steps", "8", "--settle", "2", "--b", f"{knob}=4", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["settings"] == {"A": {knob: default}, "B": {knob: 4}}
+    steps = {name: [row["step"] for row in rows] for name, rows in record["steps"].items()}
+    assert steps["A"] == [2, 4, 6] and steps["B"] == [3, 5], "each step the next setting, from the settled one on"
+    assert all(row["cpu_bytes"] > 0 and row["cpu_s"] > 0 for rows in record["steps"].values() for row in rows)
+    assert record["summary"]["B"]["steps"] == 2 and record["summary"]["B"]["cpu_gbs"] > 0
+    assert attention.UNITS_PER_THREAD == default  # put back
+    with pytest.raises(SystemExit):
+        split_ab.main(["--tiny", "--b", "hetero.cpu_kernels.attention.NO_SUCH_KNOB=1"])
+
+
 def test_kernel_rounds_sets_each_variant_beside_the_default_kernel_of_its_round(tmp_path, capsys):
     import kernel_rounds
     from hetero.cpu_kernels import attention

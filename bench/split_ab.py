@@ -1,0 +1,151 @@
+"""Settings of the `split` mode's CPU side, taking turns decode step by decode step within one
+generation: which one gets through its KV faster inside the pipeline, beside the fetches?
+
+Runs on one host and one prompt compare settings that separate runs cannot: the GPU machine's host
+changes from call to call, and within a call its memory speed drifts by a fifth, more than most
+knobs move the kernel. After `--settle` decode steps (and the "auto" share's tuning, which this
+script then holds), each step runs the next setting in turn (A, B, C, ...), and the pipeline times that step's host
+jobs (CPU attention, KV bytes per second of their own time) and its copies. A setting is a set of
+module attributes ("package.module.NAME=VALUE", e.g. `hetero.cpu_kernels.attention.UNITS_PER_THREAD=4`,
+or `hetero.cpu_kernels.attention._threads=14` for the threads); A is the defaults unless given;
+each `--b` adds one more. A
+flip takes effect at a step's first layer, whose host job may already be under way: one layer in
+a step's 32 runs the other setting.
+
+    python3 bench/split_ab.py --context 131072 --gpu-kv-bytes 4GiB --steps 40 \\
+        --b hetero.cpu_kernels.attention.SPREAD_V_PREFETCH=true --b hetero.cpu_kernels.attention._threads=14 --out ab.json
+    python3 bench/split_ab.py --tiny --steps 8 --settle 2 --b hetero.cpu_kernels.attention.UNITS_PER_THREAD=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import hetero
+from hetero.bench_cli import knob_target, knobs_set, parse_key_values, parse_overrides
+
+sys.path.insert(0, os.path.dirname(__file__))
+from json_out import write_json  # noqa: E402
+from step_times import TINY  # noqa: E402
+from suite.measure import TokenClock  # noqa: E402
+from suite.model import build_random_model, llama_8b_config, random_prompt, tiny_llama_config  # noqa: E402
+
+
+class Alternator:
+    """At each decode step's first layer (the cache's `progress` call): once settled, takes the
+    pipeline's timings of the step before for the setting it ran, then puts the other in place."""
+
+    def __init__(self, prompt: int, settle: int, settings: dict[str, dict]):
+        self.prompt, self.settle, self.settings = prompt, settle, settings
+        self.names = list(settings)
+        self.cache = None
+        self.current: str | None = None  # the setting the step under way runs
+        self.last_stamp: float | None = None
+        self.steps: dict[str, list[dict]] = {name: [] for name in self.names}
+
+    def __call__(self, tokens: int) -> None:
+        now = time.perf_counter()
+        step = tokens - self.prompt  # 1: the first decode step's first layer
+        if step < 1:
+            return
+        if self.current is not None:
+            times = self.cache.pipeline.take_work_times()
+            self.steps[self.current].append({
+                "step": step - 1, "ms": 1e3 * (now - self.last_stamp),
+                "cpu_bytes": times.host_bytes, "cpu_s": times.host_seconds, "cpu_idle_s": times.host_idle_seconds,
+                "copy_bytes": times.copy_bytes, "copy_s": times.copy_seconds})
+            self._put(self.names[(self.names.index(self.current) + 1) % len(self.names)])
+        elif step >= self.settle and (self.cache.split_tuner is None or self.cache.split_tuner.done):
+            self.cache.split_tuner = None  # the share holds; the windows are this script's from here
+            self.cache.pipeline.time_work()
+            self._put(self.names[0])
+        self.last_stamp = now
+
+    def _put(self, name: str) -> None:
+        for path, value in self.settings[name].items():
+            setattr(*knob_target(path), value)
+        self.current = name
+
+    def summary(self) -> dict:
+        def rate(rows, nbytes, seconds):
+            rates = [r[nbytes] / r[seconds] for r in rows if r[seconds] > 0]
+            return statistics.median(rates) / 1e9 if rates else None
+
+        return {name: {"steps": len(rows),
+                       "median_step_ms": statistics.median(r["ms"] for r in rows) if rows else None,
+                       "cpu_gbs": rate(rows, "cpu_bytes", "cpu_s"), "copy_gbs": rate(rows, "copy_bytes", "copy_s"),
+                       "median_cpu_idle_ms": 1e3 * statistics.median(r["cpu_idle_s"] for r in rows) if rows else None}
+                for name, rows in self.steps.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--context", type=int, default=131072)
+    p.add_argument("--gpu-kv-bytes", default="4GiB")
+    p.add_argument("--steps", type=int, default=40, help="decode steps in all, the settling ones included")
+    p.add_argument("--settle", type=int, default=8, help="decode steps before the alternation starts")
+    p.add_argument("--a", default="", metavar="KNOB=VALUE,...", help="setting A (default: the knobs' defaults)")
+    p.add_argument("--b", action="append", required=True, metavar="KNOB=VALUE,...",
+                   help="setting B; again for C, D, ... (each one more in the turns)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an offload config key, e.g. split_ratio=0.5")
+    p.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU: a check of the script")
+    p.add_argument("--out", default="split_ab.json")
+    args = p.parse_args(argv)
+    texts = {"A": args.a, **{chr(ord("B") + i): text for i, text in enumerate(args.b)}}
+    given = {name: parse_key_values(filter(None, text.split(",")), f"setting {name} ({text!r})",
+                                    "hetero.cpu_kernels.attention.UNITS_PER_THREAD=4") for name, text in texts.items()}
+    if not all(given[name] for name in given if name != "A"):
+        p.error("--b: give at least one KNOB=VALUE")
+    keys = sorted(set().union(*given.values()))
+    try:
+        for path in keys:
+            knob_target(path)
+    except (ValueError, ImportError) as error:
+        p.error(str(error))
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    model = build_random_model(tiny_llama_config() if args.tiny else llama_8b_config(), device)
+    context = 256 if args.tiny else args.context
+    ids = random_prompt(model.config.vocab_size, 1, context, device)
+    config = {**(TINY if args.tiny else {}), "mode": "split",
+              "gpu_kv_bytes": "256KiB" if args.tiny else args.gpu_kv_bytes, **parse_overrides(args.set)}
+    hetero.prepare(model, config)
+    defaults = {path: getattr(*knob_target(path)) for path in keys}  # after prepare: it sets the threads
+    settings = {name: {**defaults, **knobs} for name, knobs in given.items()}
+    alternator = Alternator(context, args.settle, settings)
+    made = model.hetero.new_cache
+
+    def new_cache(max_tokens):
+        alternator.cache = made(max_tokens)
+        return alternator.cache
+
+    model.hetero.new_cache, model.hetero.progress = new_cache, alternator
+    with knobs_set(defaults), torch.no_grad():  # every knob back as it was, whatever ran last
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.steps, min_new_tokens=args.steps,
+                       do_sample=False, streamer=TokenClock(device=ids.device))
+    model.hetero.progress = None
+    summary = alternator.summary()
+    print(f"{context} tokens x 1 on {device}, split, GPU share {alternator.cache.gpu_share:.2f}, steps alternated after {args.settle}")
+    for name in settings:
+        s = summary[name]
+        knobs = ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in settings[name].items())
+        print(f"  {name} ({knobs}): {s['steps']} steps, median {_fmt(s['median_step_ms'])} ms, CPU parts "
+              f"{_fmt(s['cpu_gbs'])} GB/s, copies {_fmt(s['copy_gbs'])} GB/s, CPU idle {_fmt(s['median_cpu_idle_ms'])} ms a step")
+    write_json(args.out, {"context": context, "device": str(device), "config": config, "settle": args.settle,
+                          "gpu_share": alternator.cache.gpu_share, "settings": settings, "summary": summary,
+                          "steps": alternator.steps, "stats": model.hetero.last_stats.summary()})
+    return 0
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
