@@ -51,8 +51,8 @@ def refine_share(start: float, windows: Sequence[WorkTimes]) -> float:
     """The share the measured windows point to, within [0, 1]: the median of each window's balance
     (`measured_share`; a window that does not tell is left out), `start` while none told. The first
     window that tells sets the share: `start` comes from probing each side alone at load, which put
-    it at 0.42, 0.76 and 0.87 in three runs on the GPU machine whose windows settled at 0.46, 0.56
-    and 0.55 (bench/results/split/steps*_2026-12-02b.json); moving halfway from it cost a step more.
+    it at 0.76 and 0.87 in two runs on the GPU machine whose windows settled at 0.56 and 0.55
+    (bench/results/split/steps_{knobs,tuner}_2026-12-02b.json); moving halfway from it cost a step more.
     Later windows outvote an odd one, which a mean of few would follow."""
     votes = [s for s in map(measured_share, windows) if s is not None]
     return min(1.0, max(0.0, statistics.median(votes) if votes else start))
