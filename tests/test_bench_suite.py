@@ -407,10 +407,9 @@ def test_the_cpu_ceiling_reads_every_way_at_any_size():
 
 def test_probe_repeat_records_each_probe_and_the_one_after_a_pause(tmp_path):
     import probe_repeat
-
-    out = tmp_path / "probe.json"
     from hetero import cpu_kernels
 
+    out = tmp_path / "probe.json"
     try:
         assert probe_repeat.main(["--repeats", "2", "--pause-s", "0", "--scan-mib", "1", "--out", str(out)]) == 0
     finally:
