@@ -4,13 +4,13 @@ generation: which one gets through its KV faster inside the pipeline, beside the
 Runs on one host and one prompt compare settings that separate runs cannot: the GPU machine's host
 changes from call to call, and within a call its memory speed drifts by a fifth, more than most
 knobs move the kernel. After `--settle` decode steps (and the "auto" share's tuning, which this
-script then holds), each step runs the next setting in turn (A, B, C, ...), and the pipeline times that step's host
-jobs (CPU attention, KV bytes per second of their own time) and its copies. A setting is a set of
-module attributes ("package.module.NAME=VALUE", e.g. `hetero.cpu_kernels.attention.UNITS_PER_THREAD=4`,
-or `hetero.cpu_kernels.attention._threads=14` for the threads); A is the defaults unless given;
-each `--b` adds one more. A
-flip takes effect at a step's first layer, whose host job may already be under way: one layer in
-a step's 32 runs the other setting.
+script then holds), each step runs the next setting in turn (A, B, C, ...), and the pipeline times
+that step's host jobs (CPU attention, KV bytes per second of their own time) and its copies. A
+setting is a set of module attributes ("package.module.NAME=VALUE": e.g.
+`hetero.cpu_kernels.attention.UNITS_PER_THREAD=4`, `hetero.cpu_kernels.attention._threads=14` for
+the threads, `hetero.pipeline.HOST_JOB_SWITCH_INTERVAL_S=0.0001` for the GIL's hand-over); A is the
+defaults unless given, each `--b` adds one more. A flip takes effect at a step's first layer, whose
+host job may already be under way: one layer in a step's 32 runs the other setting.
 
     python3 bench/split_ab.py --context 131072 --gpu-kv-bytes 4GiB --steps 40 \\
         --b hetero.cpu_kernels.attention.SPREAD_V_PREFETCH=true --b hetero.cpu_kernels.attention._threads=14 --out ab.json

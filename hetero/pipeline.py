@@ -12,6 +12,7 @@ operation runs at once, in order, so the same callers work unchanged and are tes
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -22,6 +23,20 @@ import numpy as np
 import torch
 
 from .gpu_kernels.host_flag import copy_when_raised
+
+
+# CPython hands the GIL from a thread running Python to one waiting for it when the first blocks or
+# after the switch interval (5 ms by default). The host worker needs it around each CPU kernel (which
+# releases it): to start the job, to take the result and to post it, while the host thread runs the
+# model's Python. In an emulation (bench/gil_handoff.py, 2-core dev machine,
+# bench/results/split/gil_handoff_dev_*.json) a ~0.6-0.8 ms job that met the other thread's bursts of
+# Python took 11.9 ms at 5 ms and 1.8-2.5 ms at 0.05-0.2 ms with 20 ms bursts (which took 18-25%
+# longer), 5.9 against 1.3-2.1 ms with 3 ms bursts (14-26% longer); with 0.4 ms bursts the interval
+# did not matter. Which of these split's host thread resembles is not measured: None keeps the
+# interpreter's own interval; a number is set while a pipeline has a host worker (read at each job,
+# so that bench/split_ab.py can change it between steps, None included), and the interval found is
+# put back at `close`.
+HOST_JOB_SWITCH_INTERVAL_S: float | None = None
 
 
 @dataclass
@@ -213,6 +228,7 @@ class Pipeline:
         self._posting: deque[HostJob] = deque()  # jobs posting to a mailbox, checked for errors in order
         self._gave_up: torch.Tensor | None = None  # pinned int32 the GPU sets if a wait for a mailbox timed out
         self._landed: torch.Tensor | None = None  # pinned int64: the number of the last `to_host` fence landed
+        self._switch_interval_found: float | None = None  # the interpreter's, before HOST_JOB_SWITCH_INTERVAL_S
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.offload_stream = torch.cuda.Stream(self.device)
@@ -308,6 +324,7 @@ class Pipeline:
         `host_result` does not block the calling thread."""
         if not hasattr(self, "_worker"):
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetero-host")
+        self._set_switch_interval()
 
         fences = ready if isinstance(ready, (list, tuple)) else [ready]
         host_times = None if self._clock is None else self._clock.host  # never the clock: it holds CUDA events
@@ -408,10 +425,26 @@ class Pipeline:
         return box
 
     def close(self) -> None:
-        for name in ("_worker", "_spiller"):
-            if hasattr(self, name):
-                getattr(self, name).shutdown(wait=True)
+        try:
+            for name in ("_worker", "_spiller"):
+                if hasattr(self, name):
+                    getattr(self, name).shutdown(wait=True)
+        finally:
+            if self._switch_interval_found is not None:
+                sys.setswitchinterval(self._switch_interval_found)
+                self._switch_interval_found = None
         self.check_host_jobs()
+
+    def _set_switch_interval(self) -> None:
+        """The interpreter's switch interval while host jobs run: HOST_JOB_SWITCH_INTERVAL_S (see there)."""
+        wanted = HOST_JOB_SWITCH_INTERVAL_S
+        if wanted is None:
+            wanted = self._switch_interval_found  # the interpreter's own again, where this pipeline changed it
+        if wanted is None or round(sys.getswitchinterval() * 1e6) == round(wanted * 1e6):  # kept in microseconds
+            return
+        if self._switch_interval_found is None:
+            self._switch_interval_found = sys.getswitchinterval()
+        sys.setswitchinterval(wanted)
 
     def wait(self, fence: Fence | None) -> None:
         """Make the compute stream wait for `fence`."""

@@ -419,6 +419,24 @@ def test_probe_repeat_records_each_probe_and_the_one_after_a_pause(tmp_path):
     assert record["after_pause_gbs"] > 0 and record["scan_bytes"] == 1 << 20
 
 
+def test_gil_handoff_times_jobs_at_each_interval_and_puts_the_interval_back(tmp_path):
+    import sys
+
+    import gil_handoff
+    from hetero import cpu_kernels
+
+    out, found = tmp_path / "gil.json", sys.getswitchinterval()
+    try:
+        assert gil_handoff.main(["--intervals-ms", "5", "0.1", "--burst-ms", "2", "--sleep-ms", "1", "--jobs", "12",
+                                 "--blocks", "1", "--out", str(out)]) == 0
+    finally:
+        cpu_kernels.set_threads(None)
+    record = json.loads(out.read_text())
+    assert set(record["intervals"]) == {"5.0", "0.1"} and record["alone_ms"] > 0
+    assert all(row["burst_ms"] > 0 for row in record["intervals"].values())
+    assert sys.getswitchinterval() == found
+
+
 def test_split_ab_takes_turns_between_settings_and_puts_the_knobs_back(tmp_path):
     import split_ab
     from hetero.cpu_kernels import attention

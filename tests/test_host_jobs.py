@@ -228,3 +228,27 @@ def test_a_wait_that_gave_up_is_reported_with_what_the_mailboxes_hold():
     pipeline._gave_up = torch.tensor([5], dtype=torch.int32)  # as the GPU leaves it: 1 + the flag it read
     with pytest.raises(RuntimeError, match="gave up.*flag raised to / jobs posted: none; the wait that gave up last read 4"):
         pipeline.check_host_jobs()
+
+
+def test_a_pipeline_with_a_host_worker_sets_the_switch_interval_and_puts_it_back(monkeypatch):
+    import sys
+
+    from hetero import pipeline as pipeline_module
+
+    found = sys.getswitchinterval()
+    pipeline = Pipeline("cpu")
+    pipeline.host_result(pipeline.run_on_host(pipeline.fence_here(), lambda: (torch.ones(1),)))
+    assert sys.getswitchinterval() == found, "None (the default) leaves the interpreter's interval alone"
+    monkeypatch.setattr(pipeline_module, "HOST_JOB_SWITCH_INTERVAL_S", 2e-4)
+    seen = pipeline.host_result(pipeline.run_on_host(pipeline.fence_here(), lambda: (torch.tensor([sys.getswitchinterval()]),)))
+    assert float(seen[0][0]) == pytest.approx(2e-4), "the job runs with the knob's interval"
+    monkeypatch.setattr(pipeline_module, "HOST_JOB_SWITCH_INTERVAL_S", 5e-5)  # changed between jobs: followed
+    pipeline.host_result(pipeline.run_on_host(pipeline.fence_here(), lambda: (torch.ones(1),)))
+    assert sys.getswitchinterval() == pytest.approx(5e-5)
+    monkeypatch.setattr(pipeline_module, "HOST_JOB_SWITCH_INTERVAL_S", None)  # back to None: the interpreter's own
+    pipeline.host_result(pipeline.run_on_host(pipeline.fence_here(), lambda: (torch.ones(1),)))
+    assert sys.getswitchinterval() == found
+    monkeypatch.setattr(pipeline_module, "HOST_JOB_SWITCH_INTERVAL_S", 2e-4)
+    pipeline.host_result(pipeline.run_on_host(pipeline.fence_here(), lambda: (torch.ones(1),)))
+    pipeline.close()
+    assert sys.getswitchinterval() == found, "the interval found comes back at close"
