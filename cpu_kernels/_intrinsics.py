@@ -1,4 +1,5 @@
-"""LLVM-level helpers for the Numba kernels: 16-bit float widening, bit casts, 2**k and prefetch hints.
+"""LLVM-level helpers for the Numba kernels: 16-bit float widening, bit casts, 2**k, prefetch hints,
+and an atomic load and a pause for spin-waits.
 
 Numba has no bfloat16 or float16 type, so 16-bit pools reach the kernels as uint16 bit
 patterns. The conversions emit the LLVM operation directly (a 16-bit shift for bfloat16,
@@ -7,6 +8,8 @@ loops around them.
 """
 
 from __future__ import annotations
+
+import platform
 
 from llvmlite import ir
 from numba import types
@@ -152,3 +155,33 @@ def _prefetch_intrinsic(locality, doc):
 # span several.
 prefetch_l1 = _prefetch_intrinsic(3, "Bring the cache line of arr[row, col] (a 2-D array) into every cache level.")
 prefetch_l2 = _prefetch_intrinsic(2, "Bring the cache line of arr[row, col] (a 2-D array) into L2 and L3, not L1.")
+
+
+@intrinsic
+def load_acquire(typingctx, arr, index):
+    """arr[index] of a C-contiguous 1-D int64 array, read as an atomic load with acquire ordering:
+    a loop reads memory again each time (what another thread or a device wrote shows), and nothing
+    after it in this thread is read before it."""
+    check_c_array("load_acquire", arr, 1, types.int64)
+    if not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data, _ = c_array(context, builder, signature.args[0], args[0])
+        pointer = builder.gep(data, [context.cast(builder, args[1], signature.args[1], types.intp)])
+        return builder.load_atomic(pointer, "acquire", 8)
+
+    return types.int64(arr, index), codegen
+
+
+@intrinsic
+def spin_pause(typingctx):
+    """x86's `pause`, which eases a spin-wait loop on the core and its sibling; nothing elsewhere."""
+
+    def codegen(context, builder, signature, args):
+        if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+            pause = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
+            builder.call(pause, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen

@@ -129,13 +129,14 @@ def _ready_cpu_kernels(config: OffloadConfig, dtype: torch.dtype) -> None:
     """
     import numba
 
-    from . import cpu_kernels
+    from . import cpu_kernels, host_wait
 
     cores = numba.config.NUMBA_NUM_THREADS
     threads = max(1, cores - 1) if config.cpu_threads == "auto" else min(int(config.cpu_threads), cores)
     cpu_kernels.set_threads(threads)
     kv_dtype = dtype if config.kv_dtype == "auto" else getattr(torch, config.kv_dtype)
     cpu_kernels.warmup((kv_dtype,))
+    host_wait.warmup()  # the host worker's wait for each layer's query, where the pipeline uses it
 
 
 def _ready_gpu_kernels(config: OffloadConfig, model: PreTrainedModel) -> None:

@@ -37,6 +37,11 @@ from .gpu_kernels.host_flag import copy_when_raised
 # so that bench/split_ab.py can change it between steps, None included), and the interval found is
 # put back at `close`.
 HOST_JOB_SWITCH_INTERVAL_S: float | None = None
+# How a host thread waits for a numbered fence (a layer's query landing): 0 polls the counter in
+# Python (holding the GIL) a thousand times, then sleeps 20 us between polls; a number first polls
+# it that many times without the GIL (hetero.host_wait, ~27 ns a poll on the dev machine), which
+# sees the landing within a poll and leaves the GIL to the host thread. Not measured in split yet.
+HOST_WAIT_SPINS = 0
 
 
 @dataclass
@@ -138,6 +143,11 @@ class Fence:
     def synchronize(self) -> None:
         """Block the calling thread until the transfer has landed."""
         if self.landed is not None:
+            if HOST_WAIT_SPINS:
+                from .host_wait import wait_at_least  # compiled at load where host jobs run (api._ready_cpu_kernels)
+
+                if wait_at_least(self.landed, self.number, HOST_WAIT_SPINS):
+                    return
             polls = 0
             while int(self.landed[0]) < self.number:
                 polls += 1

@@ -138,7 +138,11 @@ def test_the_host_thread_goes_on_while_the_gpu_waits_for_the_job():
 
 
 @pytest.mark.gpu
-def test_a_host_thread_waits_for_copies_to_the_host_without_a_cuda_call(monkeypatch):
+@pytest.mark.parametrize("spins", [0, 40_000])  # polls in Python, or first without the GIL (HOST_WAIT_SPINS)
+def test_a_host_thread_waits_for_copies_to_the_host_without_a_cuda_call(monkeypatch, spins):
+    from hetero import pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "HOST_WAIT_SPINS", spins)
     monkeypatch.setattr(Pipeline, "_NUMBERS", 3)  # the numbers wrap around twice
     pipeline = Pipeline("cuda")
     for i in range(7):
@@ -252,3 +256,35 @@ def test_a_pipeline_with_a_host_worker_sets_the_switch_interval_and_puts_it_back
     pipeline.host_result(pipeline.run_on_host(pipeline.fence_here(), lambda: (torch.ones(1),)))
     pipeline.close()
     assert sys.getswitchinterval() == found, "the interval found comes back at close"
+
+
+def test_the_wait_without_the_gil_sees_a_counter_another_python_thread_raises():
+    import numpy as np
+
+    from hetero.host_wait import wait_at_least
+
+    counter = np.zeros(1, np.int64)
+    assert not wait_at_least(counter, 1, 1000)  # never raised: gives up after its polls
+    raiser = threading.Thread(target=lambda: (time.sleep(0.02), counter.__setitem__(0, 7)))  # Python: needs the GIL
+    raiser.start()
+    assert wait_at_least(counter, 7, 10**10), "a held GIL, or a read hoisted out of the loop, would never see it"
+    raiser.join()
+    assert wait_at_least(counter, 3, 1)  # already past
+    with pytest.raises(Exception, match="int64"):
+        wait_at_least(np.zeros(1, np.int32), 1, 1)
+
+
+@pytest.mark.parametrize("spins", [0, 100, 10**9])
+def test_a_numbered_fence_waits_for_its_number_whichever_way_it_polls(monkeypatch, spins):
+    import numpy as np
+
+    from hetero import pipeline as pipeline_module
+    from hetero.pipeline import Fence
+
+    monkeypatch.setattr(pipeline_module, "HOST_WAIT_SPINS", spins)
+    landed = np.zeros(1, np.int64)
+    raiser = threading.Thread(target=lambda: (time.sleep(0.02), landed.__setitem__(0, 4)))
+    raiser.start()
+    Fence(None, landed, 4).synchronize()  # 100 polls run out long before: the sleeping polls take over
+    assert int(landed[0]) == 4
+    raiser.join()

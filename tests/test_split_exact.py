@@ -53,3 +53,22 @@ def test_a_steps_last_layer_plans_the_next_steps_first_layers_into_the_whole_rin
     assert len(planned_at_step_end) == 5  # six new tokens: the prefill's, then five decode steps
     for plans, buffers in planned_at_step_end:
         assert plans == (list(range(min(3, buffers))) if look_past_step_end else [0])
+
+
+def test_split_is_exact_with_the_waits_without_the_gil_and_a_short_switch_interval(model_dir, monkeypatch):
+    """The host worker's wait for each query without the GIL (HOST_WAIT_SPINS; numbered fences exist
+    on CUDA only) and a short switch interval while it works change when things run, not what."""
+    import sys
+
+    from hetero import pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "HOST_WAIT_SPINS", 40_000)
+    monkeypatch.setattr(pipeline_module, "HOST_JOB_SWITCH_INTERVAL_S", 1e-4)
+    found = sys.getswitchinterval()
+    ids, mask = left_padded([211, 97, 150], seed=5)
+    expected = _reference(model_dir, ids, mask, 10)
+    config = {**SMALL, "gpu_kv_bytes": "384KiB", "mode": "split", "split_ratio": 0.5}
+    got, model = _hetero(model_dir, ids, mask, 10, config)
+    assert torch.equal(got, expected)
+    assert model.hetero.last_stats.bytes_read_by_cpu > 0
+    assert sys.getswitchinterval() == found, "put back when the generation's pipeline closed"
