@@ -1,5 +1,5 @@
 """LLVM-level helpers for the Numba kernels: 16-bit float widening, bit casts, 2**k, prefetch hints,
-and an atomic load and a pause for spin-waits.
+and atomic loads, stores and a pause for the flags and spin-waits host threads share.
 
 Numba has no bfloat16 or float16 type, so 16-bit pools reach the kernels as uint16 bit
 patterns. The conversions emit the LLVM operation directly (a 16-bit shift for bfloat16,
@@ -185,3 +185,21 @@ def spin_pause(typingctx):
         return context.get_dummy_value()
 
     return types.none(), codegen
+
+
+@intrinsic
+def store_release(typingctx, arr, index, value):
+    """arr[index] = value for a C-contiguous 1-D int32 array, as an atomic store with release
+    ordering: whoever sees it (another thread, or a device reading over PCIe) also sees every store
+    this thread made, or saw, before it."""
+    check_c_array("store_release", arr, 1, types.int32)
+    if not (isinstance(index, types.Integer) and isinstance(value, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data, _ = c_array(context, builder, signature.args[0], args[0])
+        pointer = builder.gep(data, [context.cast(builder, args[1], signature.args[1], types.intp)])
+        builder.store_atomic(context.cast(builder, args[2], signature.args[2], types.int32), pointer, "release", 4)
+        return context.get_dummy_value()
+
+    return types.none(arr, index, value), codegen

@@ -26,7 +26,7 @@ from numba import njit, prange
 from ._amx_tiles import (SCORE_GROUPS, VALUE_CHUNKS, add_values, amx_index, interleave_values, query_tiles, score_rows,
                          weight_rows)
 from ._bf16_tiles import HEADS, accumulate_step, query_parts, score_step, split_index
-from ._intrinsics import exponent_to_f32, prefetch_l1, prefetch_l2, to_f32
+from ._intrinsics import exponent_to_f32, prefetch_l1, prefetch_l2, store_release, to_f32
 
 # The inner loops a call runs: Numba's own, the hand-built vector loops of `_bf16_tiles`, or the AMX
 # tile products of `_amx_tiles` (the last two for bfloat16 pools; the caller checks they apply).
@@ -275,7 +275,7 @@ def _fill_rows(rows, pos, last, tile, block_table, token_idx, indexed, b, h, bh,
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs,
-                 tile, prefetch_next, prefetch_spread, inner, scale, out, lse):
+                 tile, prefetch_next, prefetch_spread, inner, scale, out, lse, done, done_number):
     """Decode attention of q [B, Hq, D] over the tokens that `pieces` name; writes out and lse.
 
     pool [rows, D]: the pool's rows (uint16 bits when 16-bit, `fp16` telling which kind, else
@@ -289,7 +289,9 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
     BF16_LOOPS (`_bf16_tiles`; the caller checks that they apply: bfloat16 pool, D a multiple of 32,
     G a multiple of 4; the partial accumulators are then in split order) or AMX_TILES (`_amx_tiles`;
     bfloat16 pool, D a multiple of 32 up to 256, G at most 8; accumulators in `amx_index` order).
-    Releases the GIL, so that the caller's other threads (GPU launches) run meanwhile.
+    Releases the GIL, so that the caller's other threads (GPU launches) run meanwhile. `done`: an
+    int32 array of one element (or none) set to `done_number` once out and lse are written, with
+    release ordering: a reader that polls it (the GPU) may read them then, before this returns.
     """
     B, Hq, D = q.shape
     G = Hq // Hkv
@@ -396,6 +398,8 @@ def attend_units(q, pool, fp16, block_table, token_idx, indexed, pieces, unit_be
             for d in range(D):
                 row[d] *= inv
             lse[b, h * G + g] = top + np.log(total)
+    if done.shape[0]:
+        store_release(done, 0, done_number)
 
 
 @njit(cache=True, _nrt=False)

@@ -74,7 +74,8 @@ def amx_ready() -> bool:
     return _amx_granted
 
 
-def host_decode_attention(q, pool, block_table, ranges, scale, threads=None, *, chunk=None, out=None, lse=None):
+def host_decode_attention(q, pool, block_table, ranges, scale, threads=None, *, chunk=None, out=None, lse=None,
+                          done=None):
     """Attention of q over token ranges of the blocks of a host pool, in one pass over K and V.
 
     Args:
@@ -88,6 +89,9 @@ def host_decode_attention(q, pool, block_table, ranges, scale, threads=None, *, 
         threads: cores to use for this call (default: `set_threads`, else all).
         chunk: tokens per parallel unit of work (default: UNITS_PER_THREAD units per thread).
         out, lse: optional float32 [B, Hq, D] and [B, Hq] to write into.
+        done: optional (flag, number): the kernel sets flag (int32, one element) to number once out
+            and lse are written, before it returns and without the GIL (a GPU polling the flag may
+            read them then).
     Returns:
         (out float32 [B, Hq, D], lse float32 [B, Hq]); a head with no token gets out 0, lse -inf.
         torch tensors when q is a torch tensor, numpy arrays otherwise.
@@ -101,7 +105,8 @@ def host_decode_attention(q, pool, block_table, ranges, scale, threads=None, *, 
         raise ValueError(f"ranges: positions must lie in [0, {table.shape[0] * bs}) (block_table covers that)")
     if status == BLOCK_WITHOUT_SLOT:
         raise _slots_error(n_slots)
-    return _run(q, qa, rows, fp16, table, _NO_INDEX, False, rng, n_tokens, Hkv, bs, scale, threads, chunk, out, lse)
+    return _run(q, qa, rows, fp16, table, _NO_INDEX, False, rng, n_tokens, Hkv, bs, scale, threads, chunk, out, lse,
+                done)
 
 
 def host_decode_attention_indexed(q, pool, block_table, token_idx, token_count, scale, threads=None, *, chunk=None, out=None, lse=None):
@@ -138,6 +143,7 @@ def warmup(dtypes=("bfloat16", "float16", "float32")) -> None:
 
 
 _NO_INDEX = np.zeros((1, 1, 1), np.int32)
+_NO_FLAG = np.zeros(0, np.int32)
 _TORCH_POOL_KINDS = {  # pool dtype -> (what the kernel reads it as, is float16)
     torch.bfloat16: (np.uint16, False),
     torch.float16: (np.uint16, True),
@@ -192,7 +198,7 @@ def _slots_error(n_slots):
     return ValueError(f"block_table: slots must lie in [0, {n_slots})")
 
 
-def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale, threads, chunk, out, lse):
+def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale, threads, chunk, out, lse, done=None):
     n_threads = threads or _threads or numba.config.NUMBA_NUM_THREADS
     numba.set_num_threads(n_threads)
     B, Hq, D = qa.shape
@@ -204,10 +210,11 @@ def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale
     out_np = _output(out, (B, Hq, D), "out")
     lse_np = _output(lse, (B, Hq), "lse")
     inner = _inner_loops(rows, fp16, D, Hq // Hkv)
+    flag, number = (_NO_FLAG, 0) if done is None else (_flag(done[0]), int(done[1]))
     previous = numba.set_parallel_chunksize(1 if DYNAMIC_SCHEDULE else 0)
     try:
         attend_units(qa, rows, fp16, table, idx, indexed, pieces, unit_begin, head_begin, n_parts, Hkv, bs, TILE_TOKENS,
-                     PREFETCH_NEXT_TILE, bool(SPREAD_V_PREFETCH), inner, float(scale), out_np, lse_np)
+                     PREFETCH_NEXT_TILE, bool(SPREAD_V_PREFETCH), inner, float(scale), out_np, lse_np, flag, number)
     finally:
         numba.set_parallel_chunksize(previous)
     if isinstance(q, torch.Tensor):
@@ -226,6 +233,13 @@ def _inner_loops(rows, fp16, D, G):
     if bf16 and G % HEADS == 0 and BF16_TILES is not False:  # None: wherever they apply
         return BF16_LOOPS
     return LOOPS
+
+
+def _flag(given):
+    arr = given.numpy() if isinstance(given, torch.Tensor) else given
+    if not (isinstance(arr, np.ndarray) and arr.shape == (1,) and arr.dtype == np.int32):
+        raise ValueError("done: expected (flag, number), the flag an int32 array of one element")
+    return arr
 
 
 def _output(given, shape, name):

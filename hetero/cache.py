@@ -38,6 +38,10 @@ from .residency import LayerPlan, LayerResidency, ResidencyPolicy
 # Whether a decode step's last layer plans the next step's first layers into the whole ring
 # (`_planned_at_step_end`): a knob for bench/step_times.py's A/B.
 LOOK_PAST_STEP_END = True
+# Whether a split CPU part's kernel writes its result into the mailbox and raises the flag itself,
+# so that the GPU goes on as soon as the kernel ends, before the host worker has the GIL back to
+# return (`Pipeline.run_on_host`'s `posts`). Not measured yet: bench/split_ab.py is the test.
+CPU_PART_POSTS_ITSELF = False
 
 
 class CacheCapacityError(RuntimeError):
@@ -418,6 +422,7 @@ class HeteroCache(Cache):
         return self.pipeline.run_on_host(
             ready, attend_host_blocks, q_host, self._home.slab, table, first, end, scale, valid_host,
             work_bytes=(end - first) * self.layout.block_bytes, returns=self._returns_on_gpu(query),
+            posts=CPU_PART_POSTS_ITSELF,
         )
 
     def _returns_on_gpu(self, query: torch.Tensor) -> tuple | None:

@@ -21,12 +21,15 @@ def attend_host_blocks(
     end_block: int,
     scale: float,
     valid_from: torch.Tensor | None,
+    into=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of host `query` [B, Hq, Lq, D] over logical blocks [first_block, end_block) of a layer.
 
     `slab` is the host pool [n_slots, 2, B, Hkv, bs, D]; `block_table` (int32, one entry per logical
     block of the layer) gives each block's slot. `valid_from` [B] is each row's first non-padding
-    position. Returns float32 (out [B, Hq, Lq, D], lse [B, Hq, Lq]) on the host.
+    position. Returns float32 (out [B, Hq, Lq, D], lse [B, Hq, Lq]) on the host. `into` (decode
+    only): ((out, lse) tensors of those shapes, flag, number) to write the result into, the kernel
+    then setting flag[0] to number itself, without the GIL (see `Pipeline.run_on_host`'s `posts`).
     """
     B, Hq, Lq, D = query.shape
     bs, kv_heads = slab.shape[4], slab.shape[3]
@@ -37,8 +40,15 @@ def attend_host_blocks(
         ranges[..., 1] = hi
         if valid_from is not None:
             ranges[..., 0] = np.maximum(lo, valid_from.numpy().astype(np.int32))[:, None, None]
+        if into is not None:
+            (out, lse), flag, number = into
+            host_decode_attention(query[:, :, 0].float(), slab, block_table, ranges, scale, out=out[:, :, 0],
+                                  lse=lse[:, :, 0], done=(flag, number))
+            return out, lse
         out, lse = host_decode_attention(query[:, :, 0].float(), slab, block_table, ranges, scale)
         return out[:, :, None], lse[:, :, None]
+    if into is not None:
+        raise ValueError(f"into: only a decode query (one position) writes into given tensors, got {Lq}")
     slots = torch.from_numpy(block_table[first_block:end_block].astype(np.int64))
     kv = slab[slots]
     n, _, b, h, _, d = kv.shape

@@ -327,11 +327,13 @@ class Pipeline:
         event.record(torch.cuda.current_stream(self.device))
         return Fence(event)
 
-    def run_on_host(self, ready: Fence, fn, *args, work_bytes: int = 0, returns=None) -> HostJob:
+    def run_on_host(self, ready: Fence, fn, *args, work_bytes: int = 0, returns=None, posts: bool = False) -> HostJob:
         """Run `fn(*args)` on the host worker once `ready` (a fence or several) has landed; returns the
         job. `work_bytes`: the KV it reads, for `take_work_times`. `returns`: the (shape, dtype) of each
         tensor `fn` returns, when known: on CUDA they then come back through a pinned mailbox, and
-        `host_result` does not block the calling thread."""
+        `host_result` does not block the calling thread. `posts`: `fn` takes the mailbox as
+        `into=(slots, flag, number)`, writes its tensors into the slots and raises the flag to the
+        number itself (a kernel can, without the GIL), instead of returning them to be copied there."""
         if not hasattr(self, "_worker"):
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetero-host")
         self._set_switch_interval()
@@ -355,10 +357,11 @@ class Pipeline:
                 for fence in waits:
                     fence.synchronize()
                 started = time.perf_counter()
-                result = fn(*call_args)
+                posting = posts and mailbox is not None
+                result = fn(*call_args, into=(mailbox.slots, mailbox.flag, number)) if posting else fn(*call_args)
                 if host_times is not None:
                     host_times.add(work_bytes, queued, started, time.perf_counter())
-                if mailbox is not None:
+                if mailbox is not None and not posting:
                     for slot, t in zip(mailbox.slots, result, strict=True):
                         slot.copy_(t)
                 return result
@@ -366,7 +369,8 @@ class Pipeline:
                 inputs.clear()  # this frame's own references end with it, before the future is done
                 if mailbox is not None:
                     # Raised even when `fn` failed, so that the GPU never waits forever; the error
-                    # surfaces from `host_result` or `check_host_jobs`.
+                    # surfaces from `host_result` or `check_host_jobs`. (Where `fn` posted, again:
+                    # the same number, and the worker's next job starts only after this.)
                     mailbox.flag[0] = number
 
         future = self._worker.submit(job)

@@ -117,6 +117,51 @@ def test_a_job_with_known_returns_gives_its_tensors_and_its_errors():
     pipeline.close()
 
 
+def test_a_job_that_posts_itself_writes_the_mailbox_and_raises_its_flag():
+    """`posts`: on CUDA `fn` gets the mailbox (`into`) and fills it; elsewhere it returns as usual."""
+    pipeline = Pipeline("cuda" if CUDA else "cpu")
+    a, b = torch.randn(2, 3, 1, 5), torch.randn(2, 3, 1)
+    returns = ((a.shape, torch.float32), (b.shape, torch.float32))
+    calls = []
+
+    def part(into=None):
+        calls.append(into is not None)
+        if into is None:
+            return a, b
+        (slot_a, slot_b), flag, number = into
+        slot_a.copy_(a)
+        slot_b.copy_(b)
+        flag[0] = number  # what the kernel does without the GIL, after writing its output
+        return slot_a, slot_b
+
+    for _ in range(3):
+        job = pipeline.run_on_host(pipeline.fence_here(), part, returns=returns, posts=True)
+        for got, want in zip(pipeline.host_result(job), (a, b), strict=True):
+            torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+    assert calls == [CUDA] * 3
+    pipeline.close()
+
+
+def test_host_attention_writes_into_given_tensors_and_raises_the_flag_when_told():
+    import numpy as np
+
+    from hetero.host_attention import attend_host_blocks
+
+    slab = torch.randn(5, 2, 2, 2, 16, 64).to(torch.bfloat16)
+    table = np.array([3, 0, 4, 1], np.int32)
+    query = torch.randn(2, 8, 1, 64)
+    want = attend_host_blocks(query, slab, table, 1, 4, 0.125, torch.tensor([0, 20]))
+    out, lse, flag = torch.full((2, 8, 1, 64), 9.0), torch.full((2, 8, 1), 9.0), torch.zeros(1, dtype=torch.int32)
+    got = attend_host_blocks(query, slab, table, 1, 4, 0.125, torch.tensor([0, 20]), into=((out, lse), flag, 6))
+    assert got[0] is out and got[1] is lse and int(flag[0]) == 6
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="only a decode query"):
+        attend_host_blocks(torch.randn(2, 8, 3, 64), slab, table, 1, 4, 0.125, None, into=((out, lse), flag, 7))
+    with pytest.raises(ValueError, match="int32 array of one element"):
+        attend_host_blocks(query, slab, table, 1, 4, 0.125, None, into=((out, lse), torch.zeros(2, dtype=torch.int32), 7))
+
+
 @pytest.mark.gpu
 def test_the_host_thread_goes_on_while_the_gpu_waits_for_the_job():
     pipeline = Pipeline("cuda")

@@ -55,15 +55,18 @@ def test_a_steps_last_layer_plans_the_next_steps_first_layers_into_the_whole_rin
         assert plans == (list(range(min(3, buffers))) if look_past_step_end else [0])
 
 
-def test_split_is_exact_with_the_waits_without_the_gil_and_a_short_switch_interval(model_dir, monkeypatch):
+def test_split_is_exact_with_the_gil_knobs_on(model_dir, monkeypatch):
     """The host worker's wait for each query without the GIL (HOST_WAIT_SPINS; numbered fences exist
-    on CUDA only) and a short switch interval while it works change when things run, not what."""
+    on CUDA only), a short switch interval while it works, and CPU parts that post their results
+    themselves (mailboxes, CUDA only) change when things run, not what."""
     import sys
 
+    from hetero import cache as cache_module
     from hetero import pipeline as pipeline_module
 
     monkeypatch.setattr(pipeline_module, "HOST_WAIT_SPINS", 40_000)
     monkeypatch.setattr(pipeline_module, "HOST_JOB_SWITCH_INTERVAL_S", 1e-4)
+    monkeypatch.setattr(cache_module, "CPU_PART_POSTS_ITSELF", True)  # mailboxes exist on CUDA only
     found = sys.getswitchinterval()
     ids, mask = left_padded([211, 97, 150], seed=5)
     expected = _reference(model_dir, ids, mask, 10)
