@@ -6,8 +6,9 @@ SDPA in bfloat16 on the same tokens; each round's ratios compare reads made seco
 machine's host, memory speed moved by a fifth within one run and by a half between calls, so a
 ceiling measured once at a run's start is a poor divisor. Reports each round and the median ratios.
 Variants join each round, each reported as its ratio to the default's figure of that round (the
-kernel's; for the reads on 4 KiB pages, the default pool's reads): `--small-pages` (the kernel and its reads over a copy of the pool on 4 KiB pages) and
-`--knobs NAME=VALUE,...` (knobs of `cpu_kernels.attention`, once per option).
+kernel's; for the reads on 4 KiB pages, the default pool's reads): `--small-pages` (the kernel and
+its reads over a copy of the pool on 4 KiB pages) and `--knobs NAME=VALUE,...` (knobs of
+`cpu_kernels.attention`, once per option).
 
     python3 bench/kernel_rounds.py --batches 1 4 --rounds 5 --out kernel_rounds.json
     python3 bench/kernel_rounds.py --small-pages --knobs UNITS_PER_THREAD=4 --knobs PREFETCH_NEXT_TILE=1

@@ -37,11 +37,11 @@ class HostPool(SlabTier):
         pin: pin the slab (page-locked, registered with CUDA); None: pin when CUDA is available.
         huge_pages: advise transparent huge pages for the slab, as NumPy does for large arrays (the
             CPU attention's streaming-read ceiling ran on them all along); Linux grants them while it
-            finds free 2 MiB runs (`huge_page_share` tells). What they change for the CPU attention
-            on the GPU machine is not measured yet: the slab used to be a shared mapping, which
-            Linux backs with huge pages only where `shmem_enabled` allows ("never" by default; the
-            GPU machine's was not read), so the runs meant to compare them likely compared 4 KiB
-            pages with 4 KiB pages.
+            finds free 2 MiB runs (`huge_page_share` tells). The slab used to be a shared mapping,
+            which Linux backs with huge pages only where `shmem_enabled` allows ("never" on the GPU
+            machine, bench/results/split/host_thp_2026-12-02b.txt), so it never had them. Private
+            now, it sat wholly on huge pages there, and the kernel on a 4 KiB-page copy ran at 0.95x
+            (0.77-1.01x) of it (bench/results/split/kernel_rounds_knobs_b1_2026-12-02b.json).
         slot_align: each slot's stride in bytes is a multiple of this (4096: O_DIRECT straight into a
             slot). When a block's bytes are not a multiple of it, slots are padded and `slab` is a
             strided view (each block contiguous); pass 1 for a packed, C-contiguous slab.
