@@ -146,6 +146,22 @@ def test_the_bar_compares_split_and_speculative_with_the_offloaded_cache():
     assert found[("split decode vs transformers offloaded", "many-sequences")]["result"] == "not measured"
 
 
+def test_splits_bound_sums_pcie_and_the_cpu_as_measured_at_once_and_the_bar_keeps_the_issues_prediction():
+    from suite.traffic import step_bound
+
+    step = {"bytes": dict.fromkeys(PATHS, 0) | {"pcie_h2d": 6e9, "cpu_read": 8e9, "hbm_read": 1e9}}
+    alone = {"pcie_h2d_gbs": 50.0, "cpu_stream_gbs": 90.0, "hbm_gbs": 4000.0}
+    bound = step_bound(step, alone)
+    assert bound["limited_by"] == "pcie+cpu" and bound["seconds"] == pytest.approx(14e9 / 140e9)
+    at_once = alone | {"pcie_h2d_beside_cpu_gbs": 45.0, "cpu_stream_beside_pcie_gbs": 55.0}
+    bound = step_bound(step, at_once)
+    assert bound["limited_by"] == "pcie+cpu at once" and bound["seconds"] == pytest.approx(14e9 / 100e9)
+    assert bound["terms_s"]["pcie+cpu"] == pytest.approx(0.1)
+    row = _row("hetero-split", 8.0, bytes=step["bytes"], ratio_to_bound=0.8, ratio_to_split_prediction=0.6)
+    found = {c["check"]: c for c in report.checks({"small-card": {"rows": [row]}}) if c["workload"] == "small-card"}
+    assert found["split decode / its (PCIe + CPU) bound"]["value"] == 0.6
+
+
 def test_the_workloads_are_the_issues():
     config = llama_8b_config()
     assert kv_bytes(config, 1, 131072) == 16 * GiB

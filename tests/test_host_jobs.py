@@ -285,9 +285,10 @@ def test_a_pipeline_with_a_host_worker_sets_the_switch_interval_and_puts_it_back
     from hetero import pipeline as pipeline_module
 
     found = sys.getswitchinterval()
+    monkeypatch.setattr(pipeline_module, "HOST_JOB_SWITCH_INTERVAL_S", None)
     pipeline = Pipeline("cpu")
     pipeline.host_result(pipeline.run_on_host(pipeline.fence_here(), lambda: (torch.ones(1),)))
-    assert sys.getswitchinterval() == found, "None (the default) leaves the interpreter's interval alone"
+    assert sys.getswitchinterval() == found, "None leaves the interpreter's interval alone"
     monkeypatch.setattr(pipeline_module, "HOST_JOB_SWITCH_INTERVAL_S", 2e-4)
     seen = pipeline.host_result(pipeline.run_on_host(pipeline.fence_here(), lambda: (torch.tensor([sys.getswitchinterval()]),)))
     assert float(seen[0][0]) == pytest.approx(2e-4), "the job runs with the knob's interval"

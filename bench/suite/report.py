@@ -46,6 +46,14 @@ def _ratio(a: dict | None, b: dict | None, key: str, invert: bool = False) -> fl
     return b[key] / a[key] if invert else a[key] / b[key]
 
 
+def _to_prediction(split: dict) -> float | None:
+    """Split's decode over the issue's prediction KV / (PCIe + CPU), from the ceilings probed alone:
+    rows without it (written before the suite measured the two at once, or where the CPU read no KV)
+    hold it as their ratio to the bound."""
+    predicted = split.get("ratio_to_split_prediction")
+    return predicted if predicted is not None else split.get("ratio_to_bound")
+
+
 def checks(results: dict[str, dict]) -> list[dict]:
     """The issue's bar: split >= 1.8x transformers' offloaded cache and >= 80% of its (PCIe + CPU)
     bound; speculative >= 10x offloaded on the small card; hetero within 5% of transformers' default
@@ -58,7 +66,7 @@ def checks(results: dict[str, dict]) -> list[dict]:
                             _ratio(split, _ok(r, OFFLOADED), "decode_tok_s"), 1.8, "split or offloaded did not run"))
         moved = split is not None and (split["bytes_per_step"]["pcie_h2d"] + split["bytes_per_step"]["cpu_read"]) > 0
         found.append(_check("split decode / its (PCIe + CPU) bound", name,
-                            split.get("ratio_to_bound") if moved else None, 0.8,
+                            _to_prediction(split) if moved else None, 0.8,
                             "split did not run, moved no KV, or ran without a GPU"))
     r = results.get("small-card")
     found.append(_check("speculative decode vs transformers offloaded (x)", "small-card",
@@ -129,7 +137,8 @@ def workload_table(result: dict) -> list[str]:
     lines += ["", "Bytes per step: hetero's are measured by its cache's counters; transformers' are estimated from "
               "the KV size (the offloaded cache copies every layer's KV to the GPU and back each step). The bound "
               "is the slowest pipe: (weights + KV) / HBM, PCIe bytes / PCIe (or PCIe and CPU bytes / their sum when "
-              "the CPU attends), SSD bytes / disk.", ""]
+              "the CPU attends, measured at once where the run measured them: the copies read host memory too), "
+              "SSD bytes / disk.", ""]
     return lines
 
 

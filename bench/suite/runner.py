@@ -126,9 +126,13 @@ def run_system(system, model, original_generate, ids, workload, ceilings, device
     row["ceilings_gbs"] = {k: v for k, v in ceilings.items() if k.endswith("_gbs")}
     row["bound_tok_s"] = batch / bound["seconds"] if bound else None
     row["ratio_to_bound"] = row["decode_tok_s"] / row["bound_tok_s"] if bound else None
+    predicted = bound["terms_s"].get("pcie+cpu") if bound else None  # the KV / (PCIe + CPU)
+    row["ratio_to_split_prediction"] = row["decode_tok_s"] * predicted / batch if predicted else None
     print(f"  {system}: prefill {row['prefill_s']:.2f} s, first token {row['ttft_s']:.2f} s, decode "
           f"{row['decode_tok_s']:.2f} tok/s" + (f" ({row['ratio_to_bound']:.0%} of its {bound['limited_by']} bound "
-                                                 f"{row['bound_tok_s']:.2f})" if bound else ""), flush=True)
+                                                 f"{row['bound_tok_s']:.2f})" if bound else "")
+          + (f", {row['ratio_to_split_prediction']:.0%} of KV / (PCIe + CPU) probed alone, {batch / predicted:.2f}"
+             if predicted and bound["limited_by"] != "pcie+cpu" else ""), flush=True)
     stats = row.get("hetero_stats") or {}
     if stats.get("split_cpu_bytes_per_s"):  # inside the pipeline, beside the ceilings probed alone
         print(f"  {system}: measured in decode: PCIe {stats['split_pcie_bytes_per_s'] / 1e9:.1f} GB/s, CPU attention "

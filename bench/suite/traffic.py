@@ -31,7 +31,10 @@ def step_bound(step_bytes: dict, ceilings: dict) -> dict | None:
     """The lower bound of a step: each pipe runs beside the others, so the slowest one bounds it.
 
     PCIe and the CPU's memory bandwidth count as one pipe of their summed width when the CPU reads
-    part of the KV (split's bound: KV / (PCIe + CPU)). None without a GPU's ceilings."""
+    part of the KV: "pcie+cpu", the issue's prediction KV / (PCIe + CPU), from each ceiling probed
+    alone. The copies read host memory too, so the two pipes narrow each other: "pcie+cpu at once"
+    sums the two as measured running together (PCIe beside every core's reads, and those reads beside
+    the copies), where the run measured them. None without a GPU's ceilings."""
     b = step_bytes["bytes"]
     pcie, cpu, hbm, disk = (ceilings.get(k) for k in ("pcie_h2d_gbs", "cpu_stream_gbs", "hbm_gbs", "disk_read_gbs"))
     if pcie is None or hbm is None:
@@ -39,6 +42,9 @@ def step_bound(step_bytes: dict, ceilings: dict) -> dict | None:
     terms = {"hbm": b["hbm_read"] / (hbm * 1e9)}
     if b["cpu_read"] and cpu:
         terms["pcie+cpu"] = (b["pcie_h2d"] + b["cpu_read"]) / ((pcie + cpu) * 1e9)
+        pcie_at_once, cpu_at_once = ceilings.get("pcie_h2d_beside_cpu_gbs"), ceilings.get("cpu_stream_beside_pcie_gbs")
+        if pcie_at_once and cpu_at_once:
+            terms["pcie+cpu at once"] = (b["pcie_h2d"] + b["cpu_read"]) / ((pcie_at_once + cpu_at_once) * 1e9)
     elif b["pcie_h2d"]:
         terms["pcie"] = b["pcie_h2d"] / (pcie * 1e9)
     if b["ssd_read"] and disk:
