@@ -82,8 +82,9 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def parse_key_values(items, source: str, example: str) -> dict:
-    """KEY=VALUE items as a mapping, values read as JSON where they parse (numbers, booleans);
-    `source` and `example` name the option in the error."""
+    """KEY=VALUE items as a mapping, values read as JSON where they parse (numbers, booleans, null)
+    and "None" as None, as the knobs' own Python spells it; `source` and `example` name the option
+    in the error."""
     import json
 
     settings = {}
@@ -91,6 +92,9 @@ def parse_key_values(items, source: str, example: str) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"{source}: got {item!r}, expected KEY=VALUE, e.g. {example}")
+        if value == "None":
+            settings[key] = None
+            continue
         try:
             settings[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -338,6 +338,13 @@ def test_bench_set_names_a_bad_key_before_anything_runs():
         parse_overrides(["cpu_part_wait"])
 
 
+def test_knob_values_read_none_as_python_spells_it():
+    from hetero.bench_cli import parse_key_values
+
+    assert parse_key_values(["a.B=None", "a.C=null", "a.D=1e-4", "a.E=true", "a.F=word"], "--b", "a.B=1") == {
+        "a.B": None, "a.C": None, "a.D": 1e-4, "a.E": True, "a.F": "word"}
+
+
 def test_a_variant_or_knob_without_a_value_is_named_in_the_error():
     import split_timeline
     import step_times
