@@ -32,11 +32,12 @@ from .gpu_kernels.host_flag import copy_when_raised
 # bench/results/split/gil_handoff_dev_*.json) a ~0.6-0.8 ms job that met the other thread's bursts of
 # Python took 11.9 ms at 5 ms and 1.8-2.5 ms at 0.05-0.2 ms with 20 ms bursts (which took 18-25%
 # longer), 5.9 against 1.3-2.1 ms with 3 ms bursts (14-26% longer); with 0.4 ms bursts the interval
-# did not matter. In split at 128K on the GPU machine, 0.1 ms against 5 ms took the CPU parts from
-# 74.0 +- 1.5 to 77.3 +- 1.2 GB/s, steps alternating within one run (bench/split_ab.py,
-# bench/results/split/ab_gil_knobs_2026-12-02c.json); the fetches set those steps' pace. A number is
-# set while a pipeline has a host worker (read at each job, so that split_ab can change it between
-# steps), and the interval found is put back at `close`; None keeps the interpreter's own.
+# did not matter. In split at 128K on the GPU machine, steps alternating within one run
+# (bench/split_ab.py), 0.1 ms against 5 ms took the CPU parts from 74.0 +- 1.5 to 77.3 +- 1.2 GB/s on
+# one host, where the fetches set the steps' pace, and changed neither them nor the steps beyond the
+# noise on three others (bench/results/split/ab_*_2026-12-02c.json). A number is set while a pipeline
+# has a host worker (read at each job, so that split_ab can change it between steps), and the
+# interval found is put back at `close`; None keeps the interpreter's own.
 HOST_JOB_SWITCH_INTERVAL_S: float | None = 1e-4
 # How a host thread waits for a numbered fence (a layer's query landing): 0 polls the counter in
 # Python (holding the GIL) a thousand times, then sleeps 20 us between polls; a number first polls
