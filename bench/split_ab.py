@@ -5,7 +5,8 @@ Runs on one host and one prompt compare settings that separate runs cannot: the 
 changes from call to call, and within a call its memory speed drifts by a fifth, more than most
 knobs move the kernel. After `--settle` decode steps (and the "auto" share's tuning, which this
 script then holds), each step runs the next setting in turn (A, B, C, ...), and the pipeline times
-that step's host jobs (CPU attention, KV bytes per second of their own time) and its copies. A
+that step's host jobs (CPU attention, KV bytes per second of their own time) and its copies; the
+step's record adds the share of CPU time the hypervisor stole from the guest (bench/proc_stat.py). A
 setting is a set of module attributes ("package.module.NAME=VALUE": e.g.
 `hetero.cpu_kernels.attention.UNITS_PER_THREAD=4`, `hetero.cpu_kernels.attention._threads=14` for
 the threads, `hetero.pipeline.HOST_JOB_SWITCH_INTERVAL_S=0.0001` for the GIL's hand-over); A is the
@@ -32,6 +33,7 @@ from hetero.bench_cli import knob_target, knobs_set, parse_key_values, parse_ove
 
 sys.path.insert(0, os.path.dirname(__file__))
 from json_out import write_json  # noqa: E402
+from proc_stat import cpu_jiffies, steal_share  # noqa: E402
 from step_times import TINY  # noqa: E402
 from suite.measure import TokenClock  # noqa: E402
 from suite.model import build_random_model, llama_8b_config, random_prompt, tiny_llama_config  # noqa: E402
@@ -47,10 +49,11 @@ class Alternator:
         self.cache = None
         self.current: str | None = None  # the setting the step under way runs
         self.last_stamp: float | None = None
+        self.last_ticks = None  # proc_stat.cpu_jiffies at the last stamp
         self.steps: dict[str, list[dict]] = {name: [] for name in self.names}
 
     def __call__(self, tokens: int) -> None:
-        now = time.perf_counter()
+        now, ticks = time.perf_counter(), cpu_jiffies()
         step = tokens - self.prompt  # 1: the first decode step's first layer
         if step < 1:
             return
@@ -59,13 +62,14 @@ class Alternator:
             self.steps[self.current].append({
                 "step": step - 1, "ms": 1e3 * (now - self.last_stamp),
                 "cpu_bytes": times.host_bytes, "cpu_s": times.host_seconds, "cpu_idle_s": times.host_idle_seconds,
-                "copy_bytes": times.copy_bytes, "copy_s": times.copy_seconds})
+                "copy_bytes": times.copy_bytes, "copy_s": times.copy_seconds,
+                "steal": steal_share(self.last_ticks, ticks)})
             self._put(self.names[(self.names.index(self.current) + 1) % len(self.names)])
         elif step >= self.settle and (self.cache.split_tuner is None or self.cache.split_tuner.done):
             self.cache.split_tuner = None  # the share holds; the windows are this script's from here
             self.cache.pipeline.time_work()
             self._put(self.names[0])
-        self.last_stamp = now
+        self.last_stamp, self.last_ticks = now, ticks
 
     def _put(self, name: str) -> None:
         for path, value in self.settings[name].items():
@@ -80,7 +84,8 @@ class Alternator:
         return {name: {"steps": len(rows),
                        "median_step_ms": statistics.median(r["ms"] for r in rows) if rows else None,
                        "cpu_gbs": rate(rows, "cpu_bytes", "cpu_s"), "copy_gbs": rate(rows, "copy_bytes", "copy_s"),
-                       "median_cpu_idle_ms": 1e3 * statistics.median(r["cpu_idle_s"] for r in rows) if rows else None}
+                       "median_cpu_idle_ms": 1e3 * statistics.median(r["cpu_idle_s"] for r in rows) if rows else None,
+                       "mean_steal": _mean(r["steal"] for r in rows)}
                 for name, rows in self.steps.items()}
 
 
@@ -136,11 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         s = summary[name]
         knobs = ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in settings[name].items())
         print(f"  {name} ({knobs}): {s['steps']} steps, median {_fmt(s['median_step_ms'])} ms, CPU parts "
-              f"{_fmt(s['cpu_gbs'])} GB/s, copies {_fmt(s['copy_gbs'])} GB/s, CPU idle {_fmt(s['median_cpu_idle_ms'])} ms a step")
+              f"{_fmt(s['cpu_gbs'])} GB/s, copies {_fmt(s['copy_gbs'])} GB/s, CPU idle {_fmt(s['median_cpu_idle_ms'])} ms a step, "
+              f"CPU time stolen {'-' if s['mean_steal'] is None else format(s['mean_steal'], '.1%')}")
     write_json(args.out, {"context": context, "device": str(device), "config": config, "settle": args.settle,
                           "gpu_share": alternator.cache.gpu_share, "settings": settings, "summary": summary,
                           "steps": alternator.steps, "stats": model.hetero.last_stats.summary()})
     return 0
+
+
+def _mean(values) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
 
 
 def _fmt(x) -> str:

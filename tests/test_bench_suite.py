@@ -442,6 +442,20 @@ def test_probe_repeat_records_each_probe_and_the_one_after_a_pause(tmp_path):
     assert record["after_pause_gbs"] > 0 and record["scan_bytes"] == 1 << 20
 
 
+def test_host_noise_samples_reads_and_the_stolen_time_by_second(tmp_path):
+    import host_noise
+    from proc_stat import steal_share
+
+    assert steal_share((5, 100), (8, 160)) == pytest.approx(0.05)
+    assert steal_share(None, (8, 160)) is None and steal_share((5, 100), (5, 100)) is None
+    out = tmp_path / "noise.json"
+    assert host_noise.main(["--seconds", "1.2", "--gib", "0.0625", "--window-mib", "4", "--threads", "1",
+                            "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["summary"]["reads"] == len(record["reads"]) > 1 and all(r["gbs"] > 0 for r in record["reads"])
+    assert record["window_bytes"] == 4 << 20 and len(record["steal_by_second"]) >= 1
+
+
 def test_gil_handoff_times_jobs_at_each_interval_and_puts_the_interval_back(tmp_path):
     import sys
 
@@ -473,6 +487,7 @@ def test_split_ab_takes_turns_between_settings_and_puts_the_knobs_back(tmp_path)
     assert steps["A"] == [2, 4, 6] and steps["B"] == [3, 5], "each step the next setting, from the settled one on"
     assert all(row["cpu_bytes"] > 0 and row["cpu_s"] > 0 for rows in record["steps"].values() for row in rows)
     assert record["summary"]["B"]["steps"] == 2 and record["summary"]["B"]["cpu_gbs"] > 0
+    assert all("steal" in row for rows in record["steps"].values() for row in rows)  # None off Linux
     assert attention.UNITS_PER_THREAD == default  # put back
     with pytest.raises(SystemExit):
         split_ab.main(["--tiny", "--b", "hetero.cpu_kernels.attention.NO_SUCH_KNOB=1"])

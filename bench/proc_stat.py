@@ -1,0 +1,29 @@
+"""CPU time the hypervisor took from this guest: the "steal" column of Linux's /proc/stat.
+
+On a shared host another tenant's vCPUs run on this guest's physical cores while its own wait: a
+parallel region whose barrier waits for a descheduled thread runs at the pace of that thread.
+"""
+
+from __future__ import annotations
+
+
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(steal, total) clock ticks summed over every CPU since boot; None where /proc/stat is missing."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    ticks += [0] * (8 - len(ticks))
+    return ticks[7], sum(ticks)
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of all CPUs' time stolen between two `cpu_jiffies` readings; None without both or
+    when no tick passed."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
