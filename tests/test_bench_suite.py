@@ -450,10 +450,12 @@ def test_host_noise_samples_reads_and_the_stolen_time_by_second(tmp_path):
     assert steal_share(None, (8, 160)) is None and steal_share((5, 100), (5, 100)) is None
     out = tmp_path / "noise.json"
     assert host_noise.main(["--seconds", "1.2", "--gib", "0.0625", "--window-mib", "4", "--threads", "1",
-                            "--out", str(out)]) == 0
+                            "--gap-ms", "1", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["summary"]["reads"] == len(record["reads"]) > 1 and all(r["gbs"] > 0 for r in record["reads"])
     assert record["window_bytes"] == 4 << 20 and len(record["steal_by_second"]) >= 1
+    starts = [r["t_s"] for r in record["reads"]]
+    assert min(b - a for a, b in zip(starts, starts[1:])) >= 1e-3, "the reads come at least the gap apart"
 
 
 def test_gil_handoff_times_jobs_at_each_interval_and_puts_the_interval_back(tmp_path):
