@@ -1,5 +1,5 @@
-"""Is the host's memory speed steady? A streaming read sampled window by window, beside the CPU time
-the hypervisor stole in each window, in a process that runs nothing else.
+"""Is the host's memory speed steady? A streaming read sampled read by read, beside the CPU time the
+hypervisor stole each second, in a process that runs nothing else.
 
 On the GPU machine, split's CPU parts read 19-45 GB/s in waves over seconds on some hosts and 57-77
 on others (bench/results/split/README.md, 2026-12-02 fourth session). Run in a fresh process before
