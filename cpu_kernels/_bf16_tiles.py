@@ -250,12 +250,11 @@ def _score_2x4(builder, q_data, first_head, dim, pool_data, starts, scale, score
         builder.store(two, _vector_at(builder, scores_data, row, _V2F), align=4)
 
 
-def _prefetch_row(builder, data, row, dim, level, first=None, count=None):
-    """Prefetch the 64-byte lines of row `row` (dim uint16) into L1 (level 1) or L2 (level 2): all of
-    them, or those that begin among elements first to first + count (so that passes over
-    consecutive element ranges, of 16 elements with 256-bit vectors, ask for each line once)."""
-    first = _I64(0) if first is None else first
-    count = dim if count is None else count
+def _prefetch_row(builder, data, row, dim, level, first, count):
+    """Prefetch into L1 (level 1) or L2 (level 2) the 64-byte lines of row `row` (dim uint16) that
+    begin among elements first to first + count: the whole row from 0 to dim, or a pass's elements
+    (so that passes over consecutive element ranges, of 16 elements with 256-bit vectors, ask for
+    each line once)."""
     line_up = lambda x: builder.udiv(builder.add(x, _I64(CHUNK - 1)), _I64(CHUNK))  # noqa: E731
     first_line = line_up(first)
     with cgutils.for_range(builder, builder.sub(line_up(builder.add(first, count)), first_line)) as line:
@@ -337,14 +336,13 @@ def _value_pass(builder, offset, loads, step, sums, first_pass, spread, heads, p
             builder.store(_load(builder, acc_data, at_acc[a][i], vector, 4), sums[2 * (a * loads + i)])
             builder.store(_load(builder, acc_data, builder.add(at_acc[a][i], half), vector, 4),
                           sums[2 * (a * loads + i) + 1])
+    prefetching = builder.or_(first_pass, spread)
+    prefetch_first = builder.select(spread, offset, _I64(0))  # the whole row, or this pass's elements
+    prefetch_count = builder.select(spread, _I64(loads * step), dim)
     with cgutils.for_range(builder, n) as key:
-        ahead_here = builder.icmp_signed("<", key.index, n_ahead)
-        with builder.if_then(builder.and_(builder.and_(first_pass, builder.not_(spread)), ahead_here), likely=False):
+        with builder.if_then(builder.and_(prefetching, builder.icmp_signed("<", key.index, n_ahead)), likely=False):
             upcoming = builder.add(builder.load(builder.gep(ahead_data, [key.index])), v_rows)
-            _prefetch_row(builder, pool_data, upcoming, dim, level)
-        with builder.if_then(builder.and_(spread, ahead_here), likely=False):
-            upcoming = builder.add(builder.load(builder.gep(ahead_data, [key.index])), v_rows)
-            _prefetch_row(builder, pool_data, upcoming, dim, level, offset, _I64(loads * step))
+            _prefetch_row(builder, pool_data, upcoming, dim, level, prefetch_first, prefetch_count)
         row = builder.add(builder.load(builder.gep(rows_data, [key.index])), v_rows)
         at_row = builder.add(builder.mul(row, dim), offset)
         halves = [_widen_pairs(builder, _load(builder, pool_data, builder.add(at_row, _I64(i * step)), packed, 2))

@@ -40,12 +40,13 @@ def attend_host_blocks(
         ranges[..., 1] = hi
         if valid_from is not None:
             ranges[..., 0] = np.maximum(lo, valid_from.numpy().astype(np.int32))[:, None, None]
+        q = query[:, :, 0].float()
         if into is not None:
             (out, lse), flag, number = into
-            host_decode_attention(query[:, :, 0].float(), slab, block_table, ranges, scale, out=out[:, :, 0],
-                                  lse=lse[:, :, 0], done=(flag, number))
+            host_decode_attention(q, slab, block_table, ranges, scale, out=out[:, :, 0], lse=lse[:, :, 0],
+                                  done=(flag, number))
             return out, lse
-        out, lse = host_decode_attention(query[:, :, 0].float(), slab, block_table, ranges, scale)
+        out, lse = host_decode_attention(q, slab, block_table, ranges, scale)
         return out[:, :, None], lse[:, :, None]
     if into is not None:
         raise ValueError(f"into: only a decode query (one position) writes into given tensors, got {Lq}")
