@@ -40,7 +40,9 @@ from .residency import LayerPlan, LayerResidency, ResidencyPolicy
 LOOK_PAST_STEP_END = True
 # Whether a split CPU part's kernel writes its result into the mailbox and raises the flag itself,
 # so that the GPU goes on as soon as the kernel ends, before the host worker has the GIL back to
-# return (`Pipeline.run_on_host`'s `posts`). Not measured yet: bench/split_ab.py is the test.
+# return (`Pipeline.run_on_host`'s `posts`). Off: in split at 128K (bench/split_ab.py,
+# bench/results/split/ab_gil_knobs_hostD_2026-12-02c.json) it ran 127.4 ms steps against 129.0 without,
+# within the noise.
 CPU_PART_POSTS_ITSELF = False
 
 

@@ -42,7 +42,9 @@ HOST_JOB_SWITCH_INTERVAL_S: float | None = 1e-4
 # How a host thread waits for a numbered fence (a layer's query landing): 0 polls the counter in
 # Python (holding the GIL) a thousand times, then sleeps 20 us between polls; a number first polls
 # it that many times without the GIL (hetero.host_wait, ~27 ns a poll on the dev machine), which
-# sees the landing within a poll and leaves the GIL to the host thread. Not measured in split yet.
+# sees the landing within a poll and leaves the GIL to the host thread. Off: in split at 128K
+# (bench/split_ab.py, bench/results/split/ab_gil_knobs_hostD_2026-12-02c.json) 40,000 spins ran 128.9 ms
+# steps and CPU parts at 75.0 GB/s against 129.0 and 74.0 without, within the noise.
 HOST_WAIT_SPINS = 0
 
 
