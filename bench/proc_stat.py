@@ -21,6 +21,28 @@ def cpu_jiffies() -> tuple[int, int] | None:
     return ticks[7], sum(ticks)
 
 
+def jiffies_by_cpu() -> list[tuple[int, int]] | None:
+    """`cpu_jiffies` for each CPU ("cpu0", "cpu1", ... in /proc/stat's order); None where /proc/stat
+    is missing."""
+    try:
+        with open("/proc/stat") as f:
+            lines = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
+    except OSError:
+        return None
+    by_cpu = []
+    for fields in lines:
+        ticks = [int(x) for x in fields[1:9]] + [0] * (9 - len(fields))
+        by_cpu.append((ticks[7], sum(ticks)))
+    return by_cpu
+
+
+def steal_share_by_cpu(before: list[tuple[int, int]] | None, after: list[tuple[int, int]] | None) -> list[float | None] | None:
+    """`steal_share` of each CPU between two `jiffies_by_cpu` readings; None without both."""
+    if before is None or after is None or len(before) != len(after):
+        return None
+    return [steal_share(b, a) for b, a in zip(before, after)]
+
+
 def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
     """The share of all CPUs' time stolen between two `cpu_jiffies` readings; None without both or
     when no tick passed."""

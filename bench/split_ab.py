@@ -33,7 +33,7 @@ from hetero.bench_cli import knob_target, knobs_set, parse_key_values, parse_ove
 
 sys.path.insert(0, os.path.dirname(__file__))
 from json_out import write_json  # noqa: E402
-from proc_stat import cpu_jiffies, steal_share  # noqa: E402
+from proc_stat import cpu_jiffies, jiffies_by_cpu, steal_share, steal_share_by_cpu  # noqa: E402
 from step_times import TINY  # noqa: E402
 from suite.measure import TokenClock  # noqa: E402
 from suite.model import build_random_model, llama_8b_config, random_prompt, tiny_llama_config  # noqa: E402
@@ -49,11 +49,11 @@ class Alternator:
         self.cache = None
         self.current: str | None = None  # the setting the step under way runs
         self.last_stamp: float | None = None
-        self.last_ticks = None  # proc_stat.cpu_jiffies at the last stamp
+        self.last_ticks = self.last_by_cpu = None  # proc_stat.cpu_jiffies and jiffies_by_cpu at the last stamp
         self.steps: dict[str, list[dict]] = {name: [] for name in self.names}
 
     def __call__(self, tokens: int) -> None:
-        now, ticks = time.perf_counter(), cpu_jiffies()
+        now, ticks, by_cpu = time.perf_counter(), cpu_jiffies(), jiffies_by_cpu()
         step = tokens - self.prompt  # 1: the first decode step's first layer
         if step < 1:
             return
@@ -63,13 +63,14 @@ class Alternator:
                 "step": step - 1, "ms": 1e3 * (now - self.last_stamp),
                 "cpu_bytes": times.host_bytes, "cpu_s": times.host_seconds, "cpu_idle_s": times.host_idle_seconds,
                 "copy_bytes": times.copy_bytes, "copy_s": times.copy_seconds,
-                "steal": steal_share(self.last_ticks, ticks)})
+                "steal": steal_share(self.last_ticks, ticks),
+                "steal_by_cpu": steal_share_by_cpu(self.last_by_cpu, by_cpu)})
             self._put(self.names[(self.names.index(self.current) + 1) % len(self.names)])
         elif step >= self.settle and (self.cache.split_tuner is None or self.cache.split_tuner.done):
             self.cache.split_tuner = None  # the share holds; the windows are this script's from here
             self.cache.pipeline.time_work()
             self._put(self.names[0])
-        self.last_stamp, self.last_ticks = now, ticks
+        self.last_stamp, self.last_ticks, self.last_by_cpu = now, ticks, by_cpu
 
     def _put(self, name: str) -> None:
         for path, value in self.settings[name].items():
@@ -85,7 +86,8 @@ class Alternator:
                        "median_step_ms": statistics.median(r["ms"] for r in rows) if rows else None,
                        "cpu_gbs": rate(rows, "cpu_bytes", "cpu_s"), "copy_gbs": rate(rows, "copy_bytes", "copy_s"),
                        "median_cpu_idle_ms": 1e3 * statistics.median(r["cpu_idle_s"] for r in rows) if rows else None,
-                       "mean_steal": _mean(r["steal"] for r in rows)}
+                       "mean_steal": _mean(r["steal"] for r in rows),
+                       "mean_steal_by_cpu": _mean_by_cpu([r["steal_by_cpu"] for r in rows])}
                 for name, rows in self.steps.items()}
 
 
@@ -143,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name} ({knobs}): {s['steps']} steps, median {_fmt(s['median_step_ms'])} ms, CPU parts "
               f"{_fmt(s['cpu_gbs'])} GB/s, copies {_fmt(s['copy_gbs'])} GB/s, CPU idle {_fmt(s['median_cpu_idle_ms'])} ms a step, "
               f"CPU time stolen {'-' if s['mean_steal'] is None else format(s['mean_steal'], '.1%')}")
+        if s["mean_steal_by_cpu"]:
+            most = sorted(enumerate(s["mean_steal_by_cpu"]), key=lambda c: -(c[1] or 0))[:4]
+            print("    most stolen: " + ", ".join(f"cpu{c} {'-' if v is None else format(v, '.1%')}" for c, v in most))
     write_json(args.out, {"context": context, "device": str(device), "config": config, "settle": args.settle,
                           "gpu_share": alternator.cache.gpu_share, "settings": settings, "summary": summary,
                           "steps": alternator.steps, "stats": model.hetero.last_stats.summary()})
@@ -152,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
 def _mean(values) -> float | None:
     known = [v for v in values if v is not None]
     return statistics.fmean(known) if known else None
+
+
+def _mean_by_cpu(rows: list) -> list[float | None] | None:
+    """Each CPU's mean over the steps' `steal_by_cpu` lists (None entries skipped)."""
+    known = [r for r in rows if r]
+    return [_mean(r[c] for r in known) for c in range(len(known[0]))] if known else None
 
 
 def _fmt(x) -> str:

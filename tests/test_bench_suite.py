@@ -444,10 +444,12 @@ def test_probe_repeat_records_each_probe_and_the_one_after_a_pause(tmp_path):
 
 def test_host_noise_samples_reads_and_the_stolen_time_by_second(tmp_path):
     import host_noise
-    from proc_stat import steal_share
+    from proc_stat import steal_share, steal_share_by_cpu
 
     assert steal_share((5, 100), (8, 160)) == pytest.approx(0.05)
     assert steal_share(None, (8, 160)) is None and steal_share((5, 100), (5, 100)) is None
+    assert steal_share_by_cpu([(0, 10), (5, 100)], [(1, 20), (5, 100)]) == [pytest.approx(0.1), None]
+    assert steal_share_by_cpu(None, [(1, 20)]) is None
     out = tmp_path / "noise.json"
     assert host_noise.main(["--seconds", "1.2", "--gib", "0.0625", "--window-mib", "4", "--threads", "1",
                             "--gap-ms", "1", "--out", str(out)]) == 0
@@ -479,6 +481,7 @@ def test_gil_handoff_times_jobs_at_each_interval_and_puts_the_interval_back(tmp_
 def test_split_ab_takes_turns_between_settings_and_puts_the_knobs_back(tmp_path):
     import split_ab
     from hetero.cpu_kernels import attention
+    from proc_stat import jiffies_by_cpu
 
     out = tmp_path / "ab.json"
     knob, default = "hetero.cpu_kernels.attention.UNITS_PER_THREAD", attention.UNITS_PER_THREAD
@@ -490,6 +493,8 @@ def test_split_ab_takes_turns_between_settings_and_puts_the_knobs_back(tmp_path)
     assert all(row["cpu_bytes"] > 0 and row["cpu_s"] > 0 for rows in record["steps"].values() for row in rows)
     assert record["summary"]["B"]["steps"] == 2 and record["summary"]["B"]["cpu_gbs"] > 0
     assert all("steal" in row for rows in record["steps"].values() for row in rows)  # None off Linux
+    by_cpu = record["summary"]["A"]["mean_steal_by_cpu"]
+    assert by_cpu is None or len(by_cpu) == len(jiffies_by_cpu() or [])
     assert attention.UNITS_PER_THREAD == default  # put back
     with pytest.raises(SystemExit):
         split_ab.main(["--tiny", "--b", "hetero.cpu_kernels.attention.NO_SUCH_KNOB=1"])
