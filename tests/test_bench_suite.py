@@ -500,6 +500,21 @@ def test_split_ab_takes_turns_between_settings_and_puts_the_knobs_back(tmp_path)
         split_ab.main(["--tiny", "--b", "hetero.cpu_kernels.attention.NO_SUCH_KNOB=1"])
 
 
+def test_tuner_windows_logs_every_window_with_the_share_it_ran_at_and_puts_the_tuner_back(tmp_path):
+    import tuner_windows
+    from hetero.split_tuner import SplitTuner
+
+    observe = SplitTuner.observe
+    out = tmp_path / "windows.json"
+    assert tuner_windows.main(["--tiny", "--steps", "4", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    windows = record["windows"]
+    assert [w["window"] for w in windows] == list(range(len(windows))) and len(windows) >= 2
+    assert windows[0]["share_ran"] == record["start_share"]
+    assert all(a["share_next"] == b["share_ran"] for a, b in zip(windows, windows[1:]))
+    assert SplitTuner.observe is observe
+
+
 def test_kernel_rounds_sets_each_variant_beside_the_default_kernel_of_its_round(tmp_path, capsys):
     import kernel_rounds
     from hetero.cpu_kernels import attention
