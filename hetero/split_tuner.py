@@ -62,11 +62,15 @@ class SplitTuner:
     """Refines one generation's GPU share from its first decode steps, then holds it.
 
     `observe` is called once per decode step, at its start, with the work measured since the last
-    call: the first `skip` windows (the prefill, the first step and its warm-up) are ignored; after
-    each of the next `steps`, the share is `refine_share` of the start and the windows so far.
+    call: the first `skip` windows (the prefill's) are ignored; after each of the next `steps`, the
+    share is `refine_share` of the start and the windows so far. The first decode step's window
+    counts: in two runs on the GPU machine it balanced to 0.426 and 0.479 where the next four gave
+    0.414-0.446 and 0.438-0.473, while the prefill's window (its CPU side waited 47-58 ms) read 0.03
+    high (`bench/tuner_windows.py`, bench/results/split/tuner_windows_*_2026-12-02d.json). Skipping
+    it too cost a step at the start share, which the load-time probe has put 0.3 off.
     """
 
-    def __init__(self, share: float, skip: int = 2, steps: int = 4):
+    def __init__(self, share: float, skip: int = 1, steps: int = 4):
         self.start = share
         self.share = share
         self.windows: list[WorkTimes] = []
