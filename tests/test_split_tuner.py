@@ -67,10 +67,10 @@ def test_refine_ignores_timings_that_do_not_tell(times):
     assert refine_share(0.37, [times, _times(1, 1.0, 1, 1.0)]) == pytest.approx(0.5)
 
 
-def test_tuner_by_default_skips_the_prefills_window_and_counts_the_first_decode_steps():
+def test_tuner_by_default_skips_only_the_first_window():
     tuner = SplitTuner(0.87)
-    assert tuner.observe(_times(1, 1.0, 1000, 1.0)) == 0.87  # the prefill's window: ignored
-    assert tuner.observe(_times(40, 1.0, 60, 3.0)) == pytest.approx(2 / 3)  # the first decode step's counts
+    assert tuner.observe(_times(1, 1.0, 1000, 1.0)) == 0.87  # the prefill and the first decode step: ignored
+    assert tuner.observe(_times(40, 1.0, 60, 3.0)) == pytest.approx(2 / 3)  # the second step's counts
     assert tuner.refined_steps == 1
 
 
