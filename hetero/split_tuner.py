@@ -61,14 +61,15 @@ def refine_share(start: float, windows: Sequence[WorkTimes]) -> float:
 class SplitTuner:
     """Refines one generation's GPU share from its first decode steps, then holds it.
 
-    `observe` is called once per decode step, at its start, with the work measured since the last
-    call (the first at the first decode step's end): the first `skip` windows are ignored; after
-    each of the next `steps`, the share is `refine_share` of the start and the windows so far. The
-    first window holds the prefill's work too, and that step waits on the host (its CPU side's gap
-    read 47-58 ms): it balanced 0.03 high in two runs on the GPU machine, where the second step's
-    window gave 0.426 and 0.479 and the next four 0.414-0.446 and 0.438-0.473 (`bench/tuner_windows.py`,
-    bench/results/split/tuner_windows_*_2026-12-02d.json). So the second counts: skipping it too cost
-    a step at the start share, which the load-time probe has put 0.3 off.
+    `observe` is called once per decode step, as the next step's first layer is planned (during the
+    step's last layer), with the work measured since the last call: the first `skip` windows are
+    ignored; after each of the next `steps`, the share is `refine_share` of the start and the windows
+    so far. The first window holds the prefill's work and the first decode step's, which waits on the
+    host (its CPU side's gap read 47-58 ms): it balanced 0.03 high in two runs on the GPU machine,
+    where the second step's window gave 0.426 and 0.479 and the next four 0.414-0.446 and
+    0.438-0.473 (`bench/tuner_windows.py`, bench/results/split/tuner_windows_*_2026-12-02d.json). So
+    the second counts: skipping it too cost a step at the start share, which the load-time probe has
+    put 0.3 off.
     """
 
     def __init__(self, share: float, skip: int = 1, steps: int = 4):
