@@ -24,13 +24,14 @@ import numpy as np
 
 from bench_cpu_attention import _stream_sum
 from json_out import write_json
-from proc_stat import cpu_jiffies, steal_share
+from proc_stat import cpu_jiffies, jiffies_by_cpu, mean_by_cpu, most_stolen, steal_share, steal_share_by_cpu
 
 
 def sample(a: np.ndarray, window: int, seconds: float, threads: int, gap_s: float = 0.0) -> tuple[list[dict], list[dict]]:
     """One read of `window` elements after another, cycling through `a` (far larger than the caches),
-    `gap_s` apart, for `seconds`: each read's GB/s, and the steal share of each second (the kernel
-    counts CPU time in ticks of 10 ms, too coarse for a read of a few milliseconds)."""
+    `gap_s` apart, for `seconds`: each read's GB/s, and the steal share of each second, of all CPUs
+    and of each (the kernel counts CPU time in ticks of 10 ms, too coarse for a read of a few
+    milliseconds)."""
     found = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
@@ -38,7 +39,7 @@ def sample(a: np.ndarray, window: int, seconds: float, threads: int, gap_s: floa
         windows = max(1, a.size // window)
         reads, seconds_steal, i = [], [], 0
         start = time.perf_counter()
-        second_began, ticks = start, cpu_jiffies()
+        second_began, ticks, by_cpu = start, cpu_jiffies(), jiffies_by_cpu()
         while time.perf_counter() - start < seconds:
             part = a[(i % windows) * window:(i % windows + 1) * window]
             began = time.perf_counter()
@@ -46,9 +47,10 @@ def sample(a: np.ndarray, window: int, seconds: float, threads: int, gap_s: floa
             ended = time.perf_counter()
             reads.append({"t_s": began - start, "gbs": part.nbytes / (ended - began) / 1e9})
             if ended - second_began >= 1.0:
-                now = cpu_jiffies()
-                seconds_steal.append({"t_s": second_began - start, "steal": steal_share(ticks, now)})
-                second_began, ticks = ended, now
+                now, now_by_cpu = cpu_jiffies(), jiffies_by_cpu()
+                seconds_steal.append({"t_s": second_began - start, "steal": steal_share(ticks, now),
+                                      "by_cpu": steal_share_by_cpu(by_cpu, now_by_cpu)})
+                second_began, ticks, by_cpu = ended, now, now_by_cpu
             i += 1
             if gap_s:
                 time.sleep(gap_s)
@@ -62,7 +64,8 @@ def summary(reads: list[dict], seconds_steal: list[dict]) -> dict:
     steals = [s["steal"] for s in seconds_steal if s["steal"] is not None]
     return {"reads": len(rates), "median_gbs": statistics.median(rates), "min_gbs": rates[0], "max_gbs": rates[-1],
             "p10_gbs": rates[len(rates) // 10], "p90_gbs": rates[len(rates) * 9 // 10],
-            "mean_steal": statistics.fmean(steals) if steals else None, "max_steal": max(steals) if steals else None}
+            "mean_steal": statistics.fmean(steals) if steals else None, "max_steal": max(steals) if steals else None,
+            "mean_steal_by_cpu": mean_by_cpu([s.get("by_cpu") for s in seconds_steal])}
 
 
 def main(argv=None) -> int:
@@ -85,7 +88,7 @@ def main(argv=None) -> int:
     print(f"streaming read over {args.seconds:g} s, {threads} threads, {window * 4 / 2**20:.0f} MiB a read, "
           f"{args.gap_ms:g} ms apart: "
           f"{s['reads']} reads, median {s['median_gbs']:.1f} GB/s (p10 {s['p10_gbs']:.1f}, p90 {s['p90_gbs']:.1f}, "
-          f"{s['min_gbs']:.1f}-{s['max_gbs']:.1f}); CPU time stolen {steal}")
+          f"{s['min_gbs']:.1f}-{s['max_gbs']:.1f}); CPU time stolen {steal}; most stolen: {most_stolen(s['mean_steal_by_cpu'])}")
     write_json(args.out, {"threads": threads, "window_bytes": window * 4, "array_bytes": a.nbytes, "gap_s": args.gap_ms / 1e3,
                           "summary": s, "reads": reads, "steal_by_second": seconds_steal})
     return 0

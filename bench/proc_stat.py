@@ -43,6 +43,27 @@ def steal_share_by_cpu(before: list[tuple[int, int]] | None, after: list[tuple[i
     return [steal_share(b, a) for b, a in zip(before, after)]
 
 
+def mean_by_cpu(rows: list) -> list[float | None] | None:
+    """Each CPU's mean over a list of `steal_share_by_cpu` results (None ones, and None entries,
+    skipped); None where none is known."""
+    known = [r for r in rows if r]
+    if not known:
+        return None
+    means = []
+    for c in range(len(known[0])):
+        values = [r[c] for r in known if r[c] is not None]
+        means.append(sum(values) / len(values) if values else None)
+    return means
+
+
+def most_stolen(shares: list[float | None] | None, n: int = 4) -> str:
+    """The n CPUs with the largest stolen shares, e.g. "cpu3 12.0%, cpu7 0.4%"; "-" without shares."""
+    if not shares:
+        return "-"
+    ranked = sorted(enumerate(shares), key=lambda c: -(c[1] or 0))[:n]
+    return ", ".join(f"cpu{c} {'-' if v is None else format(v, '.1%')}" for c, v in ranked)
+
+
 def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
     """The share of all CPUs' time stolen between two `cpu_jiffies` readings; None without both or
     when no tick passed."""

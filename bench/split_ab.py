@@ -33,7 +33,7 @@ from hetero.bench_cli import knob_target, knobs_set, parse_key_values, parse_ove
 
 sys.path.insert(0, os.path.dirname(__file__))
 from json_out import write_json  # noqa: E402
-from proc_stat import cpu_jiffies, jiffies_by_cpu, steal_share, steal_share_by_cpu  # noqa: E402
+from proc_stat import cpu_jiffies, jiffies_by_cpu, mean_by_cpu, most_stolen, steal_share, steal_share_by_cpu  # noqa: E402
 from step_times import TINY  # noqa: E402
 from suite.measure import TokenClock  # noqa: E402
 from suite.model import build_random_model, llama_8b_config, random_prompt, tiny_llama_config  # noqa: E402
@@ -87,7 +87,7 @@ class Alternator:
                        "cpu_gbs": rate(rows, "cpu_bytes", "cpu_s"), "copy_gbs": rate(rows, "copy_bytes", "copy_s"),
                        "median_cpu_idle_ms": 1e3 * statistics.median(r["cpu_idle_s"] for r in rows) if rows else None,
                        "mean_steal": _mean(r["steal"] for r in rows),
-                       "mean_steal_by_cpu": _mean_by_cpu([r["steal_by_cpu"] for r in rows])}
+                       "mean_steal_by_cpu": mean_by_cpu([r["steal_by_cpu"] for r in rows])}
                 for name, rows in self.steps.items()}
 
 
@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{_fmt(s['cpu_gbs'])} GB/s, copies {_fmt(s['copy_gbs'])} GB/s, CPU idle {_fmt(s['median_cpu_idle_ms'])} ms a step, "
               f"CPU time stolen {'-' if s['mean_steal'] is None else format(s['mean_steal'], '.1%')}")
         if s["mean_steal_by_cpu"]:
-            most = sorted(enumerate(s["mean_steal_by_cpu"]), key=lambda c: -(c[1] or 0))[:4]
-            print("    most stolen: " + ", ".join(f"cpu{c} {'-' if v is None else format(v, '.1%')}" for c, v in most))
+            print(f"    most stolen: {most_stolen(s['mean_steal_by_cpu'])}")
     write_json(args.out, {"context": context, "device": str(device), "config": config, "settle": args.settle,
                           "gpu_share": alternator.cache.gpu_share, "settings": settings, "summary": summary,
                           "steps": alternator.steps, "stats": model.hetero.last_stats.summary()})
@@ -157,12 +156,6 @@ def main(argv: list[str] | None = None) -> int:
 def _mean(values) -> float | None:
     known = [v for v in values if v is not None]
     return statistics.fmean(known) if known else None
-
-
-def _mean_by_cpu(rows: list) -> list[float | None] | None:
-    """Each CPU's mean over the steps' `steal_by_cpu` lists (None entries skipped)."""
-    known = [r for r in rows if r]
-    return [_mean(r[c] for r in known) for c in range(len(known[0]))] if known else None
 
 
 def _fmt(x) -> str:

@@ -444,18 +444,22 @@ def test_probe_repeat_records_each_probe_and_the_one_after_a_pause(tmp_path):
 
 def test_host_noise_samples_reads_and_the_stolen_time_by_second(tmp_path):
     import host_noise
-    from proc_stat import steal_share, steal_share_by_cpu
+    from proc_stat import mean_by_cpu, most_stolen, steal_share, steal_share_by_cpu
 
     assert steal_share((5, 100), (8, 160)) == pytest.approx(0.05)
     assert steal_share(None, (8, 160)) is None and steal_share((5, 100), (5, 100)) is None
     assert steal_share_by_cpu([(0, 10), (5, 100)], [(1, 20), (5, 100)]) == [pytest.approx(0.1), None]
     assert steal_share_by_cpu(None, [(1, 20)]) is None
+    assert mean_by_cpu([[0.1, None], None, [0.3, 0.2]]) == [pytest.approx(0.2), pytest.approx(0.2)]
+    assert mean_by_cpu([None]) is None
+    assert most_stolen([0.001, 0.12, None], n=2) == "cpu1 12.0%, cpu0 0.1%" and most_stolen(None) == "-"
     out = tmp_path / "noise.json"
     assert host_noise.main(["--seconds", "1.2", "--gib", "0.0625", "--window-mib", "4", "--threads", "1",
                             "--gap-ms", "1", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["summary"]["reads"] == len(record["reads"]) > 1 and all(r["gbs"] > 0 for r in record["reads"])
     assert record["window_bytes"] == 4 << 20 and len(record["steal_by_second"]) >= 1
+    assert all("by_cpu" in second for second in record["steal_by_second"])  # None off Linux
     starts = [r["t_s"] for r in record["reads"]]
     assert min(b - a for a, b in zip(starts, starts[1:])) >= 1e-3, "the reads come at least the gap apart"
 
