@@ -7,6 +7,8 @@ read out of bounds, cut the work into per-core units and return the kind they we
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from ._amx_tiles import MAX_DIM, MAX_HEADS, cpu_has_amx, request_tile_data
 from ._bf16_tiles import CHUNK, HEADS
 from ._kernel import (AMX_TILES as _AMX, BF16_LOOPS, BLOCK_WITHOUT_SLOT, LOOPS, RANGE_OUTSIDE_TABLE, attend_units,
                       build_units, check_ranges)
+from .thread_cpus import pin_team
 
 # Tuning knobs, set from bench/bench_cpu_attention.py --sweep on the 16-core machine: units of work
 # per thread (equal shares of the tokens; more than one lets a thread that runs slow fall behind by
@@ -53,8 +56,13 @@ PREFETCH_NEXT_TILE = 2
 SPREAD_V_PREFETCH = False
 BF16_TILES: bool | None = None
 AMX_TILES: bool | None = False
+# THREAD_CPUS: the CPUs the calling thread's kernel team may run on (`thread_cpus.pin_team`, applied
+# at its next call), to keep it off vCPUs the hypervisor steals from; None leaves the team where it
+# is (or, after a set, lets it back onto every CPU). Off until measured on a host that steals.
+THREAD_CPUS: list[int] | None = None
 _threads: int | None = None
 _amx_granted: bool | None = None
+_placed = threading.local()  # (CPUs, threads) the calling thread's team was last confined to
 
 
 def set_threads(n: int | None) -> None:
@@ -201,6 +209,7 @@ def _slots_error(n_slots):
 def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale, threads, chunk, out, lse, done=None):
     n_threads = threads or _threads or numba.config.NUMBA_NUM_THREADS
     numba.set_num_threads(n_threads)
+    _place_team(n_threads)
     B, Hq, D = qa.shape
     if chunk is None:
         chunk = max(MIN_CHUNK, -(-n_tokens // (n_threads * UNITS_PER_THREAD)))
@@ -220,6 +229,18 @@ def _run(q, qa, rows, fp16, table, idx, indexed, spans, n_tokens, Hkv, bs, scale
     if isinstance(q, torch.Tensor):
         return (out if out is not None else torch.from_numpy(out_np)), (lse if lse is not None else torch.from_numpy(lse_np))
     return out_np, lse_np
+
+
+def _place_team(n_threads: int) -> None:
+    """Confine the calling thread's team to `THREAD_CPUS` where it (or the thread count) changed."""
+    wanted = None if THREAD_CPUS is None else frozenset(THREAD_CPUS)
+    placed = getattr(_placed, "state", None)
+    if placed == (wanted, n_threads) or (wanted is None and placed is None):
+        return
+    if not pin_team(wanted):
+        raise RuntimeError("THREAD_CPUS: this platform cannot confine the kernel's threads (Linux with glibc 2.30 "
+                           "or later can); set it to None")
+    _placed.state = None if wanted is None else (wanted, n_threads)
 
 
 def _inner_loops(rows, fp16, D, G):

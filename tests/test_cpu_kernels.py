@@ -374,3 +374,32 @@ def test_row_max_takes_every_element_at_any_length():
             row[top] = 1.5
             assert _row_max(row, n) == np.float32(1.5)
         assert _row_max(row, n) == row[:n].max()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
+def test_thread_cpus_confine_the_callers_team_and_let_it_back(monkeypatch):
+    """THREAD_CPUS confines every member of the calling thread's team (found by their thread ids) at
+    its next call, the results unchanged; None lets them back onto every CPU; a CPU the process lacks
+    is refused by name."""
+    from hetero.cpu_kernels import attention
+    from hetero.cpu_kernels.thread_cpus import ALL_CPUS, pin_team, team_thread_ids
+
+    if team_thread_ids() is None:
+        pytest.skip("no gettid here")
+    rng = np.random.default_rng(12)
+    q, pool, table = _case(rng, "bfloat16", 64, 4)
+    ranges = torch.from_numpy(_random_ranges(rng, 2, 2, 2, table.numel() * 16 - 3))
+    free = host_decode_attention(q, pool, table, ranges, 0.1)
+    one = min(ALL_CPUS)
+    try:
+        monkeypatch.setattr(attention, "THREAD_CPUS", [one])
+        pinned = host_decode_attention(q, pool, table, ranges, 0.1)
+        assert all(os.sched_getaffinity(int(t)) == {one} for t in team_thread_ids())
+        monkeypatch.setattr(attention, "THREAD_CPUS", None)
+        host_decode_attention(q, pool, table, ranges, 0.1)
+        assert all(os.sched_getaffinity(int(t)) == set(ALL_CPUS) for t in team_thread_ids())
+    finally:
+        pin_team(None)
+    assert torch.equal(free[0], pinned[0]) and torch.equal(free[1], pinned[1])
+    with pytest.raises(ValueError, match="not among"):
+        pin_team([max(ALL_CPUS) + 1])
