@@ -16,6 +16,11 @@ host job may already be under way: one layer in a step's 32 runs the other setti
     python3 bench/split_ab.py --context 131072 --gpu-kv-bytes 4GiB --steps 40 \\
         --b hetero.cpu_kernels.attention.SPREAD_V_PREFETCH=true --b hetero.cpu_kernels.attention._threads=14 --out ab.json
     python3 bench/split_ab.py --tiny --steps 8 --settle 2 --b hetero.cpu_kernels.attention.UNITS_PER_THREAD=4
+
+`--avoid-stolen K` adds a setting chosen afresh at each of its turns: the kernel's threads kept off
+the (at most K) vCPUs the hypervisor stole most from over the last steps, those above
+`--stolen-floor` (`hetero.cpu_kernels.attention.THREAD_CPUS`, and as many threads as CPUs left);
+where none is, it runs the defaults. Each of its steps records the CPUs it kept off.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 
 import hetero
 from hetero.bench_cli import knob_target, knobs_set, parse_key_values, parse_overrides
+from hetero.cpu_kernels.thread_cpus import ALL_CPUS, team_thread_ids
 
 sys.path.insert(0, os.path.dirname(__file__))
 from json_out import write_json  # noqa: E402
@@ -43,8 +49,12 @@ class Alternator:
     """At each decode step's first layer (the cache's `progress` call): once settled, takes the
     pipeline's timings of the step before for the setting it ran, then puts the other in place."""
 
-    def __init__(self, prompt: int, settle: int, settings: dict[str, dict]):
-        self.prompt, self.settle, self.settings = prompt, settle, settings
+    def __init__(self, prompt: int, settle: int, settings: dict[str, dict], chosen: dict | None = None):
+        """`chosen`: settings whose knobs a function of the Alternator picks at each of their turns,
+        returning (knobs, a note for the step's record)."""
+        self.prompt, self.settle, self.settings, self.chosen = prompt, settle, settings, chosen or {}
+        self.readings: list = []  # proc_stat.jiffies_by_cpu at each decode step's start
+        self.note = None
         self.names = list(settings)
         self.cache = None
         self.current: str | None = None  # the setting the step under way runs
@@ -57,6 +67,7 @@ class Alternator:
         step = tokens - self.prompt  # 1: the first decode step's first layer
         if step < 1:
             return
+        self.readings.append(by_cpu)
         if self.current is not None:
             times = self.cache.pipeline.take_work_times()
             self.steps[self.current].append({
@@ -64,7 +75,8 @@ class Alternator:
                 "cpu_bytes": times.host_bytes, "cpu_s": times.host_seconds, "cpu_idle_s": times.host_idle_seconds,
                 "copy_bytes": times.copy_bytes, "copy_s": times.copy_seconds,
                 "steal": steal_share(self.last_ticks, ticks),
-                "steal_by_cpu": steal_share_by_cpu(self.last_by_cpu, by_cpu)})
+                "steal_by_cpu": steal_share_by_cpu(self.last_by_cpu, by_cpu),
+                **({} if self.note is None else {"chosen": self.note})})
             self._put(self.names[(self.names.index(self.current) + 1) % len(self.names)])
         elif step >= self.settle and (self.cache.split_tuner is None or self.cache.split_tuner.done):
             self.cache.split_tuner = None  # the share holds; the windows are this script's from here
@@ -73,9 +85,18 @@ class Alternator:
         self.last_stamp, self.last_ticks, self.last_by_cpu = now, ticks, by_cpu
 
     def _put(self, name: str) -> None:
-        for path, value in self.settings[name].items():
+        knobs, self.note = dict(self.settings[name]), None
+        if name in self.chosen:
+            picked, self.note = self.chosen[name](self)
+            knobs.update(picked)
+        for path, value in knobs.items():
             setattr(*knob_target(path), value)
         self.current = name
+
+    def stolen_lately(self, steps: int = 8) -> list[float | None] | None:
+        """Each CPU's stolen share over the last `steps` decode steps (fewer where fewer ran)."""
+        known = [r for r in self.readings[-steps - 1:] if r]
+        return steal_share_by_cpu(known[0], known[-1]) if len(known) > 1 else None
 
     def summary(self) -> dict:
         def rate(rows, nbytes, seconds):
@@ -98,18 +119,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40, help="decode steps in all, the settling ones included")
     p.add_argument("--settle", type=int, default=8, help="decode steps before the alternation starts")
     p.add_argument("--a", default="", metavar="KNOB=VALUE,...", help="setting A (default: the knobs' defaults)")
-    p.add_argument("--b", action="append", required=True, metavar="KNOB=VALUE,...",
+    p.add_argument("--b", action="append", default=[], metavar="KNOB=VALUE,...",
                    help="setting B; again for C, D, ... (each one more in the turns)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an offload config key, e.g. split_ratio=0.5")
+    p.add_argument("--avoid-stolen", type=int, default=0, metavar="K",
+                   help="add a setting that keeps the kernel's threads off the K most stolen vCPUs of late")
+    p.add_argument("--stolen-floor", type=float, default=0.02, help="a vCPU stolen from less than this is never avoided")
     p.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU: a check of the script")
     p.add_argument("--out", default="split_ab.json")
     args = p.parse_args(argv)
+    if not args.b and not args.avoid_stolen:
+        p.error("give --b KNOB=VALUE,... or --avoid-stolen K")
     texts = {"A": args.a, **{chr(ord("B") + i): text for i, text in enumerate(args.b)}}
     given = {name: parse_key_values(filter(None, text.split(",")), f"setting {name} ({text!r})",
                                     "hetero.cpu_kernels.attention.UNITS_PER_THREAD=4") for name, text in texts.items()}
     if not all(given[name] for name in given if name != "A"):
         p.error("--b: give at least one KNOB=VALUE")
-    keys = sorted(set().union(*given.values()))
+    avoided = chr(ord("B") + len(args.b))  # the --avoid-stolen setting's name
+    if args.avoid_stolen:
+        given[avoided] = {}
+    keys = sorted(set().union(*given.values(), [CPUS_KNOB, THREADS_KNOB] if args.avoid_stolen else []))
     try:
         for path in keys:
             knob_target(path)
@@ -125,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     hetero.prepare(model, config)
     defaults = {path: getattr(*knob_target(path)) for path in keys}  # after prepare: it sets the threads
     settings = {name: {**defaults, **knobs} for name, knobs in given.items()}
-    alternator = Alternator(context, args.settle, settings)
+    chosen = {avoided: _avoiding(args.avoid_stolen, args.stolen_floor, defaults[THREADS_KNOB])} if args.avoid_stolen else {}
+    if chosen:
+        team_thread_ids()  # compiled now, not in a timed step
+    alternator = Alternator(context, args.settle, settings, chosen)
     made = model.hetero.new_cache
 
     def new_cache(max_tokens):
@@ -142,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in settings:
         s = summary[name]
         knobs = ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in settings[name].items())
+        if name in chosen:
+            offs = sorted({tuple(r["chosen"]["off"]) for r in alternator.steps[name]})
+            knobs = f"threads off the {args.avoid_stolen} vCPUs most stolen from lately, above {args.stolen_floor:.0%}: {offs}"
         print(f"  {name} ({knobs}): {s['steps']} steps, median {_fmt(s['median_step_ms'])} ms, CPU parts "
               f"{_fmt(s['cpu_gbs'])} GB/s, copies {_fmt(s['copy_gbs'])} GB/s, CPU idle {_fmt(s['median_cpu_idle_ms'])} ms a step, "
               f"CPU time stolen {'-' if s['mean_steal'] is None else format(s['mean_steal'], '.1%')}")
@@ -151,6 +186,26 @@ def main(argv: list[str] | None = None) -> int:
                           "gpu_share": alternator.cache.gpu_share, "settings": settings, "summary": summary,
                           "steps": alternator.steps, "stats": model.hetero.last_stats.summary()})
     return 0
+
+
+CPUS_KNOB, THREADS_KNOB = "hetero.cpu_kernels.attention.THREAD_CPUS", "hetero.cpu_kernels.attention._threads"
+
+
+def _avoiding(most: int, floor: float, threads: int | None):
+    """The --avoid-stolen setting's chooser: THREAD_CPUS without the (at most `most`) vCPUs stolen from
+    most over the last steps, of those above `floor`, and no more threads than CPUs left."""
+
+    def choose(alternator: Alternator) -> tuple[dict, dict]:
+        shares = alternator.stolen_lately() or []
+        ranked = sorted((c for c, v in enumerate(shares) if v is not None and v > floor), key=lambda c: -shares[c])
+        off = sorted(ranked[:most])
+        if not off:
+            return {}, {"off": []}
+        keep = [c for c in sorted(ALL_CPUS) if c not in off]
+        return {CPUS_KNOB: keep, THREADS_KNOB: min(threads or len(keep), len(keep))}, {
+            "off": off, "stolen": [shares[c] for c in off]}
+
+    return choose
 
 
 def _mean(values) -> float | None:

@@ -504,6 +504,27 @@ def test_split_ab_takes_turns_between_settings_and_puts_the_knobs_back(tmp_path)
         split_ab.main(["--tiny", "--b", "hetero.cpu_kernels.attention.NO_SUCH_KNOB=1"])
 
 
+def test_split_ab_avoid_stolen_keeps_the_threads_off_the_most_stolen_cpus_and_puts_them_back(tmp_path):
+    import split_ab
+    from hetero.cpu_kernels import attention
+    from hetero.cpu_kernels.thread_cpus import pin_team, team_thread_ids
+
+    if team_thread_ids() is None:
+        pytest.skip("no gettid here")
+    out, threads = tmp_path / "ab.json", attention._threads
+    try:  # a floor of -1: even a vCPU stolen from not at all may be avoided, the most stolen first
+        assert split_ab.main(["--tiny", "--steps", "7", "--settle", "2", "--avoid-stolen", "1", "--stolen-floor", "-1",
+                              "--out", str(out)]) == 0
+    finally:
+        pin_team(None)
+    record = json.loads(out.read_text())
+    turns = record["steps"]["B"]
+    assert turns and all(len(row["chosen"]["off"]) <= 1 for row in turns)
+    assert any(row["chosen"]["off"] for row in turns), "a vCPU avoided once steal readings exist"
+    assert "chosen" not in record["steps"]["A"][0]
+    assert attention.THREAD_CPUS is None and attention._threads == threads  # put back
+
+
 def test_tuner_windows_logs_every_window_with_the_share_it_ran_at_and_puts_the_tuner_back(tmp_path):
     import tuner_windows
     from hetero.split_tuner import SplitTuner
