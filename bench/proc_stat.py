@@ -14,11 +14,7 @@ def cpu_jiffies() -> tuple[int, int] | None:
             fields = f.readline().split()
     except OSError:
         return None
-    if not fields or fields[0] != "cpu":
-        return None
-    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    ticks += [0] * (8 - len(ticks))
-    return ticks[7], sum(ticks)
+    return _steal_and_total(fields) if fields and fields[0] == "cpu" else None
 
 
 def jiffies_by_cpu() -> list[tuple[int, int]] | None:
@@ -26,14 +22,16 @@ def jiffies_by_cpu() -> list[tuple[int, int]] | None:
     is missing."""
     try:
         with open("/proc/stat") as f:
-            lines = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
+            return [_steal_and_total(line.split()) for line in f if line.startswith("cpu") and line[3].isdigit()]
     except OSError:
         return None
-    by_cpu = []
-    for fields in lines:
-        ticks = [int(x) for x in fields[1:9]] + [0] * (9 - len(fields))
-        by_cpu.append((ticks[7], sum(ticks)))
-    return by_cpu
+
+
+def _steal_and_total(fields: list[str]) -> tuple[int, int]:
+    """(steal, total) of one /proc/stat "cpu" line, split into its fields."""
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    ticks += [0] * (8 - len(ticks))
+    return ticks[7], sum(ticks)
 
 
 def steal_share_by_cpu(before: list[tuple[int, int]] | None, after: list[tuple[int, int]] | None) -> list[float | None] | None:

@@ -482,7 +482,7 @@ def test_gil_handoff_times_jobs_at_each_interval_and_puts_the_interval_back(tmp_
     assert sys.getswitchinterval() == found
 
 
-def test_split_ab_takes_turns_between_settings_and_puts_the_knobs_back(tmp_path):
+def test_split_ab_takes_turns_between_settings_and_puts_the_knobs_back(tmp_path, capsys):
     import split_ab
     from hetero.cpu_kernels import attention
     from proc_stat import jiffies_by_cpu
@@ -502,6 +502,9 @@ def test_split_ab_takes_turns_between_settings_and_puts_the_knobs_back(tmp_path)
     assert attention.UNITS_PER_THREAD == default  # put back
     with pytest.raises(SystemExit):
         split_ab.main(["--tiny", "--b", "hetero.cpu_kernels.attention.NO_SUCH_KNOB=1"])
+    with pytest.raises(SystemExit):
+        split_ab.main(["--tiny"])  # nothing to set beside the defaults
+    assert "give --b KNOB=VALUE,... or --avoid-stolen K" in capsys.readouterr().err
 
 
 def test_split_ab_avoid_stolen_keeps_the_threads_off_the_most_stolen_cpus_and_puts_them_back(tmp_path):
