@@ -21,6 +21,8 @@ host job may already be under way: one layer in a step's 32 runs the other setti
 the (at most K) vCPUs the hypervisor stole most from over the last steps, those above
 `--stolen-floor` (`hetero.cpu_kernels.attention.THREAD_CPUS`, and as many threads as CPUs left);
 where none is, it runs the defaults. Each of its steps records the CPUs it kept off.
+`--shares-around D` adds two settings that run the defaults at the held share less D and plus D:
+whether the share the tuner settled on is where the steps are shortest.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class Alternator:
         self.names = list(settings)
         self.cache = None
         self.current: str | None = None  # the setting the step under way runs
+        self.held_share: float | None = None  # the GPU share when the turns began
+        self.share_ran: float | None = None  # the share the step under way runs at
         self.last_stamp: float | None = None
         self.last_ticks = self.last_by_cpu = None  # proc_stat.cpu_jiffies and jiffies_by_cpu at the last stamp
         self.steps: dict[str, list[dict]] = {name: [] for name in self.names}
@@ -75,23 +79,25 @@ class Alternator:
                 "cpu_bytes": times.host_bytes, "cpu_s": times.host_seconds, "cpu_idle_s": times.host_idle_seconds,
                 "copy_bytes": times.copy_bytes, "copy_s": times.copy_seconds,
                 "steal": steal_share(self.last_ticks, ticks),
-                "steal_by_cpu": steal_share_by_cpu(self.last_by_cpu, by_cpu),
+                "steal_by_cpu": steal_share_by_cpu(self.last_by_cpu, by_cpu), "share": self.share_ran,
                 **({} if self.note is None else {"chosen": self.note})})
             self._put(self.names[(self.names.index(self.current) + 1) % len(self.names)])
         elif step >= self.settle and (self.cache.split_tuner is None or self.cache.split_tuner.done):
             self.cache.split_tuner = None  # the share holds; the windows are this script's from here
+            self.held_share = self.cache.gpu_share
             self.cache.pipeline.time_work()
             self._put(self.names[0])
         self.last_stamp, self.last_ticks, self.last_by_cpu = now, ticks, by_cpu
 
     def _put(self, name: str) -> None:
         knobs, self.note = dict(self.settings[name]), None
+        self.cache.gpu_share = self.held_share
         if name in self.chosen:
             picked, self.note = self.chosen[name](self)
             knobs.update(picked)
         for path, value in knobs.items():
             setattr(*knob_target(path), value)
-        self.current = name
+        self.current, self.share_ran = name, self.cache.gpu_share
 
     def stolen_lately(self, steps: int = 8) -> list[float | None] | None:
         """Each CPU's stolen share over the last `steps` decode steps (fewer where fewer ran)."""
@@ -105,6 +111,7 @@ class Alternator:
 
         return {name: {"steps": len(rows),
                        "median_step_ms": statistics.median(r["ms"] for r in rows) if rows else None,
+                       "share": statistics.median(r["share"] for r in rows) if rows else None,
                        "cpu_gbs": rate(rows, "cpu_bytes", "cpu_s"), "copy_gbs": rate(rows, "copy_bytes", "copy_s"),
                        "median_cpu_idle_ms": 1e3 * statistics.median(r["cpu_idle_s"] for r in rows) if rows else None,
                        "mean_steal": _mean(r["steal"] for r in rows),
@@ -125,11 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--avoid-stolen", type=int, default=0, metavar="K",
                    help="add a setting that keeps the kernel's threads off the K most stolen vCPUs of late")
     p.add_argument("--stolen-floor", type=float, default=0.02, help="a vCPU stolen from less than this is never avoided")
+    p.add_argument("--shares-around", type=float, default=0.0, metavar="D",
+                   help="add two settings: the defaults at the held GPU share less D and plus D")
     p.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU: a check of the script")
     p.add_argument("--out", default="split_ab.json")
     args = p.parse_args(argv)
-    if not args.b and not args.avoid_stolen:
-        p.error("give --b KNOB=VALUE,... or --avoid-stolen K")
+    if not args.b and not args.avoid_stolen and not args.shares_around:
+        p.error("give --b KNOB=VALUE,..., --avoid-stolen K or --shares-around D")
+    if not 0 <= args.shares_around < 1:
+        p.error(f"--shares-around: got {args.shares_around}, expected a share step in [0, 1)")
     texts = {"A": args.a, **{chr(ord("B") + i): text for i, text in enumerate(args.b)}}
     given = {name: parse_key_values(filter(None, text.split(",")), f"setting {name} ({text!r})",
                                     "hetero.cpu_kernels.attention.UNITS_PER_THREAD=4") for name, text in texts.items()}
@@ -138,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     avoided = chr(ord("B") + len(args.b))  # the --avoid-stolen setting's name
     if args.avoid_stolen:
         given[avoided] = {}
+    moved = {}  # the --shares-around settings' names and their steps
+    for delta in (-args.shares_around, args.shares_around) if args.shares_around else ():
+        name = chr(ord("A") + len(given))
+        moved[name], given[name] = delta, {}
     keys = sorted(set().union(*given.values(), [CPUS_KNOB, THREADS_KNOB] if args.avoid_stolen else []))
     try:
         for path in keys:
@@ -157,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = {avoided: _avoiding(args.avoid_stolen, args.stolen_floor, defaults[THREADS_KNOB])} if args.avoid_stolen else {}
     if chosen:
         team_thread_ids()  # compiled now, not in a timed step
+    chosen.update({name: _share_moved(delta) for name, delta in moved.items()})
     alternator = Alternator(context, args.settle, settings, chosen)
     made = model.hetero.new_cache
 
@@ -174,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in settings:
         s = summary[name]
         knobs = ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in settings[name].items())
-        if name in chosen:
+        if name in moved:
+            knobs = f"the defaults at the held share {moved[name]:+.3f}"
+        elif name in chosen:
             offs = sorted({tuple(r["chosen"]["off"]) for r in alternator.steps[name]})
             knobs = f"threads off the {args.avoid_stolen} vCPUs most stolen from lately, above {args.stolen_floor:.0%}: {offs}"
         print(f"  {name} ({knobs}): {s['steps']} steps, median {_fmt(s['median_step_ms'])} ms, CPU parts "
@@ -189,6 +207,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 CPUS_KNOB, THREADS_KNOB = "hetero.cpu_kernels.attention.THREAD_CPUS", "hetero.cpu_kernels.attention._threads"
+
+
+def _share_moved(delta: float):
+    """A --shares-around setting's chooser: the held GPU share moved by `delta`, within [0, 1]."""
+
+    def choose(alternator: Alternator) -> tuple[dict, dict]:
+        alternator.cache.gpu_share = min(1.0, max(0.0, alternator.held_share + delta))
+        return {}, {"share": alternator.cache.gpu_share}
+
+    return choose
 
 
 def _avoiding(most: int, floor: float, threads: int | None):

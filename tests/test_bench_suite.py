@@ -504,7 +504,22 @@ def test_split_ab_takes_turns_between_settings_and_puts_the_knobs_back(tmp_path,
         split_ab.main(["--tiny", "--b", "hetero.cpu_kernels.attention.NO_SUCH_KNOB=1"])
     with pytest.raises(SystemExit):
         split_ab.main(["--tiny"])  # nothing to set beside the defaults
-    assert "give --b KNOB=VALUE,... or --avoid-stolen K" in capsys.readouterr().err
+    assert "give --b KNOB=VALUE,..., --avoid-stolen K or --shares-around D" in capsys.readouterr().err
+
+
+def test_split_ab_shares_around_runs_the_held_share_moved_each_way(tmp_path):
+    import split_ab
+
+    out = tmp_path / "ab.json"
+    assert split_ab.main(["--tiny", "--steps", "9", "--settle", "2", "--shares-around", "0.1", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    held = {row["share"] for row in record["steps"]["A"]}
+    assert len(held) == 1, "A runs the held share"
+    (held,) = held
+    for name, delta in (("B", -0.1), ("C", 0.1)):
+        rows = record["steps"][name]
+        assert rows and all(row["share"] == pytest.approx(min(1.0, max(0.0, held + delta))) for row in rows)
+        assert record["summary"][name]["share"] == pytest.approx(rows[0]["share"])
 
 
 def test_split_ab_avoid_stolen_keeps_the_threads_off_the_most_stolen_cpus_and_puts_them_back(tmp_path):
@@ -540,6 +555,7 @@ def test_tuner_windows_logs_every_window_with_the_share_it_ran_at_and_puts_the_t
     assert [w["window"] for w in windows] == list(range(len(windows))) and len(windows) >= 2
     assert windows[0]["share_ran"] == record["start_share"]
     assert all(a["share_next"] == b["share_ran"] for a, b in zip(windows, windows[1:]))
+    assert all(w["wall_ms"] > 0 and w["cpu_busy_ms"] >= 0 for w in windows)
     assert SplitTuner.observe is observe
 
 
