@@ -5,10 +5,8 @@ prefill's work too) and balances the share on the next few. A start share far of
 probe put it at 0.87 where the steps settled at 0.54, bench/results/split/README.md) costs every
 step run at it; this shows whether the early windows already point where the later ones do, so
 that skipping them buys nothing.
-Each window is printed with its length, its copies' and CPU parts' rates and busy times, the CPU
-side's time off its parts where it set the pace (`cpu_overhead`) and the share it balances to
-(`measured_share`, with the overhead the tuner holds by then), beside the start share and the share
-each step ran at.
+Each window is printed with its copies' and CPU parts' rates and busy times and the share it
+balances to (`measured_share`), beside the start share and the share each step ran at.
 
     python3 bench/tuner_windows.py --context 131072 --gpu-kv-bytes 4GiB --steps 8 --out tuner_windows.json
     python3 bench/tuner_windows.py --tiny
@@ -23,7 +21,7 @@ import sys
 import torch
 
 import hetero
-from hetero.split_tuner import SplitTuner, cpu_overhead, measured_share
+from hetero.split_tuner import SplitTuner, measured_share
 
 sys.path.insert(0, os.path.dirname(__file__))
 from json_out import write_json  # noqa: E402
@@ -60,10 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         windows.append({"window": len(windows), "share_ran": ran, "share_next": share,
                         "copy_gbs": _rate(times.copy_bytes, times.copy_seconds),
                         "cpu_gbs": _rate(times.host_bytes, times.host_seconds),
-                        "gap_ms": 1e3 * times.host_gap_seconds, "wall_ms": 1e3 * times.wall_seconds,
-                        "copies_busy_ms": 1e3 * times.copy_seconds, "cpu_busy_ms": 1e3 * times.host_seconds,
-                        "off_parts_ms": _ms(cpu_overhead(times)),
-                        "balances_to": measured_share(times, tuner.overhead_seconds())})
+                        "gap_ms": 1e3 * times.host_gap_seconds, "copies_busy_ms": 1e3 * times.copy_seconds,
+                        "cpu_busy_ms": 1e3 * times.host_seconds, "balances_to": measured_share(times)})
         return share
 
     SplitTuner.observe = logged
@@ -79,21 +75,16 @@ def main(argv: list[str] | None = None) -> int:
           + ("" if probed is None else f" (probed at load: PCIe {probed.pcie_h2d / 1e9:.1f} GB/s, "
                                        f"CPU attention {probed.cpu_attention / 1e9:.1f} GB/s)"))
     for w in windows:
-        print("  window {window}: ran at {ran}, {wall:.1f} ms, copies {copy} GB/s busy {cb:.1f} ms, CPU parts {cpu} GB/s "
-              "busy {pb:.1f} ms, gap {gap:.1f} ms, off its parts {off} ms (where it set the pace), balances to {to}; "
-              "next {nxt}".format(
-                  window=w["window"], ran=_fmt(w["share_ran"]), wall=w["wall_ms"], copy=_fmt(w["copy_gbs"], 1),
-                  cb=w["copies_busy_ms"], cpu=_fmt(w["cpu_gbs"], 1), pb=w["cpu_busy_ms"], gap=w["gap_ms"],
-                  off=_fmt(w["off_parts_ms"], 1), to=_fmt(w["balances_to"]), nxt=_fmt(w["share_next"])))
+        print("  window {window}: ran at {ran}, copies {copy} GB/s busy {cb:.1f} ms, CPU parts {cpu} GB/s busy {pb:.1f} "
+              "ms, gap {gap:.1f} ms, balances to {to}; next {nxt}".format(
+                  window=w["window"], ran=_fmt(w["share_ran"]), copy=_fmt(w["copy_gbs"], 1), cb=w["copies_busy_ms"],
+                  cpu=_fmt(w["cpu_gbs"], 1), pb=w["cpu_busy_ms"], gap=w["gap_ms"], to=_fmt(w["balances_to"]),
+                  nxt=_fmt(w["share_next"])))
     write_json(args.out, {"context": context, "device": str(device), "config": config,
                           "start_share": stats.split_share_start, "windows": windows, "stats": stats.summary(),
                           "probed_gbs": None if probed is None else {"pcie_h2d": probed.pcie_h2d / 1e9,
                                                                      "cpu_attention": probed.cpu_attention / 1e9}})
     return 0
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else 1e3 * seconds
 
 
 def _fmt(x, digits: int = 3) -> str:

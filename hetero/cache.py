@@ -104,7 +104,6 @@ class CacheStats:
     split_cpu_bytes_per_s: float | None = None
     split_cpu_gap_s: float | None = None
     split_cpu_idle_s: float | None = None  # the CPU side's idle time per step between parts (SplitTuner.idle_seconds)
-    split_cpu_off_s: float | None = None  # its time per step off its parts, as the share balanced it (SplitTuner.overhead_seconds)
 
 
 class HeteroLayer(CacheLayerMixin):
@@ -786,7 +785,6 @@ class HeteroCache(Cache):
         rates = self.split_tuner.rates() if self.split_tuner is not None else None
         stats.split_pcie_bytes_per_s, stats.split_cpu_bytes_per_s, stats.split_cpu_gap_s = rates or (None, None, None)
         stats.split_cpu_idle_s = self.split_tuner.idle_seconds() if self.split_tuner is not None else None
-        stats.split_cpu_off_s = self.split_tuner.overhead_seconds() if self.split_tuner is not None else None
         if self._placement is not None:
             stats.ssd_skipped_share = self._placement.skipped_share
             stats.ssd_swaps = self._placement.swaps

@@ -67,9 +67,7 @@ class WorkTimes:
     job's end to the next one's start: the gap, and the wait for the next query to land. With GPU-side
     waits the host thread queues jobs ahead (no gap), and all of it is that wait: the GPU's work from
     one layer's result to the next layer's query, and, where the fetches set the pace, the fetches.
-    Reported, not balanced by the share (which would then chase the fetches' own delays).
-    `wall_seconds`: the window's own length on the host clock, from the last take (or the start of
-    timing) to this one: a decode step, where the cache takes a window at each step's boundary."""
+    Reported, not balanced by the share (which would then chase the fetches' own delays)."""
 
     copy_bytes: int = 0
     copy_seconds: float = 0.0
@@ -77,7 +75,6 @@ class WorkTimes:
     host_seconds: float = 0.0
     host_gap_seconds: float = 0.0
     host_idle_seconds: float = 0.0
-    wall_seconds: float = 0.0
 
 
 class _HostJobTimes:
@@ -112,12 +109,9 @@ class _WorkClock:
     def __init__(self):
         self.copies: deque = deque()  # (start event or None, end event or seconds, bytes), in copy order
         self.host = _HostJobTimes()
-        self.since = time.perf_counter()
 
     def take(self) -> WorkTimes:
-        now = time.perf_counter()
-        times = WorkTimes(wall_seconds=now - self.since)
-        self.since = now
+        times = WorkTimes()
         while self.copies:
             start, end, nbytes = self.copies[0]
             if start is not None and not end.query():

@@ -2,19 +2,13 @@
 
 A decode step ends when the slower side does: the GPU fetching r of the offloaded KV (K bytes) over
 PCIe at P bytes/s, or the CPU attending over the other 1 - r where it lies at C bytes/s, plus the
-time o it spends each step off its parts whatever its share. Both finish together when
-r K / P = (1 - r) K / C + o, that is r = (K / C + o) / (K / P + K / C); with o = 0, r = P / (P + C).
-The copy engine runs on across layers and steps (each step's last layer queues the next one's first
-fetches), while the CPU side waits at every layer for its query (the GPU's work from one layer's
-result to the next layer's query) and at every step's boundary (the sampled token, the host's own
-code up to the first layer's query): o is that time, which a window shows where the CPU side set the
-pace (the copies had slack), as its length less the CPU parts' time (`cpu_overhead`). Until a window
-has shown it, o is the CPU side's gap, its wait for the host thread to queue the parts (with
-cpu_part_wait "host" the host thread takes one layer's CPU result before it runs the rest of the
-layer and the next one's projections; with GPU-side waits, a few milliseconds).
-`split_ratio = "auto"` starts from the bandwidths probed at load (hetero.bandwidth_probe) or, without
-CUDA, from the ceilings of LIMITS.md, and `SplitTuner` refines r from what the first decode steps
-measured, then holds it. A number in the config is used as is.
+time g it waits each step for the host thread to queue the next layer's part (with cpu_part_wait
+"host", the host thread takes one layer's CPU result before it runs the rest of the layer and the
+next one's projections; with GPU-side waits, g is a few milliseconds). Both
+finish together when r K / P = (1 - r) K / C + g, that is r = (K / C + g) / (K / P + K / C); with no
+gap, r = P / (P + C). `split_ratio = "auto"` starts from the bandwidths probed at load
+(hetero.bandwidth_probe) or, without CUDA, from the ceilings of LIMITS.md, and `SplitTuner` refines
+r from what the first decode steps measured, then holds it. A number in the config is used as is.
 
 Policy only: the pipeline measures, the cache applies r at a step boundary.
 """
@@ -39,60 +33,28 @@ def ceiling_share(ceilings: Ceilings = Ceilings()) -> float:
     return balanced_share(ceilings.pcie_h2d, ceilings.cpu_stream)
 
 
-# The copies had slack in a window when they were busy less than this share of it. Where they set
-# the pace they ran 156.1 ms of a 156.2-156.4 ms step (bench/split_timeline.py, share 0.6), and a
-# window's copies are those landed by its end, so a few landed late or early move their share by a
-# little: 3% of a step is 4-5 ms.
-COPY_SLACK = 0.03
-
-
-def _finite(*values, positive: bool = True) -> bool:
-    return all(isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 if positive else v >= 0) for v in values)
-
-
-def cpu_overhead(times: WorkTimes) -> float | None:
-    """The CPU side's time off its parts in a window where it set the pace, its length less the
-    parts' time; None where the window does not show it: the copies had no slack (then that time
-    holds waits for them, so counting it would push work onto the copies that set the pace), or a
-    time that is not a positive finite number."""
-    if not _finite(times.wall_seconds, times.copy_seconds, times.host_seconds):
+def measured_share(times: WorkTimes) -> float | None:
+    """The balanced share from one window of measured work (the module's formula, within [0, 1]), or
+    None when it does not tell: a side that did no work, or a time that is not a finite number."""
+    values = (times.copy_bytes, times.copy_seconds, times.host_bytes, times.host_seconds)
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
         return None
-    if times.copy_seconds > (1 - COPY_SLACK) * times.wall_seconds:
-        return None
-    return max(0.0, times.wall_seconds - times.host_seconds)
-
-
-def measured_share(times: WorkTimes, overhead: float | None = None) -> float | None:
-    """The balanced share from one window of measured work (the module's formula, within [0, 1]), with
-    `overhead` as o (seconds per window; None: the window's gap), or None when it does not tell: a
-    side that did no work, or a time that is not a finite number."""
-    if not _finite(times.copy_bytes, times.copy_seconds, times.host_bytes, times.host_seconds):
-        return None
-    o = times.host_gap_seconds if overhead is None else overhead
-    if not _finite(o, positive=False):
+    gap = times.host_gap_seconds
+    if not (isinstance(gap, (int, float)) and math.isfinite(gap) and gap >= 0):
         return None
     kv = times.copy_bytes + times.host_bytes
     pcie_s, cpu_s = kv * times.copy_seconds / times.copy_bytes, kv * times.host_seconds / times.host_bytes
-    return min(1.0, (cpu_s + o) / (pcie_s + cpu_s))
-
-
-def window_overhead(windows: Sequence[WorkTimes]) -> float | None:
-    """o as the windows show it: the median of `cpu_overhead` over those that show it, else None."""
-    shown = [o for o in map(cpu_overhead, windows) if o is not None]
-    return statistics.median(shown) if shown else None
+    return min(1.0, (cpu_s + gap) / (pcie_s + cpu_s))
 
 
 def refine_share(start: float, windows: Sequence[WorkTimes]) -> float:
     """The share the measured windows point to, within [0, 1]: the median of each window's balance
-    (`measured_share`, with o from `window_overhead` once a window showed it; a window that does not
-    tell is left out), `start` while none told. The first window that tells sets the share: `start`
-    comes from probing each side alone at load, which put it at 0.76 and 0.87 in two runs on the GPU
-    machine whose windows settled at 0.56 and 0.55 (bench/results/split/steps_{knobs,tuner}_2026-12-02b.json);
-    moving halfway from it cost a step more. Later windows outvote an odd one, which a mean of few
-    would follow. Where the share starts high enough that the copies set the pace, the first window
-    balances on the gap alone, which puts the CPU side in front; the next shows o."""
-    overhead = window_overhead(windows)
-    votes = [s for s in (measured_share(w, overhead) for w in windows) if s is not None]
+    (`measured_share`; a window that does not tell is left out), `start` while none told. The first
+    window that tells sets the share: `start` comes from probing each side alone at load, which put
+    it at 0.76 and 0.87 in two runs on the GPU machine whose windows settled at 0.56 and 0.55
+    (bench/results/split/steps_{knobs,tuner}_2026-12-02b.json); moving halfway from it cost a step more.
+    Later windows outvote an odd one, which a mean of few would follow."""
+    votes = [s for s in map(measured_share, windows) if s is not None]
     return min(1.0, max(0.0, statistics.median(votes) if votes else start))
 
 
@@ -128,11 +90,6 @@ class SplitTuner:
 
     def _told(self) -> list[WorkTimes]:
         return [w for w in self.windows if measured_share(w) is not None]
-
-    def overhead_seconds(self) -> float | None:
-        """The CPU side's time off its parts per window, as the share balances it (`window_overhead`);
-        None before a window showed it."""
-        return window_overhead(self.windows)
 
     def rates(self) -> tuple[float, float, float] | None:
         """(PCIe bytes/s, CPU attention bytes/s, the CPU side's gap in seconds per window) as the

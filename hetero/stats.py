@@ -35,7 +35,6 @@ class GenerationStats:
     split_cpu_bytes_per_s: float | None = None  # the same for the CPU's attention (KV read per second)
     split_cpu_gap_s: float | None = None  # the same for the CPU side's wait per step for the host thread to queue its parts
     split_cpu_idle_s: float | None = None  # the same for all its idle time per step between parts (that wait, and queries)
-    split_cpu_off_s: float | None = None  # the same for all its time per step off its parts, where it set the pace
 
     @classmethod
     def from_run(cls, cache, batch, prompt_tokens, new_tokens, started, finished) -> "GenerationStats":
@@ -70,7 +69,6 @@ class GenerationStats:
             split_cpu_bytes_per_s=s.split_cpu_bytes_per_s,
             split_cpu_gap_s=s.split_cpu_gap_s,
             split_cpu_idle_s=s.split_cpu_idle_s,
-            split_cpu_off_s=s.split_cpu_off_s,
         )
 
     @property
@@ -104,9 +102,7 @@ class GenerationStats:
             + (f" | GPU share {_share_change(self.split_share_start, self.split_share)}" if self.split_share is not None else "")
             + (f" (measured: PCIe {self.split_pcie_bytes_per_s / 1e9:.1f} GB/s, CPU attention "
                f"{self.split_cpu_bytes_per_s / 1e9:.1f} GB/s, waiting {1e3 * (self.split_cpu_gap_s or 0):.0f} ms a step "
-               f"between parts for the host thread, idle {1e3 * (self.split_cpu_idle_s or 0):.0f} ms in all"
-               + (f", off its parts {1e3 * self.split_cpu_off_s:.0f} ms a step" if self.split_cpu_off_s is not None else "")
-               + ")"
+               f"between parts for the host thread, idle {1e3 * (self.split_cpu_idle_s or 0):.0f} ms in all)"
                if self.split_cpu_bytes_per_s is not None else "")
             + (f" | SSD blocks left out {self.ssd_skipped_share:.1%}" if self.ssd_skipped_share is not None else "")
             + (f" | {self.ssd_swaps} SSD blocks traded for host ones" if self.ssd_swaps else "")

@@ -138,9 +138,7 @@ def run_system(system, model, original_generate, ids, workload, ceilings, device
         print(f"  {system}: measured in decode: PCIe {stats['split_pcie_bytes_per_s'] / 1e9:.1f} GB/s, CPU attention "
               f"{stats['split_cpu_bytes_per_s'] / 1e9:.1f} GB/s, the CPU side waiting {1e3 * (stats.get('split_cpu_gap_s') or 0):.0f} "
               f"ms a step between parts for the host thread and idle {1e3 * (stats.get('split_cpu_idle_s') or 0):.0f} ms in "
-              f"all (queries included)" + (f", off its parts {1e3 * stats['split_cpu_off_s']:.0f} ms a step in all"
-                                           if stats.get("split_cpu_off_s") is not None else "")
-              + f"; GPU share {stats['split_share']:.2f}", flush=True)
+              f"all (queries included); GPU share {stats['split_share']:.2f}", flush=True)
     return row
 
 
