@@ -47,6 +47,7 @@ def test_a_workload_writes_each_systems_figures(results_dir):
         assert row["decode_steps"] == 3 and row["batch"] == 2
         for key in ("prefill_s", "ttft_s", "decode_tok_s", "step_ms", "peak_host_rss_gib"):
             assert row[key] > 0, key
+        assert len(row["steps_ms"]) == 3 and sum(row["steps_ms"]) == pytest.approx(3 * row["step_ms"])
         assert set(row["bytes_per_step"]) == set(PATHS)
         assert "bound" in row and "ratio_to_bound" in row  # None without a GPU's ceilings
     split = rows[("hetero-split", 512)]

@@ -170,6 +170,7 @@ def _timed_generate(system, model, generate, ids, workload, context, tiny, devic
         "decode_s": last - first,
         "decode_tok_s": ids.shape[0] * steps / (last - first),
         "step_ms": 1e3 * (last - first) / steps,
+        "steps_ms": [1e3 * (b - a) for a, b in zip(clock.times[1:], clock.times[2:])],  # in order
         "peak_gpu_gib": _gib(peak_gpu_bytes(device)),
         "peak_host_rss_gib": host.peak / GiB,
         "new_tokens": out[:, context:].tolist(),
