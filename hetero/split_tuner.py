@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import replace
 from typing import Sequence
 
 from .pipeline import WorkTimes
@@ -62,14 +63,17 @@ class SplitTuner:
     """Refines one generation's GPU share from its first decode steps, then holds it.
 
     `observe` is called once per decode step, as the next step's first layer is planned (during the
-    step's last layer), with the work measured since the last call: the first `skip` windows are
-    ignored; after each of the next `steps`, the share is `refine_share` of the start and the windows
+    step's last layer), with the work measured since the last call: the first `skip` windows are not
+    counted; after each of the next `steps`, the share is `refine_share` of the windows
     so far. The first window holds the prefill's work and the first decode step's, which waits on the
     host (its CPU side's gap read 47-58 ms): it balanced 0.03 high in two runs on the GPU machine,
     where the second step's window gave 0.426 and 0.479 and the next four 0.414-0.446 and
     0.438-0.473 (`bench/tuner_windows.py`, bench/results/split/tuner_windows_*_2026-12-02d.json). So
     the second counts: skipping it too cost a step at the start share, which the load-time probe has
-    put 0.3 off.
+    put 0.3 off. The second step runs at the first window's balance without its gap all the same
+    (its rates measured inside the pipeline, the probe's each alone): the probe's 0.391 cost a
+    step of 207 ms among steps of 144-153 at about 0.51 in a suite run (small card,
+    bench/results/split/suite_small_card_hostO_2026-12-02e.json), and one of 0.87 cost three.
     """
 
     def __init__(self, share: float, skip: int = 1, steps: int = 4):
@@ -78,6 +82,7 @@ class SplitTuner:
         self.windows: list[WorkTimes] = []
         self._skip = skip
         self._steps = steps
+        self._seen = 0  # windows observed
 
     @property
     def done(self) -> bool:
@@ -111,9 +116,12 @@ class SplitTuner:
 
     def observe(self, times: WorkTimes) -> float:
         """Fold one step's measured work in; returns the share for the next step."""
+        first, self._seen = not self._seen, self._seen + 1
         if self._skip:
             self._skip -= 1
+            balance = measured_share(replace(times, host_gap_seconds=0.0)) if first else None
+            self.share = self.share if balance is None else balance
         elif not self.done:
             self.windows.append(times)
-            self.share = refine_share(self.start, self.windows)
+            self.share = refine_share(self.share, self.windows)  # while none told, the share it ran at
         return self.share

@@ -67,18 +67,21 @@ def test_refine_ignores_timings_that_do_not_tell(times):
     assert refine_share(0.37, [times, _times(1, 1.0, 1, 1.0)]) == pytest.approx(0.5)
 
 
-def test_tuner_by_default_skips_only_the_first_window():
+def test_tuner_by_default_skips_only_the_first_window_and_runs_the_next_step_at_its_balance_without_its_gap():
     tuner = SplitTuner(0.87)
-    assert tuner.observe(_times(1, 1.0, 1000, 1.0)) == 0.87  # the prefill and the first decode step: ignored
-    assert tuner.observe(_times(40, 1.0, 60, 3.0)) == pytest.approx(2 / 3)  # the second step's counts
+    # The prefill and the first decode step, whose CPU side waited on the host: its rates, not its gap.
+    assert tuner.observe(_times(40, 1.0, 60, 3.0, gap_s=1.0)) == pytest.approx(2 / 3)
+    assert tuner.refined_steps == 0 and tuner.start == 0.87
+    assert tuner.observe(_times(50, 1.0, 50, 1.0)) == pytest.approx(0.5)  # the second step's counts alone
     assert tuner.refined_steps == 1
+    assert SplitTuner(0.87).observe(WorkTimes()) == 0.87, "a first window that does not tell leaves the start"
 
 
 def test_tuner_skips_the_first_steps_then_refines_a_few_then_holds():
     tuner = SplitTuner(0.4, skip=2, steps=3)
     skewed = _times(40, 1.0, 60, 3.0)  # balance at 2/3
-    assert tuner.observe(_times(1, 1.0, 1000, 1.0)) == 0.4  # prefill and the first step: ignored
-    assert tuner.observe(_times(1, 1.0, 1000, 1.0)) == 0.4
+    assert tuner.observe(WorkTimes()) == 0.4  # prefill and the first step: not counted
+    assert tuner.observe(_times(1, 1.0, 1000, 1.0)) == 0.4, "only the first window sets the next step's share"
     shares = [tuner.observe(skewed) for _ in range(3)]
     assert shares == pytest.approx([2 / 3] * 3)
     assert tuner.done and tuner.refined_steps == 3

@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -128,17 +129,22 @@ def run_system(system, model, original_generate, ids, workload, ceilings, device
     row["ratio_to_bound"] = row["decode_tok_s"] / row["bound_tok_s"] if bound else None
     predicted = bound["terms_s"].get("pcie+cpu") if bound else None  # the KV / (PCIe + CPU)
     row["ratio_to_split_prediction"] = row["decode_tok_s"] * predicted / batch if predicted else None
+    settled = row.get("steps_ms", [])[2:]  # past the first decode step and the one the share is tuned after
+    row["settled_step_ms"] = statistics.median(settled) if settled else None
     print(f"  {system}: prefill {row['prefill_s']:.2f} s, first token {row['ttft_s']:.2f} s, decode "
           f"{row['decode_tok_s']:.2f} tok/s" + (f" ({row['ratio_to_bound']:.0%} of its {bound['limited_by']} bound "
                                                  f"{row['bound_tok_s']:.2f})" if bound else "")
           + (f", {row['ratio_to_split_prediction']:.0%} of KV / (PCIe + CPU) probed alone, {batch / predicted:.2f}"
-             if predicted and bound["limited_by"] != "pcie+cpu" else ""), flush=True)
+             if predicted and bound["limited_by"] != "pcie+cpu" else "")
+          + (f"; the steps after the second: median {row['settled_step_ms']:.1f} ms "
+             f"({1e3 * batch / row['settled_step_ms']:.2f} tok/s)" if settled else ""), flush=True)
     stats = row.get("hetero_stats") or {}
     if stats.get("split_cpu_bytes_per_s"):  # inside the pipeline, beside the ceilings probed alone
         print(f"  {system}: measured in decode: PCIe {stats['split_pcie_bytes_per_s'] / 1e9:.1f} GB/s, CPU attention "
               f"{stats['split_cpu_bytes_per_s'] / 1e9:.1f} GB/s, the CPU side waiting {1e3 * (stats.get('split_cpu_gap_s') or 0):.0f} "
               f"ms a step between parts for the host thread and idle {1e3 * (stats.get('split_cpu_idle_s') or 0):.0f} ms in "
-              f"all (queries included); GPU share {stats['split_share']:.2f}", flush=True)
+              f"all (queries included); GPU share {stats['split_share_start']:.2f} at the start, {stats['split_share']:.2f} "
+              f"after the tuning steps", flush=True)
     return row
 
 
