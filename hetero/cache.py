@@ -203,6 +203,7 @@ class HeteroCache(Cache):
         self.layout: KVLayout | None = None
         self._plans: dict[int, tuple[LayerPlan, list]] = {}  # layer -> its next plan and fetch tickets
         self._steps_decoded = 0
+        self._host_waited = False  # a CPU part's result came back through the host thread (see _returns_on_gpu)
         # The GPU waits for the CPU's parts: their host jobs then wait for their inputs without a CUDA call.
         self._gpu_waits = config.cpu_part_wait == "gpu"
         self._fences: dict[int, object] = {}  # GPU slot -> offload fence of the last block it held
@@ -304,6 +305,7 @@ class HeteroCache(Cache):
         self._prefetch_after(layer_idx, decode=lq == 1)
         if host_job is not None:
             rest = self.pipeline.host_result(host_job)
+            self._host_waited = True
             merger.add(*rest)
             if selected_lse is not None:
                 self._attention_shares.append((layer_idx, _mass_share(selected_lse, rest[1])))
@@ -429,11 +431,14 @@ class HeteroCache(Cache):
 
     def _returns_on_gpu(self, query: torch.Tensor) -> tuple | None:
         """With cpu_part_wait "gpu", the shapes of a CPU part's result, so that the GPU (not the host
-        thread) waits for it; None otherwise, and in the first decode step, whose host thread waits.
-        That step launches the step's kernels for the first time: CUDA loads a kernel lazily at its
-        first launch, and the load waits for the GPU to idle, which a pending wait for the host would
-        hold off."""
-        if not self._gpu_waits or not self._steps_decoded:
+        thread) waits for it; None otherwise, and for the generation's first CPU part, whose result
+        the host thread waits for. Its layer launches a decode layer's kernels for the first time
+        (the next layers' are the same, and the step's end runs what the prefill's end ran): CUDA
+        loads a kernel lazily at its first launch, and the load waits for the GPU to idle, which a
+        pending wait for the host would hold off. (The whole first decode step used to wait on the
+        host: 294-299 ms against 136-146 for the steps after, in two small-card suite runs,
+        bench/results/split/suite_small_card_host{O,P}_2026-12-02e.json.)"""
+        if not self._gpu_waits or not self._host_waited:
             return None
         return _partial_shapes(query)
 

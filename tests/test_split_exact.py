@@ -75,3 +75,29 @@ def test_split_is_exact_with_the_gil_knobs_on(model_dir, monkeypatch):
     assert torch.equal(got, expected)
     assert model.hetero.last_stats.bytes_read_by_cpu > 0
     assert sys.getswitchinterval() == found, "put back when the generation's pipeline closed"
+
+
+def test_only_the_generations_first_cpu_part_comes_back_through_the_host_thread(model_dir, monkeypatch):
+    """cpu_part_wait "gpu": the first CPU part's layer launches a decode layer's kernels for the first
+    time, so its result comes back through the host thread; every later part's through the GPU's wait."""
+    import hetero.cache as cache_module
+
+    ways = []
+    returns_on_gpu = cache_module.HeteroCache._returns_on_gpu
+
+    def noted(self, query):
+        shapes = returns_on_gpu(self, query)
+        ways.append("gpu" if shapes is not None else "host")
+        return shapes
+
+    monkeypatch.setattr(cache_module.HeteroCache, "_returns_on_gpu", noted)
+    ids, mask = left_padded([211, 97, 150], seed=5)
+    expected = _reference(model_dir, ids, mask, 4)
+    config = {**SMALL, "gpu_kv_bytes": "384KiB", "mode": "split", "split_ratio": 0.5}
+    for _ in range(2):  # each generation's cache starts again
+        ways.clear()
+        got, model = _hetero(model_dir, ids, mask, 4, config)
+        assert torch.equal(got, expected)
+        if model.hetero.last_stats.split_share == 1.0:
+            pytest.skip("a sliding-window model streams")
+        assert ways[0] == "host" and len(ways) > 1 and set(ways[1:]) == {"gpu"}
