@@ -64,16 +64,17 @@ class SplitTuner:
 
     `observe` is called once per decode step, as the next step's first layer is planned (during the
     step's last layer), with the work measured since the last call: the first `skip` windows are not
-    counted; after each of the next `steps`, the share is `refine_share` of the windows
-    so far. The first window holds the prefill's work and the first decode step's, which waits on the
-    host (its CPU side's gap read 47-58 ms): it balanced 0.03 high in two runs on the GPU machine,
-    where the second step's window gave 0.426 and 0.479 and the next four 0.414-0.446 and
-    0.438-0.473 (`bench/tuner_windows.py`, bench/results/split/tuner_windows_*_2026-12-02d.json). So
-    the second counts: skipping it too cost a step at the start share, which the load-time probe has
-    put 0.3 off. The second step runs at the first window's balance without its gap all the same
-    (its rates measured inside the pipeline, the probe's each alone): the probe's 0.391 cost a
-    step of 207 ms among steps of 144-153 at about 0.51 in a suite run (small card,
-    bench/results/split/suite_small_card_hostO_2026-12-02e.json), and one of 0.87 cost three.
+    counted; after each of the next `steps`, the share is `refine_share` of the windows so far. The
+    first window holds the prefill's work and the first decode step's, whose first CPU part waits on
+    the host (when the whole step did, its CPU side's gap read 47-58 ms): it balanced 0.03 high in
+    two runs on the GPU machine, where the second step's window gave 0.426 and 0.479 and the next
+    four 0.414-0.446 and 0.438-0.473 (`bench/tuner_windows.py`,
+    bench/results/split/tuner_windows_*_2026-12-02d.json). So the second counts. The second step
+    runs at the first window's balance without its gap all the same (each side's rate measured inside
+    the pipeline, where the load-time probe times each alone and has put the share 0.3 off): the
+    probe's 0.79 cost a step of 207 ms among steps of 144-157 at about 0.51 in a suite run (small card,
+    bench/results/split/suite_small_card_hostO_2026-12-02e.json); at the first window's balance, the
+    next run's second step took 144 ms (suite_small_card_hostP_*).
     """
 
     def __init__(self, share: float, skip: int = 1, steps: int = 4):
