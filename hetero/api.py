@@ -208,7 +208,7 @@ class Runtime:
     def remember_split(self, cache: HeteroCache) -> None:
         """Keep the share a generation refined, for the next one to start from."""
         tuner = cache.split_tuner
-        if tuner is not None and tuner.refined_steps:
+        if tuner is not None and tuner.told:
             self.split_share_refined = tuner.share
 
 

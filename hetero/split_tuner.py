@@ -84,10 +84,16 @@ class SplitTuner:
         self._skip = skip
         self._steps = steps
         self._seen = 0  # windows observed
+        self._first_told = False  # the first window's balance set the share
 
     @property
     def done(self) -> bool:
         return len(self.windows) == self._steps
+
+    @property
+    def told(self) -> bool:
+        """Whether a measured window has set the share (the first window's balance, or a counted one)."""
+        return self._first_told or self.refined_steps > 0
 
     @property
     def refined_steps(self) -> int:
@@ -121,6 +127,7 @@ class SplitTuner:
         if self._skip:
             self._skip -= 1
             balance = measured_share(replace(times, host_gap_seconds=0.0)) if first else None
+            self._first_told = balance is not None
             self.share = self.share if balance is None else balance
         elif not self.done:
             self.windows.append(times)
