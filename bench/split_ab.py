@@ -22,7 +22,9 @@ the (at most K) vCPUs the hypervisor stole most from over the last steps, those 
 `--stolen-floor` (`hetero.cpu_kernels.attention.THREAD_CPUS`, and as many threads as CPUs left);
 where none is, it runs the defaults. Each of its steps records the CPUs it kept off.
 `--shares-around D` adds two settings that run the defaults at the held share less D and plus D:
-whether the share the tuner settled on is where the steps are shortest.
+whether the share the tuner settled on is where the steps are shortest. `--follow N` adds one whose
+share follows the last N steps' windows (`SplitTuner(follow=N)`, fed every step's window), against
+the share held since the tuning steps: whether following pays where the host's speed drifts.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 import hetero
 from hetero.bench_cli import knob_target, knobs_set, parse_key_values, parse_overrides
 from hetero.cpu_kernels.thread_cpus import ALL_CPUS, team_thread_ids
+from hetero.split_tuner import SplitTuner
 
 sys.path.insert(0, os.path.dirname(__file__))
 from json_out import write_json  # noqa: E402
@@ -51,10 +54,13 @@ class Alternator:
     """At each decode step's first layer (the cache's `progress` call): once settled, takes the
     pipeline's timings of the step before for the setting it ran, then puts the other in place."""
 
-    def __init__(self, prompt: int, settle: int, settings: dict[str, dict], chosen: dict | None = None):
+    def __init__(self, prompt: int, settle: int, settings: dict[str, dict], chosen: dict | None = None,
+                 follow: int = 0):
         """`chosen`: settings whose knobs a function of the Alternator picks at each of their turns,
-        returning (knobs, a note for the step's record)."""
+        returning (knobs, a note for the step's record). `follow`: windows a `SplitTuner` fed with
+        every step's window from the turns' start balances on (`follower`; 0: none)."""
         self.prompt, self.settle, self.settings, self.chosen = prompt, settle, settings, chosen or {}
+        self.follow, self.follower = follow, None
         self.readings: list = []  # proc_stat.jiffies_by_cpu at each decode step's start
         self.note = None
         self.names = list(settings)
@@ -74,6 +80,8 @@ class Alternator:
         self.readings.append(by_cpu)
         if self.current is not None:
             times = self.cache.pipeline.take_work_times()
+            if self.follower is not None:
+                self.follower.observe(times)
             self.steps[self.current].append({
                 "step": step - 1, "ms": 1e3 * (now - self.last_stamp),
                 "cpu_bytes": times.host_bytes, "cpu_s": times.host_seconds, "cpu_idle_s": times.host_idle_seconds,
@@ -85,6 +93,8 @@ class Alternator:
         elif step >= self.settle and (self.cache.split_tuner is None or self.cache.split_tuner.done):
             self.cache.split_tuner = None  # the share holds; the windows are this script's from here
             self.held_share = self.cache.gpu_share
+            if self.follow:
+                self.follower = SplitTuner(self.held_share, skip=0, steps=0, follow=self.follow)
             self.cache.pipeline.time_work()
             self._put(self.names[0])
         self.last_stamp, self.last_ticks, self.last_by_cpu = now, ticks, by_cpu
@@ -134,11 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stolen-floor", type=float, default=0.02, help="a vCPU stolen from less than this is never avoided")
     p.add_argument("--shares-around", type=float, default=0.0, metavar="D",
                    help="add two settings: the defaults at the held GPU share less D and plus D")
+    p.add_argument("--follow", type=int, default=0, metavar="N",
+                   help="add a setting whose share follows the last N steps' windows")
     p.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU: a check of the script")
     p.add_argument("--out", default="split_ab.json")
     args = p.parse_args(argv)
-    if not args.b and not args.avoid_stolen and not args.shares_around:
-        p.error("give --b KNOB=VALUE,..., --avoid-stolen K or --shares-around D")
+    if not args.b and not args.avoid_stolen and not args.shares_around and not args.follow:
+        p.error("give --b KNOB=VALUE,..., --avoid-stolen K, --shares-around D or --follow N")
+    if args.follow < 0:
+        p.error(f"--follow: got {args.follow}, expected a number of windows")
     if not 0 <= args.shares_around < 1:
         p.error(f"--shares-around: got {args.shares_around}, expected a share step in [0, 1)")
     texts = {"A": args.a, **{chr(ord("B") + i): text for i, text in enumerate(args.b)}}
@@ -153,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     for delta in (-args.shares_around, args.shares_around) if args.shares_around else ():
         name = chr(ord("A") + len(given))
         moved[name], given[name] = delta, {}
+    following = chr(ord("A") + len(given)) if args.follow else None  # the --follow setting's name
+    if following:
+        given[following] = {}
     keys = sorted(set().union(*given.values(), [CPUS_KNOB, THREADS_KNOB] if args.avoid_stolen else []))
     try:
         for path in keys:
@@ -173,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     if chosen:
         team_thread_ids()  # compiled now, not in a timed step
     chosen.update({name: _share_moved(delta) for name, delta in moved.items()})
-    alternator = Alternator(context, args.settle, settings, chosen)
+    if following:
+        chosen[following] = _share_followed
+    alternator = Alternator(context, args.settle, settings, chosen, args.follow)
     made = model.hetero.new_cache
 
     def new_cache(max_tokens):
@@ -192,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         knobs = ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in settings[name].items())
         if name in moved:
             knobs = f"the defaults at the held share {moved[name]:+.3f}"
+        elif name == following:
+            median = "-" if s["share"] is None else f"{s['share']:.3f}"
+            knobs = f"the defaults at the share of the last {args.follow} windows, {median} (median)"
         elif name in chosen:
             offs = sorted({tuple(r["chosen"]["off"]) for r in alternator.steps[name]})
             knobs = f"threads off the {args.avoid_stolen} vCPUs most stolen from lately, above {args.stolen_floor:.0%}: {offs}"
@@ -217,6 +239,12 @@ def _share_moved(delta: float):
         return {}, {"share": alternator.cache.gpu_share}
 
     return choose
+
+
+def _share_followed(alternator: Alternator) -> tuple[dict, dict]:
+    """The --follow setting's chooser: the share its follower balances the last windows at."""
+    alternator.cache.gpu_share = alternator.follower.share
+    return {}, {"share": alternator.cache.gpu_share}
 
 
 def _avoiding(most: int, floor: float, threads: int | None):

@@ -59,8 +59,18 @@ def refine_share(start: float, windows: Sequence[WorkTimes]) -> float:
     return min(1.0, max(0.0, statistics.median(votes) if votes else start))
 
 
+# Windows a generation's share keeps following after its first `steps` (0: it holds). The host's CPU
+# speed can change mid-run: on one host split's steps went from 147-155 ms to 166-240 from the eighth
+# on at a held share (bench/results/split/suite_small_card_first_part_hostQ_2026-12-02e.json), and
+# on another its CPU parts from 50-62 GB/s to 23-28 once the hypervisor stole 10-15% of the CPU time.
+# Following keeps the copies and host jobs timed (an event pair per copy). Off until measured:
+# `bench/split_ab.py --follow N` runs it in turns with the held share.
+FOLLOW_WINDOWS = 0
+
+
 class SplitTuner:
-    """Refines one generation's GPU share from its first decode steps, then holds it.
+    """Refines one generation's GPU share from its first decode steps, then holds it (or follows the
+    last `follow` windows).
 
     `observe` is called once per decode step, as the next step's first layer is planned (during the
     step's last layer), with the work measured since the last call: the first `skip` windows are not
@@ -77,18 +87,22 @@ class SplitTuner:
     next run's second step took 144 ms (suite_small_card_hostP_*).
     """
 
-    def __init__(self, share: float, skip: int = 1, steps: int = 4):
+    def __init__(self, share: float, skip: int = 1, steps: int = 4, follow: int | None = None):
         self.start = share
         self.share = share
         self.windows: list[WorkTimes] = []
         self._skip = skip
         self._steps = steps
+        self._follow = FOLLOW_WINDOWS if follow is None else follow
+        if self._follow < 0:
+            raise ValueError(f"follow: got {self._follow}, expected a number of windows >= 0")
         self._seen = 0  # windows observed
         self._first_told = False  # the first window's balance set the share
 
     @property
     def done(self) -> bool:
-        return len(self.windows) == self._steps
+        """Whether it holds the share from now on (never, while it follows)."""
+        return not self._follow and len(self.windows) >= self._steps
 
     @property
     def told(self) -> bool:
@@ -131,5 +145,7 @@ class SplitTuner:
             self.share = self.share if balance is None else balance
         elif not self.done:
             self.windows.append(times)
+            if self._follow and len(self.windows) > max(self._steps, self._follow):
+                del self.windows[: len(self.windows) - self._follow]  # past the first steps: the last few
             self.share = refine_share(self.share, self.windows)  # while none told, the share it ran at
         return self.share

@@ -505,7 +505,7 @@ def test_split_ab_takes_turns_between_settings_and_puts_the_knobs_back(tmp_path,
         split_ab.main(["--tiny", "--b", "hetero.cpu_kernels.attention.NO_SUCH_KNOB=1"])
     with pytest.raises(SystemExit):
         split_ab.main(["--tiny"])  # nothing to set beside the defaults
-    assert "give --b KNOB=VALUE,..., --avoid-stolen K or --shares-around D" in capsys.readouterr().err
+    assert "give --b KNOB=VALUE,..., --avoid-stolen K, --shares-around D or --follow N" in capsys.readouterr().err
 
 
 def test_split_ab_shares_around_runs_the_held_share_moved_each_way(tmp_path):
@@ -521,6 +521,25 @@ def test_split_ab_shares_around_runs_the_held_share_moved_each_way(tmp_path):
         rows = record["steps"][name]
         assert rows and all(row["share"] == pytest.approx(min(1.0, max(0.0, held + delta))) for row in rows)
         assert record["summary"][name]["share"] == pytest.approx(rows[0]["share"])
+
+
+def test_split_ab_follow_runs_the_share_its_follower_balances_the_last_windows_at(tmp_path, monkeypatch):
+    import split_ab
+
+    seen = []
+    observe = split_ab.SplitTuner.observe
+
+    def noted(tuner, times):
+        seen.append(times)
+        return observe(tuner, times)
+
+    monkeypatch.setattr(split_ab.SplitTuner, "observe", noted)
+    out = tmp_path / "ab.json"
+    assert split_ab.main(["--tiny", "--steps", "9", "--settle", "2", "--follow", "3", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["steps"]["B"] and all("share" in row["chosen"] for row in record["steps"]["B"])
+    assert len({row["share"] for row in record["steps"]["A"]}) == 1, "A holds the share"
+    assert len(seen) >= len(record["steps"]["A"]) + len(record["steps"]["B"]), "the follower sees every step"
 
 
 def test_split_ab_avoid_stolen_keeps_the_threads_off_the_most_stolen_cpus_and_puts_them_back(tmp_path):

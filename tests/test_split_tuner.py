@@ -99,6 +99,26 @@ def test_tuner_reports_each_sides_median_rate_over_the_windows_that_told():
     assert tuner.rates() == pytest.approx((40.0, 20.0, 0.2))
 
 
+def test_a_following_tuner_balances_the_last_windows_after_its_first_steps():
+    slow_cpu, fast_cpu = _times(40, 1.0, 60, 3.0), _times(50, 1.0, 50, 1.0)  # balanced at 2/3 and 1/2
+    tuner = SplitTuner(0.5, skip=0, steps=2, follow=3)
+    for _ in range(2):
+        tuner.observe(fast_cpu)
+    assert not tuner.done, "a following tuner never holds"
+    assert tuner.observe(slow_cpu) == pytest.approx(0.5)  # two of three windows still say 1/2
+    assert tuner.observe(slow_cpu) == pytest.approx(2 / 3)
+    for _ in range(3):
+        tuner.observe(slow_cpu)
+    assert len(tuner.windows) == 3 and tuner.share == pytest.approx(2 / 3)
+    assert tuner.observe(fast_cpu) == pytest.approx(2 / 3) and tuner.observe(fast_cpu) == pytest.approx(0.5)
+    held = SplitTuner(0.5, skip=0, steps=2, follow=0)
+    for times in (fast_cpu, fast_cpu, slow_cpu, slow_cpu):
+        held.observe(times)
+    assert held.done and held.share == pytest.approx(0.5), "without following, the first steps' share holds"
+    with pytest.raises(ValueError, match="follow"):
+        SplitTuner(0.5, follow=-1)
+
+
 def test_tuner_counts_steps_whose_timings_do_not_tell_without_moving():
     tuner = SplitTuner(0.5, skip=0, steps=2)
     assert tuner.observe(WorkTimes()) == 0.5
