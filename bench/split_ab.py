@@ -160,16 +160,16 @@ def main(argv: list[str] | None = None) -> int:
                                     "hetero.cpu_kernels.attention.UNITS_PER_THREAD=4") for name, text in texts.items()}
     if not all(given[name] for name in given if name != "A"):
         p.error("--b: give at least one KNOB=VALUE")
-    avoided = chr(ord("B") + len(args.b))  # the --avoid-stolen setting's name
-    if args.avoid_stolen:
-        given[avoided] = {}
-    moved = {}  # the --shares-around settings' names and their steps
-    for delta in (-args.shares_around, args.shares_around) if args.shares_around else ():
+
+    def added() -> str:
+        """The next setting's name, for one that runs the defaults with what its chooser picks."""
         name = chr(ord("A") + len(given))
-        moved[name], given[name] = delta, {}
-    following = chr(ord("A") + len(given)) if args.follow else None  # the --follow setting's name
-    if following:
-        given[following] = {}
+        given[name] = {}
+        return name
+
+    avoided = added() if args.avoid_stolen else None  # the --avoid-stolen setting's name
+    moved = {added(): delta for delta in (-args.shares_around, args.shares_around)} if args.shares_around else {}
+    following = added() if args.follow else None  # the --follow setting's name
     keys = sorted(set().union(*given.values(), [CPUS_KNOB, THREADS_KNOB] if args.avoid_stolen else []))
     try:
         for path in keys:

@@ -1,10 +1,10 @@
 """What each decode step's window tells the `split` mode's "auto" share, the skipped ones included.
 
-`SplitTuner` observes a window at each decode step's end, ignores the first (which holds the
-prefill's work too) and balances the share on the next few. A start share far off (the load-time
-probe put it at 0.87 where the steps settled at 0.54, bench/results/split/README.md) costs every
-step run at it; this shows whether the early windows already point where the later ones do, so
-that skipping them buys nothing.
+`SplitTuner` observes a window at each decode step's end. It does not count the first (which holds
+the prefill's work too), but runs the second step at that window's balance without its gap, then
+balances the share on the next few. A start share far off (the load-time probe put it at 0.87 where
+the steps settled at 0.54, bench/results/split/README.md) costs every step run at it; this shows
+whether the early windows already point where the later ones do.
 Each window is printed with its copies' and CPU parts' rates and busy times and the share it
 balances to (`measured_share`), beside the start share and the share each step ran at.
 

@@ -506,6 +506,11 @@ def test_split_ab_takes_turns_between_settings_and_puts_the_knobs_back(tmp_path,
     with pytest.raises(SystemExit):
         split_ab.main(["--tiny"])  # nothing to set beside the defaults
     assert "give --b KNOB=VALUE,..., --avoid-stolen K, --shares-around D or --follow N" in capsys.readouterr().err
+    for bad, message in ((["--follow", "-1"], "--follow: got -1, expected a number of windows"),
+                         (["--shares-around", "1"], "--shares-around: got 1.0, expected a share step in [0, 1)")):
+        with pytest.raises(SystemExit):
+            split_ab.main(["--tiny", *bad])
+        assert message in capsys.readouterr().err
 
 
 def test_split_ab_shares_around_runs_the_held_share_moved_each_way(tmp_path):
