@@ -18,9 +18,11 @@ A variant that fails is recorded with its error, the others still run, and the s
 from __future__ import annotations
 
 import argparse
+import cProfile
 import faulthandler
 import json
 import os
+import pstats
 import statistics
 import sys
 import threading
@@ -71,17 +73,21 @@ class StallWatch:
         self.done.set()
 
 
-def run_variant(model, ids, config: dict, steps: int, sync_each_token: bool = False, stall_dump_s: float = 0) -> dict:
+def run_variant(model, ids, config: dict, steps: int, sync_each_token: bool = False, stall_dump_s: float = 0,
+                profile_first_gap: bool = False) -> dict:
     knobs = {k: v for k, v in config.items() if "." in k}
     with knobs_set(knobs):
         return _run_variant(model, ids, {k: v for k, v in config.items() if k not in knobs}, steps, sync_each_token,
-                            stall_dump_s) | {"config": config}
+                            stall_dump_s, profile_first_gap) | {"config": config}
 
 
-def _run_variant(model, ids, config: dict, steps: int, sync_each_token: bool, stall_dump_s: float) -> dict:
+def _run_variant(model, ids, config: dict, steps: int, sync_each_token: bool, stall_dump_s: float,
+                 profile_first_gap: bool) -> dict:
     hetero.prepare(model, config)
+    gap_profile = cProfile.Profile() if profile_first_gap else None
     # As `hetero bench` times tokens: a streamer that synchronizes the device at each one.
-    extra = {"streamer": TokenClock(device=ids.device)} if sync_each_token else {}
+    clock = TokenClock(device=ids.device, on_first_token=gap_profile and gap_profile.enable)
+    extra = {"streamer": clock} if sync_each_token or profile_first_gap else {}
     stamps, snapshot = [], {}
     at_first_token = _capture_cache_stats(model, snapshot)
 
@@ -94,6 +100,8 @@ def _run_variant(model, ids, config: dict, steps: int, sync_each_token: bool, st
         if tokens > ids.shape[1]:
             watch.token()
         if tokens == ids.shape[1] + 1:
+            if gap_profile is not None:
+                gap_profile.disable()
             at_first_token()  # decode traffic only: the counters from here to the end
 
     model.hetero.progress = progress
@@ -108,9 +116,26 @@ def _run_variant(model, ids, config: dict, steps: int, sync_each_token: bool, st
     decode = [t for tokens, t in stamps if tokens > ids.shape[1]]
     step_ms = [1e3 * (b - a) for a, b in zip(decode, decode[1:])]
     first = snapshot["stats"].bytes_to_gpu if snapshot else 0
-    return {"config": config, "step_ms": step_ms, "summary": stats.summary(),
-            "pcie_bytes_per_step": (stats.bytes_to_gpu - first) / max(1, stats.new_tokens - 1),
-            "pcie_bytes_with_prefill": stats.bytes_to_gpu}
+    row = {"config": config, "step_ms": step_ms, "summary": stats.summary(),
+           "pcie_bytes_per_step": (stats.bytes_to_gpu - first) / max(1, stats.new_tokens - 1),
+           "pcie_bytes_with_prefill": stats.bytes_to_gpu}
+    if extra:
+        # As the suite times steps: from each token's streamer call (the device synchronized) to the
+        # next; and from each token's call to the next decode step's first cache update.
+        puts = clock.times[1:]
+        row["token_step_ms"] = [1e3 * (b - a) for a, b in zip(puts, puts[1:])]
+        row["token_to_update_ms"] = [1e3 * (u - p) for p, u in zip(puts, decode)]
+    if gap_profile is not None:
+        row["first_gap_functions"] = _top_functions(gap_profile, 20)
+    return row
+
+
+def _top_functions(profiler: cProfile.Profile, rows: int) -> list[str]:
+    """The functions with the most cumulative time, as "ms  file:line(name)"."""
+    stats = pstats.Stats(profiler).stats
+    ranked = sorted(stats.items(), key=lambda kv: kv[1][3], reverse=True)[:rows]
+    return [f"{v[3] * 1e3:8.2f} ms cum {v[2] * 1e3:8.2f} ms self  {os.path.basename(f)}:{line}({fn})"
+            for (f, line, fn), v in ranked]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hang-s", type=float, default=0, help="dump stacks and exit after this long per variant")
     parser.add_argument("--stall-dump-s", type=float, default=0, help="dump stacks once when a decode step runs this long")
     parser.add_argument("--sync-each-token", action="store_true", help="synchronize the device at each token, as the suite does")
+    parser.add_argument("--profile-first-gap", action="store_true",
+                        help="cProfile from the first new token's streamer call to the first decode step's first cache update")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -140,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.hang_s:
             faulthandler.dump_traceback_later(args.hang_s, exit=True)
         try:
-            row = run_variant(model, ids, {**base, **config}, args.steps, args.sync_each_token, args.stall_dump_s)
+            row = run_variant(model, ids, {**base, **config}, args.steps, args.sync_each_token, args.stall_dump_s,
+                              args.profile_first_gap)
         except Exception as error:  # e.g. a GPU wait for a host job gave up: the other variants still run
             results["variants"][name] = {"config": config, "error": str(error)}
             print(f"{name:40s} failed: {error}", flush=True)
@@ -154,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         results["variants"][name] = row
         print(f"{name:40s} {median:14.1f} {bound or float('nan'):13.1f}  {[round(s, 1) for s in row['step_ms']]}\n"
               f"    {row['summary']}", flush=True)
+        if "token_step_ms" in row:
+            print(f"    token to token ms {[round(s, 1) for s in row['token_step_ms']]}; token to the next step's "
+                  f"first update ms {[round(s, 1) for s in row['token_to_update_ms']]}", flush=True)
+        for line in row.get("first_gap_functions", []):
+            print(f"      {line}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -90,7 +90,30 @@ def prepare(model: PreTrainedModel, config: OffloadConfig | dict | str | Path | 
     model.hetero.speculator = _speculator(model, offload)
     if model.hetero.split_probe is None and model.hetero.splits_auto():
         model.hetero.split_probe = _probe_split(model, offload)
+    if model.device.type == "cuda" and not model.hetero.decode_kernels_loaded:
+        load_decode_kernels(model)
     return model
+
+
+def load_decode_kernels(model: PreTrainedModel) -> None:
+    """Generate two tokens from a two-token prompt now, through hetero, and forget the run.
+
+    CUDA loads a kernel's module at its first launch. A decode step launches kernels the prefill
+    did not (one-row matmuls, generate's own reductions): in the first decode step on the GPU
+    machine, loading them took 36 of its 314 ms (bench/step_times.py --profile-first-gap). Each
+    module loads once per process, so every later step and generation launches them loaded."""
+    runtime: Runtime = model.hetero
+    kept = runtime.last_stats, runtime.refine_split
+    runtime.refine_split = False  # four tokens' timings are no share to start the next generation from
+    ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)
+    pad = model.generation_config.pad_token_id
+    try:
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
+                           pad_token_id=0 if pad is None else pad)
+    finally:
+        runtime.last_stats, runtime.refine_split = kept
+    runtime.decode_kernels_loaded = True
 
 
 def _probe_split(model: PreTrainedModel, config: OffloadConfig):
@@ -166,6 +189,7 @@ class Runtime:
         self.split_probe = None  # hetero.bandwidth_probe.Bandwidths | None
         self.split_share_refined: float | None = None
         self.refine_split: bool | None = None  # None: refine on CUDA only (timings of a CPU device mean little)
+        self.decode_kernels_loaded = False  # see load_decode_kernels
 
     def new_cache(self, max_tokens: int) -> HeteroCache:
         device = self.model.device

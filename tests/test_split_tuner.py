@@ -296,6 +296,26 @@ def test_share_changing_every_step_still_matches_transformers(model_dir, monkeyp
     assert model.hetero.split_share_refined in _ScriptedTuner.shares
 
 
+def test_the_load_time_generation_that_loads_decode_kernels_leaves_no_trace(model_dir, monkeypatch):
+    import hetero
+    import hetero.api
+
+    monkeypatch.setattr(hetero.api, "SplitTuner", _ScriptedTuner)  # told at its first window: remembered if run
+    model = hetero.load(model_dir, _split_config("auto"), device="cpu")
+    runtime = model.hetero
+    assert not runtime.decode_kernels_loaded, "on the CPU no kernel loads lazily: prepare does not run it"
+    runtime.refine_split, runtime.last_stats = True, "the last run's"
+    hetero.api.load_decode_kernels(model)
+    assert runtime.decode_kernels_loaded
+    assert runtime.last_stats == "the last run's" and runtime.refine_split is True
+    assert runtime.split_share_refined is None, "four tokens' timings must not set the next generation's share"
+    ids, mask = left_padded([211, 97, 150], seed=3)
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                             min_new_tokens=10, pad_token_id=0)
+    assert torch.equal(got, _reference(model_dir, ids, mask, 10))
+
+
 def test_cpu_probe_times_the_kernel_after_starting_its_threads():
     from hetero.bandwidth_probe import cpu_attention
     from hetero.cache import KVLayout
