@@ -12,6 +12,10 @@ sets that tuning knob for the variant alone. `--sync-each-token` synchronizes th
 token as `hetero bench` does. `--hang-s` dumps every thread's stack and exits if a variant has not
 finished within that many seconds (a stalled pipeline shows where each thread waits);
 `--stall-dump-s` dumps them, once per variant, when a decode step has run that long, and goes on.
+With `--sync-each-token` each variant also records its steps as the suite counts them, from one
+token's streamer call to the next (`token_step_ms`: the first one includes what runs before the first
+decode step's first cache update, `token_to_update_ms`); `--profile-first-gap` lists the functions
+that took that first stretch (cProfile), where the first decode step's one-time costs show.
 A variant that fails is recorded with its error, the others still run, and the script exits 1.
 """
 

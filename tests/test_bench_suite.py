@@ -243,13 +243,18 @@ def test_step_times_runs_each_variant_on_one_prompt(tmp_path):
     stream = "stream:grow_window=false"
     assert step_times.main(["--tiny", "--steps", "4", "--variants", stream, "split:cpu_part_wait=gpu,split_ratio=0.5",
                             "split:hetero.cache.NO_SUCH_KNOB=1", stream, "--hang-s", "300", "--stall-dump-s", "60",
-                            "--sync-each-token", "--out", str(out)]) == 1
+                            "--sync-each-token", "--profile-first-gap", "--out", str(out)]) == 1
     result = json.loads(out.read_text())
     assert "has no attribute NO_SUCH_KNOB" in result["variants"].pop("split:hetero.cache.NO_SUCH_KNOB=1")["error"]
     assert f"{stream} (run 2)" in result["variants"], "a variant given twice keeps both rows"
     split = result["variants"]["split:cpu_part_wait=gpu,split_ratio=0.5"]
     assert split["config"]["cpu_part_wait"] == "gpu" and split["config"]["split_ratio"] == 0.5
     assert all(len(v["step_ms"]) == 2 and v["median_step_ms"] > 0 for v in result["variants"].values())
+    # As the suite times them: token to token (3 steps), and each token's call to the next step's first update.
+    assert all(len(v["token_step_ms"]) == 3 and len(v["token_to_update_ms"]) == 3 for v in result["variants"].values())
+    assert all(0 < gap < step for v in result["variants"].values()
+               for gap, step in zip(v["token_to_update_ms"], v["token_step_ms"]))
+    assert all("cum" in line for v in result["variants"].values() for line in v["first_gap_functions"])
     # Decode traffic only: below the whole call's bytes over its 4 tokens, which prefill's fetches swell.
     stream = result["variants"][stream]
     assert 0 < stream["pcie_bytes_per_step"] < stream["pcie_bytes_with_prefill"] / 4
