@@ -100,7 +100,7 @@ def load_decode_kernels(model: PreTrainedModel) -> None:
 
     CUDA loads a kernel's module at its first launch. A decode step launches kernels the prefill
     did not (one-row matmuls, generate's own reductions): in the first decode step on the GPU
-    machine, loading them took 36 of its 314 ms (bench/step_times.py --profile-first-gap). Each
+    machine, loading them took about 33 of its 314 ms (bench/step_times.py --profile-first-gap). Each
     module loads once per process, so every later step and generation launches them loaded."""
     runtime: Runtime = model.hetero
     kept = runtime.last_stats, runtime.refine_split
