@@ -96,7 +96,7 @@ class SplitTuner:
         self._follow = FOLLOW_WINDOWS if follow is None else follow
         if self._follow < 0:
             raise ValueError(f"follow: got {self._follow}, expected a number of windows >= 0")
-        self._seen = 0  # windows observed
+        self._observed = False  # whether any window came yet
         self._first_told = False  # the first window's balance set the share
 
     @property
@@ -137,12 +137,12 @@ class SplitTuner:
 
     def observe(self, times: WorkTimes) -> float:
         """Fold one step's measured work in; returns the share for the next step."""
-        first, self._seen = not self._seen, self._seen + 1
+        first, self._observed = not self._observed, True
         if self._skip:
             self._skip -= 1
             balance = measured_share(replace(times, host_gap_seconds=0.0)) if first else None
-            self._first_told = balance is not None
-            self.share = self.share if balance is None else balance
+            if balance is not None:
+                self.share, self._first_told = balance, True
         elif not self.done:
             self.windows.append(times)
             if self._follow and len(self.windows) > max(self._steps, self._follow):

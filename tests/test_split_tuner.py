@@ -76,6 +76,10 @@ def test_tuner_by_default_skips_only_the_first_window_and_runs_the_next_step_at_
     assert tuner.refined_steps == 1
     untold = SplitTuner(0.87)
     assert untold.observe(WorkTimes()) == 0.87 and not untold.told, "a first window that does not tell leaves the start"
+    longer = SplitTuner(0.87, skip=2)
+    longer.observe(_times(40, 1.0, 60, 3.0))
+    assert longer.observe(_times(1, 1.0, 1000, 1.0)) == pytest.approx(2 / 3)
+    assert longer.told, "a later skipped window does not unsay the first one's balance"
 
 
 def test_tuner_skips_the_first_steps_then_refines_a_few_then_holds():
